@@ -1,0 +1,67 @@
+"""Deterministic, atomic JSON files.
+
+Every JSON file nnsnake writes goes through :func:`write_json`: keys are sorted and the text is written to a
+temporary file that is renamed into place, so an unchanged result is byte-identical (Snakemake's checksum then
+sees no change) and a killed job never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def to_builtin(obj: Any) -> Any:
+    """Convert numpy scalars/arrays and tuples recursively into plain JSON types."""
+    if isinstance(obj, dict):
+        return {str(k): to_builtin(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_builtin(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_builtin(obj.tolist())
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    """Canonical JSON text: sorted keys, 2-space indent, trailing newline."""
+    return json.dumps(to_builtin(obj), indent=2, sort_keys=True, allow_nan=True) + "\n"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as canonical JSON, atomically; an identical object gives identical bytes."""
+    atomic_write_bytes(path, dumps(obj).encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)

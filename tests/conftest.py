@@ -1,0 +1,41 @@
+"""Shared pytest fixtures.
+
+``shared_data`` points at the real datasets in ``../shared/data`` (override with ``NNSNAKE_SHARED``) and skips
+the test cleanly when they are absent. ``REPO`` is the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("NNSNAKE_SHARED", REPO.parent / "shared"))
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    data = SHARED / "data"
+    if not (data / "Dataset004_Hippocampus" / "dataset.json").is_file():
+        pytest.skip(f"shared datasets not found at {data}")
+    return data
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _few_threads() -> None:
+    """Tests share a 2-core machine: keep numeric libraries to one thread."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
