@@ -40,7 +40,7 @@ def crop_to_nonzero(
     """Crop ``data`` (C, *spatial) and ``seg`` (1, *spatial) to the nonzero bounding box.
 
     Returns ``(data, seg, bbox)``. Without a segmentation one is synthesised: 0 inside the mask, -1 outside.
-    The returned seg is a new array (the input is not modified).
+    The returned seg is a new array of a signed dtype (the input is not modified).
     """
     mask = nonzero_mask(data)
     bbox = bbox_of_mask(mask)
@@ -50,6 +50,7 @@ def crop_to_nonzero(
     if seg is None:
         seg = np.where(mask, 0, OUTSIDE_MASK_LABEL).astype(np.int8)[None]
     else:
-        seg = np.array(seg[(slice(None), *sl)], copy=True)
+        # unsigned label files (uint8) cannot hold -1: promote to the smallest signed type that fits
+        seg = np.array(seg[(slice(None), *sl)], dtype=np.promote_types(seg.dtype, np.int8), copy=True)
         seg[(seg == 0) & ~mask[None]] = OUTSIDE_MASK_LABEL
     return data, seg, bbox

@@ -216,3 +216,13 @@ def write_seg(seg: np.ndarray, path: str | os.PathLike, properties: dict[str, An
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def reader_name(file_ending: str) -> str:
+    """nnU-Net's name for the reader class of a file ending (recorded in plans.json for comparison)."""
+    ending = file_ending.lower()
+    if ending in NATURAL_2D_ENDINGS:
+        return "NaturalImage2DIO"
+    if ending in TIFF_ENDINGS:
+        return "Tiff3DIO"
+    return "SimpleITKIO"

@@ -1,0 +1,19 @@
+# nnsnake: the nnU-Net method as a Snakemake workflow.
+#   snakemake --cores all --resources gpu=1                      (the embedded demo dataset)
+#   snakemake --cores all --resources gpu=1 --config dataset=/data/Dataset004_Hippocampus
+from snakemake.utils import min_version
+
+min_version("9.19")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/plan.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs,

@@ -1,0 +1,80 @@
+# verify -> fingerprint -> plan (checkpoint) -> splits   (method sections 1, 2, 3, 6)
+
+
+rule verify:
+    input:
+        raw_training_files,
+    output:
+        f"{RESULTS}/verification.json",
+    log:
+        f"{LOGS}/verify.log",
+    params:
+        dataset=str(DATASET_DIR),
+    threads: 8
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/verify.py"
+
+
+rule fingerprint:
+    input:
+        verification=f"{RESULTS}/verification.json",
+        raw=raw_training_files,
+    output:
+        f"{RESULTS}/fingerprint.json",
+    log:
+        f"{LOGS}/fingerprint.log",
+    params:
+        dataset=str(DATASET_DIR),
+    threads: 8
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/fingerprint.py"
+
+
+checkpoint plan:
+    input:
+        fingerprint=f"{RESULTS}/fingerprint.json",
+        dataset_json=str(DATASET_DIR / "dataset.json"),
+    output:
+        f"{RESULTS}/plans.json",
+    log:
+        f"{LOGS}/plan.log",
+    params:
+        dataset=dataset_folder_of_json,
+        gpu_memory_target_gb=config["planning"]["gpu_memory_target_gb"],
+        overwrite_target_spacing=config["planning"]["overwrite_target_spacing"],
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/plan.py"
+
+
+rule splits:
+    input:
+        verification=f"{RESULTS}/verification.json",
+        user_splits=user_splits_file,
+    output:
+        f"{RESULTS}/splits.json",
+    log:
+        f"{LOGS}/splits.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/splits.py"
