@@ -28,6 +28,11 @@ def setup_logging(log_path: str | os.PathLike | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers,
                         force=True)
 
+    def log_uncaught(exc_type, exc, tb):  # the reason a job failed belongs in its log file too
+        log.critical("%s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
+
+    sys.excepthook = log_uncaught
+
 
 def verify(dataset_dir: str | os.PathLike, output: str | os.PathLike, num_processes: int = 1) -> dict[str, Any]:
     """Verify a raw dataset; write the report only if it is usable, else raise listing every problem."""
@@ -96,3 +101,25 @@ def splits(
     write_json(output, result)
     log.info("%d folds over %d cases%s", len(result), len(case_ids), f" from {user_splits}" if user_splits else "")
     return result
+
+
+def preprocess(
+    dataset_dir: str | os.PathLike,
+    plans_path: str | os.PathLike,
+    configuration: str,
+    manifest_path: str | os.PathLike,
+    num_processes: int = 1,
+) -> dict[str, Any]:
+    """Preprocess every training case for one configuration into the manifest's folder; manifest last."""
+    from .dataset import load_dataset_json
+    from .preprocessing import preprocess_dataset
+
+    start = time.perf_counter()
+    out_dir = Path(manifest_path).parent
+    manifest = preprocess_dataset(
+        dataset_dir, load_dataset_json(dataset_dir), read_json(plans_path), configuration, out_dir,
+        num_processes=num_processes, progress=True,
+    )
+    write_json(manifest_path, manifest)
+    log.info("preprocessed %s in %.1f s", configuration, time.perf_counter() - start)
+    return manifest

@@ -1,4 +1,5 @@
 # Configuration, paths and input functions shared by every rule.
+import json
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -33,10 +34,24 @@ def user_splits_file(wildcards):
     return [str(shipped)] if shipped.exists() else []
 
 
+def planned_configurations(wildcards):
+    """Configurations to run: those the plan contains (checkpoint), restricted to config 'configurations'."""
+    with open(checkpoints.plan.get().output[0]) as fh:
+        planned = list(json.load(fh)["configurations"])
+    wanted = config["configurations"] or planned
+    return [c for c in planned if c in wanted]
+
+
+def preprocessed_configuration(configuration):
+    """The configuration whose preprocessed data a configuration uses (the cascade reuses 3d_fullres)."""
+    return "3d_fullres" if configuration == "3d_cascade_fullres" else configuration
+
+
 def final_outputs(wildcards):
+    configurations = sorted({preprocessed_configuration(c) for c in planned_configurations(wildcards)})
     return [
         f"{RESULTS}/verification.json",
         f"{RESULTS}/fingerprint.json",
         f"{RESULTS}/plans.json",
         f"{RESULTS}/splits.json",
-    ]
+    ] + [f"{RESULTS}/preprocessed/{c}/manifest.json" for c in configurations]

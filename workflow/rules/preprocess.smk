@@ -1,0 +1,26 @@
+# preprocess[configuration]   (method section 4)
+# Case files are written next to the manifest but only the manifest is a declared output: Snakemake then never
+# deletes the cases, so a rerun after a plan edit or a crash recomputes only the cases that changed.
+
+
+rule preprocess:
+    input:
+        plans=f"{RESULTS}/plans.json",
+        verification=f"{RESULTS}/verification.json",
+        raw=raw_training_files,
+    output:
+        f"{RESULTS}/preprocessed/{{configuration}}/manifest.json",
+    log:
+        f"{LOGS}/preprocess_{{configuration}}.log",
+    params:
+        dataset=str(DATASET_DIR),
+    wildcard_constraints:
+        configuration="2d|3d_fullres|3d_lowres",
+    threads: 8
+    resources:
+        mem_mb=lambda wildcards, threads: 2000 + 2000 * threads,
+        runtime=240,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/preprocess.py"

@@ -1,0 +1,10 @@
+from nnsnake import steps
+
+steps.setup_logging(snakemake.log[0])
+steps.preprocess(
+    snakemake.params.dataset,
+    snakemake.input.plans,
+    snakemake.wildcards.configuration,
+    snakemake.output[0],
+    num_processes=snakemake.threads,
+)
