@@ -73,7 +73,7 @@ def plan(
 ) -> dict[str, Any]:
     from .dataset import load_dataset_json
     from .imageio import reader_name
-    from .planning import plan_experiment
+    from .planning import estimated_vram_gb, plan_experiment
 
     dataset_json = load_dataset_json(dataset_dir)
     plans = plan_experiment(
@@ -85,9 +85,11 @@ def plan(
         image_reader_writer=reader_name(dataset_json["file_ending"]),
     )
     write_json(output, plans)
+    n_label_keys = len(dataset_json["labels"])
     for name, cfg in plans["configurations"].items():
         if "patch_size" in cfg:
-            log.info("%s: patch %s, batch %s, spacing %s", name, cfg["patch_size"], cfg["batch_size"], cfg["spacing"])
+            log.info("%s: patch %s, batch %s, spacing %s, planned GPU memory %.1f GB", name, cfg["patch_size"],
+                     cfg["batch_size"], cfg["spacing"], estimated_vram_gb(cfg, n_label_keys))
     return plans
 
 

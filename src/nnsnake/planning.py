@@ -1,0 +1,588 @@
+"""Experiment planning: from a dataset fingerprint to nnU-Net v2's plans (method spec §3).
+
+The result has the structure, key names and string values of nnU-Net v2's ``nnUNetPlans.json`` so a user can
+hold both files side by side. Every number is computed with the same float64 operations, in the same order, as
+the default ``ExperimentPlanner`` of nnU-Net 2.8.1, so spacings, median shapes, patch sizes and batch sizes agree
+to the last bit and voxel. The GPU-memory model is nnU-Net's proxy (§3.5 d): the number of elements of all conv
+output feature maps, computed analytically here instead of by instantiating the network.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+# ---- constants of nnU-Net's default ExperimentPlanner (spec §3.1) ------------------------------------------
+ANISO_THRESHOLD = 3
+REFERENCE_VRAM_PROXY_3D = 560_000_000
+REFERENCE_VRAM_PROXY_2D = 85_000_000
+REFERENCE_GPU_MEMORY_GB = 8
+REFERENCE_BATCH_SIZE_3D = 2
+REFERENCE_BATCH_SIZE_2D = 12
+BASE_NUM_FEATURES = 32
+MAX_FEATURES_3D = 320
+MAX_FEATURES_2D = 512
+MIN_FEATURE_MAP_EDGE = 4
+CONVS_PER_STAGE_ENCODER = 2
+CONVS_PER_STAGE_DECODER = 2
+MIN_BATCH_SIZE = 2
+MAX_DATASET_FRACTION_PER_BATCH = 0.05
+LOWRES_CREATION_THRESHOLD = 0.25
+LOWRES_SPACING_STEP = 1.03
+LOWRES_MIN_SIZE_RATIO = 2
+USE_MASK_FOR_NORM_BELOW_RELATIVE_SIZE = 3 / 4.0
+INITIAL_PATCH_VOXELS_3D = 256**3
+INITIAL_PATCH_VOXELS_2D = 2048**2
+
+PLANS_NAME = "nnUNetPlans"
+PREPROCESSOR_NAME = "DefaultPreprocessor"
+NETWORK_CLASS_NAME = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+CONV_OP_NAMES = {2: "torch.nn.modules.conv.Conv2d", 3: "torch.nn.modules.conv.Conv3d"}
+NORM_OP_NAMES = {
+    2: "torch.nn.modules.instancenorm.InstanceNorm2d",
+    3: "torch.nn.modules.instancenorm.InstanceNorm3d",
+}
+RESAMPLING_FN_NAME = "resample_data_or_seg_to_shape"
+
+# channel name (case-folded) -> (normalisation class name, whether a nonzero mask may be used); anything else
+# gets z-scoring (spec §3.8)
+NORMALIZATION_BY_CHANNEL_NAME = {
+    "ct": ("CTNormalization", False),
+    "nonorm": ("NoNormalization", False),
+    "zscore": ("ZScoreNormalization", True),
+    "rescale_to_0_1": ("RescaleTo01Normalization", False),
+    "rgb_to_0_1": ("RGBTo01Normalization", False),
+}
+DEFAULT_NORMALIZATION = ("ZScoreNormalization", True)
+
+
+# ---- dataset-level decisions -------------------------------------------------------------------------------
+def determine_fullres_target_spacing(
+    spacings: Sequence[Sequence[float]],
+    shapes_after_crop: Sequence[Sequence[int]],
+    overwrite_target_spacing: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Median spacing, except that a clearly anisotropic axis gets its 10th percentile (spec §3.2).
+
+    The median alone would make the few thick-slice cases of an anisotropic dataset dominate the interpolation;
+    the 10th percentile keeps more resolution on that axis. Reader axis order, not transposed.
+    """
+    if overwrite_target_spacing is not None:
+        target = np.array([float(s) for s in overwrite_target_spacing], dtype=np.float64)
+        if target.ndim != 1 or len(target) != 3 or not np.all(target > 0):
+            raise ValueError(
+                f"overwrite_target_spacing must be three positive numbers, got {list(overwrite_target_spacing)}"
+            )
+        return target
+    spacing_array = np.vstack([np.asarray(s, dtype=np.float64) for s in spacings])
+    # np.percentile (not np.median): the two differ in the last bit when averaging two middle values
+    target = np.percentile(spacing_array, 50, 0)
+    target_size = np.percentile(np.vstack(shapes_after_crop), 50, 0)
+
+    worst_axis = int(np.argmax(target))
+    other_axes = [i for i in range(len(target)) if i != worst_axis]
+    other_spacings = [target[i] for i in other_axes]
+    other_sizes = [target_size[i] for i in other_axes]
+    has_aniso_spacing = target[worst_axis] > ANISO_THRESHOLD * max(other_spacings)
+    has_aniso_voxels = target_size[worst_axis] * ANISO_THRESHOLD < min(other_sizes)
+    if has_aniso_spacing and has_aniso_voxels:
+        spacing_of_that_axis = np.percentile(spacing_array[:, worst_axis], 10)
+        # never let that axis become finer than the others
+        if spacing_of_that_axis < max(other_spacings):
+            spacing_of_that_axis = max(max(other_spacings), spacing_of_that_axis) + 1e-5
+        target[worst_axis] = spacing_of_that_axis
+    return target
+
+
+def determine_transpose(target_spacing: Sequence[float]) -> tuple[list[int], list[int]]:
+    """Put the coarsest axis first (spec §3.3); ties go to the first axis. Returns (forward, backward)."""
+    worst_axis = int(np.argmax(np.asarray(target_spacing)))
+    forward = [worst_axis] + [i for i in range(3) if i != worst_axis]
+    backward = [forward.index(i) for i in range(3)]
+    return forward, backward
+
+
+def compute_new_shape(
+    old_shape: Sequence[int], old_spacing: Sequence[float], new_spacing: Sequence[float]
+) -> list[int]:
+    """Shape after resampling to ``new_spacing``: round(old_spacing / new_spacing * old_shape) per axis."""
+    if not len(old_shape) == len(old_spacing) == len(new_spacing):
+        raise ValueError(
+            f"shape {old_shape}, spacing {old_spacing} and target {new_spacing} differ in length"
+        )
+    return [
+        int(round(float(i) / float(j) * float(k)))
+        for i, j, k in zip(old_spacing, new_spacing, old_shape, strict=True)
+    ]
+
+
+def determine_normalization(
+    dataset_json: dict, median_relative_size_after_cropping: float
+) -> tuple[list[str], list[bool]]:
+    """Normalisation class name and use-mask flag per channel (spec §3.8).
+
+    The nonzero mask is only worth using when cropping removed a lot (median relative size < 3/4), i.e. when
+    there is a large zero background (brain MRI) that would otherwise distort the z-score statistics.
+    """
+    channels = dataset_json.get("channel_names", dataset_json.get("modality"))
+    if not channels:
+        raise ValueError(
+            "dataset.json has no 'channel_names' (or legacy 'modality'); add one entry per channel"
+        )
+    choices = [
+        NORMALIZATION_BY_CHANNEL_NAME.get(str(name).casefold(), DEFAULT_NORMALIZATION)
+        for name in channels.values()
+    ]
+    schemes = [name for name, _ in choices]
+    if median_relative_size_after_cropping < USE_MASK_FOR_NORM_BELOW_RELATIVE_SIZE:
+        use_mask = [mask_allowed for _, mask_allowed in choices]
+    else:
+        use_mask = [False] * len(choices)
+    return schemes, use_mask
+
+
+def resampling_settings() -> dict[str, Any]:
+    """Resampling function names and kwargs written into every configuration (spec §3.9)."""
+    return {
+        "resampling_fn_data": RESAMPLING_FN_NAME,
+        "resampling_fn_seg": RESAMPLING_FN_NAME,
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_probabilities": RESAMPLING_FN_NAME,
+        "resampling_fn_probabilities_kwargs": {
+            "is_seg": False,
+            "order": 1,
+            "order_z": 0,
+            "force_separate_z": None,
+        },
+    }
+
+
+# ---- network topology and memory proxy ---------------------------------------------------------------------
+def get_pool_and_conv_props(
+    spacing: Sequence[float],
+    patch_size: Sequence[float],
+    min_feature_map_size: int = MIN_FEATURE_MAP_EDGE,
+    max_numpool: int = 999999,
+) -> tuple[list[int], list[list[int]], list[list[int]], list[int], list[int]]:
+    """U-Net topology for a patch (spec §3.5 b).
+
+    Pools an axis only while its feature map stays >= 2*min_feature_map_size and its current spacing is within a
+    factor 2 of the finest valid axis, so anisotropic data is first pooled in-plane until the voxels are roughly
+    isotropic. Returns ``(num_pool_per_axis, strides, kernel_sizes, padded_patch_size, must_be_divisible_by)``;
+    stage 0 has stride 1 and the padded patch is rounded up to a multiple of ``2**num_pool`` per axis.
+    """
+    dim = len(spacing)
+    current_spacing = [float(s) for s in spacing]
+    current_size = [float(s) for s in patch_size]
+    strides: list[list[int]] = [[1] * dim]
+    kernel_sizes: list[list[int]] = []
+    num_pool_per_axis = [0] * dim
+    kernel = [1] * dim
+
+    while True:
+        valid = [i for i in range(dim) if current_size[i] >= 2 * min_feature_map_size]
+        if not valid:
+            break
+        min_valid_spacing = min(current_spacing[i] for i in valid)
+        valid = [i for i in valid if current_spacing[i] / min_valid_spacing < 2]
+        valid = [i for i in valid if num_pool_per_axis[i] < max_numpool]
+        if len(valid) == 1 and current_size[valid[0]] < 3 * min_feature_map_size:
+            break
+        if not valid:
+            break
+        min_spacing = min(current_spacing)
+        for d in range(dim):
+            if kernel[d] != 3 and current_spacing[d] / min_spacing < 2:
+                kernel[d] = 3
+        stride = [1] * dim
+        for v in valid:
+            stride[v] = 2
+            num_pool_per_axis[v] += 1
+            current_spacing[v] *= 2
+            current_size[v] = math.ceil(current_size[v] / 2)
+        strides.append(stride)
+        kernel_sizes.append(list(kernel))
+
+    must_be_divisible_by = [2**n for n in num_pool_per_axis]
+    padded = [
+        int(math.ceil(p / m) * m) if p % m else int(p)
+        for p, m in zip(patch_size, must_be_divisible_by, strict=True)
+    ]
+    kernel_sizes.append([3] * dim)  # the bottleneck always gets a full 3x3(x3) kernel
+    return num_pool_per_axis, strides, kernel_sizes, padded, must_be_divisible_by
+
+
+def features_per_stage(n_stages: int, dim: int) -> list[int]:
+    """32 features doubled per stage, capped at 320 (3D) / 512 (2D)."""
+    max_features = MAX_FEATURES_3D if dim == 3 else MAX_FEATURES_2D
+    return [min(max_features, BASE_NUM_FEATURES * 2**i) for i in range(n_stages)]
+
+
+def estimate_vram_proxy(
+    patch_size: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    features: Sequence[int],
+    num_label_keys: int,
+    n_conv_per_stage: Sequence[int] | None = None,
+    n_conv_per_stage_decoder: Sequence[int] | None = None,
+) -> int:
+    """nnU-Net's GPU-memory proxy: elements of every conv output feature map of a PlainConvUNet (spec §3.5 d).
+
+    Batch and input channels are not counted; nor are norm/nonlinearity outputs or deep-supervision heads.
+    ``num_label_keys`` is ``len(dataset_json["labels"])`` (background and ignore included), as in nnU-Net.
+    """
+    n_stages = len(strides)
+    if len(features) != n_stages:
+        raise ValueError(f"{len(features)} feature counts for {n_stages} stages")
+    n_conv_per_stage = list(n_conv_per_stage or [CONVS_PER_STAGE_ENCODER] * n_stages)
+    n_conv_per_stage_decoder = list(n_conv_per_stage_decoder or [CONVS_PER_STAGE_DECODER] * (n_stages - 1))
+    sizes = []
+    size = [int(s) for s in patch_size]
+    for stride in strides:
+        size = [s // st for s, st in zip(size, stride, strict=True)]
+        sizes.append(size)
+    total = 0
+    for i in range(n_stages):  # encoder, bottleneck included
+        total += n_conv_per_stage[i] * features[i] * math.prod(sizes[i])
+    for i in range(n_stages - 1):  # decoder: convs plus the transposed conv that upsamples into level i
+        total += (n_conv_per_stage_decoder[i] + 1) * features[i] * math.prod(sizes[i])
+    total += num_label_keys * math.prod(sizes[0])  # segmentation head
+    return total
+
+
+def _reference_vram_proxy(dim: int, gpu_memory_target_gb: float) -> float:
+    reference = REFERENCE_VRAM_PROXY_2D if dim == 2 else REFERENCE_VRAM_PROXY_3D
+    return reference * (gpu_memory_target_gb / REFERENCE_GPU_MEMORY_GB)
+
+
+def _reference_batch_size(dim: int) -> int:
+    return REFERENCE_BATCH_SIZE_2D if dim == 2 else REFERENCE_BATCH_SIZE_3D
+
+
+def estimated_vram_gb(configuration: dict, num_label_keys: int) -> float:
+    """The GPU memory (GB) nnU-Net's planner implicitly budgets for a configuration at its batch size.
+
+    This is the planner's linear model (the proxy at the reference batch size equals the 8 GB reference), not a
+    measurement: real use also depends on cuDNN workspaces, AMP and torch.compile. Resolve inheritance first.
+    """
+    arch = configuration["architecture"]["arch_kwargs"]
+    patch = configuration["patch_size"]
+    dim = len(patch)
+    proxy = estimate_vram_proxy(
+        patch,
+        arch["strides"],
+        arch["features_per_stage"],
+        num_label_keys,
+        arch["n_conv_per_stage"],
+        arch["n_conv_per_stage_decoder"],
+    )
+    # the planner treats proxy * batch_size == reference proxy * reference batch size as "fills 8 GB"
+    reference_load = _reference_vram_proxy(dim, REFERENCE_GPU_MEMORY_GB) * _reference_batch_size(dim)
+    return REFERENCE_GPU_MEMORY_GB * proxy * configuration["batch_size"] / reference_load
+
+
+# ---- one configuration -------------------------------------------------------------------------------------
+def _architecture(dim: int, strides: list[list[int]], kernel_sizes: list[list[int]]) -> dict:
+    n_stages = len(strides)
+    return {
+        "network_class_name": NETWORK_CLASS_NAME,
+        "arch_kwargs": {
+            "n_stages": n_stages,
+            "features_per_stage": features_per_stage(n_stages, dim),
+            "conv_op": CONV_OP_NAMES[dim],
+            "kernel_sizes": [list(k) for k in kernel_sizes],
+            "strides": [list(s) for s in strides],
+            "n_conv_per_stage": [CONVS_PER_STAGE_ENCODER] * n_stages,
+            "n_conv_per_stage_decoder": [CONVS_PER_STAGE_DECODER] * (n_stages - 1),
+            "conv_bias": True,
+            "norm_op": NORM_OP_NAMES[dim],
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+
+
+def get_plans_for_configuration(
+    spacing: Sequence[float],
+    median_shape: Sequence[float],
+    data_identifier: str,
+    approximate_n_voxels_dataset: float,
+    num_label_keys: int,
+    normalization_schemes: list[str],
+    use_mask_for_norm: list[bool],
+    gpu_memory_target_gb: float = 8.0,
+    cache: dict | None = None,
+) -> dict:
+    """Patch size, topology and batch size for one configuration (spec §3.5).
+
+    Starts from a 256^3 (2048^2) voxel patch that is isotropic in mm and clipped to the median image, then shrinks
+    the axis that is largest relative to the median image until the memory proxy fits the GPU budget. Leftover
+    budget goes into the batch size, capped so one batch covers at most 5 % of the dataset's voxels.
+    ``median_shape`` is written back unchanged (nnU-Net keeps floats for fullres/2d and ints for lowres).
+    """
+    dim = len(spacing)
+    if dim not in (2, 3):
+        raise ValueError(f"spacing must have 2 or 3 entries, got {list(spacing)}")
+    if not all(s > 0 for s in spacing):
+        raise ValueError(f"spacing must be > 0, got {list(spacing)}")
+    cache = {} if cache is None else cache
+    spacing_array = np.asarray(spacing, dtype=np.float64)
+    median_clip = list(median_shape[:dim])
+
+    inverse = 1 / spacing_array
+    initial_voxels = INITIAL_PATCH_VOXELS_3D if dim == 3 else INITIAL_PATCH_VOXELS_2D
+    initial_patch = [round(i) for i in inverse * (initial_voxels / np.prod(inverse)) ** (1 / dim)]
+    initial_patch = [min(i, j) for i, j in zip(initial_patch, median_clip, strict=True)]
+
+    def topology_and_proxy(
+        patch: Sequence[float],
+    ) -> tuple[list[int], list[int], list[list[int]], list[list[int]], int]:
+        _, strides, kernels, padded, divisible_by = get_pool_and_conv_props(spacing_array, patch)
+        key = (tuple(padded), tuple(map(tuple, strides)))
+        if key not in cache:
+            cache[key] = estimate_vram_proxy(
+                padded, strides, features_per_stage(len(strides), dim), num_label_keys
+            )
+        return padded, divisible_by, strides, kernels, cache[key]
+
+    patch_size, divisible_by, strides, kernels, proxy = topology_and_proxy(initial_patch)
+    reference = _reference_vram_proxy(dim, gpu_memory_target_gb)
+    ref_bs = _reference_batch_size(dim)
+    while proxy / ref_bs * 2 > reference:
+        ratios = [p / m for p, m in zip(patch_size, median_clip, strict=True)]
+        axis = max(i for i in range(dim) if ratios[i] == max(ratios))  # ties: the last axis
+        # subtract the divisor of the *reduced* patch, so sizes such as 224 (between 256 and 192) are not skipped
+        tentative = list(patch_size)
+        tentative[axis] -= divisible_by[axis]
+        tentative_divisor = get_pool_and_conv_props(spacing_array, tentative)[4]
+        patch_size = list(patch_size)
+        patch_size[axis] -= tentative_divisor[axis]
+        if patch_size[axis] < 1:
+            raise ValueError(
+                f"no patch fits the GPU memory target of {gpu_memory_target_gb} GB for {data_identifier}; "
+                "raise gpu_memory_target_gb"
+            )
+        patch_size, divisible_by, strides, kernels, proxy = topology_and_proxy(patch_size)
+
+    batch_size = round((reference / proxy) * ref_bs)
+    batch_size_5_percent = round(
+        approximate_n_voxels_dataset * MAX_DATASET_FRACTION_PER_BATCH / np.prod(patch_size, dtype=np.float64)
+    )
+    batch_size = max(min(batch_size, batch_size_5_percent), MIN_BATCH_SIZE)
+
+    plan = {
+        "data_identifier": data_identifier,
+        "preprocessor_name": PREPROCESSOR_NAME,
+        "batch_size": int(batch_size),
+        "patch_size": [int(p) for p in patch_size],
+        "median_image_size_in_voxels": [_plain_number(m) for m in median_shape],
+        "spacing": [float(s) for s in spacing_array],
+        "normalization_schemes": list(normalization_schemes),
+        "use_mask_for_norm": [bool(u) for u in use_mask_for_norm],
+    }
+    plan.update(resampling_settings())
+    plan["architecture"] = _architecture(dim, strides, kernels)
+    return plan
+
+
+def _plain_number(value: Any) -> int | float:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    return float(value)
+
+
+# ---- the whole dataset -------------------------------------------------------------------------------------
+def plan_experiment(
+    fingerprint: dict,
+    dataset_json: dict,
+    dataset_name: str,
+    gpu_memory_target_gb: float = 8.0,
+    overwrite_target_spacing: list[float] | None = None,
+    image_reader_writer: str = "SimpleITKIO",
+) -> dict:
+    """All configurations of nnU-Net's default planner (spec §3.6), as a plans dict in nnU-Net's format.
+
+    ``fingerprint`` has the keys of nnU-Net's ``dataset_fingerprint.json``. Configurations: ``2d`` always;
+    ``3d_fullres`` unless the images are 2D; ``3d_lowres`` + ``3d_cascade_fullres`` when the fullres patch covers
+    less than 25 % of the median image and a coarser spacing makes the images at least 2x smaller.
+    """
+    for key in (
+        "spacings",
+        "shapes_after_crop",
+        "median_relative_size_after_cropping",
+        "foreground_intensity_properties_per_channel",
+    ):
+        if key not in fingerprint:
+            raise KeyError(f"fingerprint of {dataset_name} lacks '{key}'; recompute the fingerprint")
+    for key in ("labels", "numTraining"):
+        if key not in dataset_json:
+            raise KeyError(f"dataset.json of {dataset_name} lacks '{key}'")
+    spacings = fingerprint["spacings"]
+    shapes = fingerprint["shapes_after_crop"]
+    if len(spacings) == 0 or len(spacings) != len(shapes):
+        raise ValueError(
+            f"fingerprint of {dataset_name} has {len(spacings)} spacings and {len(shapes)} shapes; recompute it"
+        )
+    num_training = dataset_json["numTraining"]
+    num_label_keys = len(dataset_json["labels"])
+    normalization_schemes, use_mask_for_norm = determine_normalization(
+        dataset_json, fingerprint["median_relative_size_after_cropping"]
+    )
+    cache: dict = {}
+
+    def plan_configuration(spacing, median_shape, name, n_voxels):
+        return get_plans_for_configuration(
+            spacing,
+            median_shape,
+            f"{PLANS_NAME}_{name}",
+            n_voxels,
+            num_label_keys,
+            normalization_schemes,
+            use_mask_for_norm,
+            gpu_memory_target_gb,
+            cache,
+        )
+
+    fullres_spacing = determine_fullres_target_spacing(spacings, shapes, overwrite_target_spacing)
+    transpose_forward, transpose_backward = determine_transpose(fullres_spacing)
+    fullres_spacing_transposed = fullres_spacing[transpose_forward]
+
+    new_shapes = [
+        compute_new_shape(shape, spacing, fullres_spacing)
+        for spacing, shape in zip(spacings, shapes, strict=True)
+    ]
+    new_median_shape_transposed = np.median(new_shapes, 0)[transpose_forward]
+    n_voxels_dataset = float(np.prod(new_median_shape_transposed, dtype=np.float64) * num_training)
+
+    plan_3d_fullres = plan_3d_lowres = None
+    if new_median_shape_transposed[0] != 1:
+        plan_3d_fullres = plan_configuration(
+            fullres_spacing_transposed, new_median_shape_transposed, "3d_fullres", n_voxels_dataset
+        )
+        plan_3d_lowres = _search_lowres(
+            plan_3d_fullres,
+            fullres_spacing_transposed,
+            new_median_shape_transposed,
+            num_training,
+            plan_configuration,
+        )
+        if plan_3d_lowres is not None:
+            plan_3d_lowres["batch_dice"] = False
+            plan_3d_fullres["batch_dice"] = True
+        else:
+            plan_3d_fullres["batch_dice"] = False
+
+    plan_2d = plan_configuration(
+        fullres_spacing_transposed[1:], new_median_shape_transposed[1:], "2d", n_voxels_dataset
+    )
+    plan_2d["batch_dice"] = True
+
+    median_spacing = np.median(np.asarray(spacings, dtype=np.float64), 0)[transpose_forward]
+    median_shape = np.median(np.asarray(shapes), 0)[transpose_forward]
+    configurations: dict[str, dict] = {"2d": plan_2d}
+    if plan_3d_lowres is not None:
+        configurations["3d_lowres"] = plan_3d_lowres
+        plan_3d_lowres["next_stage"] = "3d_cascade_fullres"
+    if plan_3d_fullres is not None:
+        configurations["3d_fullres"] = plan_3d_fullres
+        if plan_3d_lowres is not None:
+            configurations["3d_cascade_fullres"] = {
+                "inherits_from": "3d_fullres",
+                "previous_stage": "3d_lowres",
+            }
+    return {
+        "dataset_name": dataset_name,
+        "plans_name": PLANS_NAME,
+        "original_median_spacing_after_transp": [float(s) for s in median_spacing],
+        "original_median_shape_after_transp": [int(round(s)) for s in median_shape],
+        "image_reader_writer": image_reader_writer,
+        "transpose_forward": [int(i) for i in transpose_forward],
+        "transpose_backward": [int(i) for i in transpose_backward],
+        "configurations": configurations,
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": copy.deepcopy(
+            fingerprint["foreground_intensity_properties_per_channel"]
+        ),
+    }
+
+
+def _search_lowres(plan_3d_fullres, fullres_spacing, fullres_median_shape, num_training, plan_configuration):
+    """Coarsen the spacing by x1.03 steps until the patch covers >= 25 % of the median image (spec §3.6.2).
+
+    Axes more than 2x finer than the coarsest are coarsened first. Returns None when no lowres configuration is
+    needed or it would not be at least 2x smaller than fullres.
+    """
+    fullres_median_voxels = np.prod(fullres_median_shape, dtype=np.float64)
+    median_voxels = fullres_median_voxels
+    voxels_in_patch = np.prod(plan_3d_fullres["patch_size"], dtype=np.float64)
+    lowres_spacing = np.array(fullres_spacing, dtype=np.float64)
+    plan_3d_lowres = None
+    while voxels_in_patch / median_voxels < LOWRES_CREATION_THRESHOLD:
+        ratio_to_coarsest = max(lowres_spacing) / lowres_spacing
+        if np.any(ratio_to_coarsest > 2):
+            lowres_spacing[ratio_to_coarsest > 2] *= LOWRES_SPACING_STEP
+        else:
+            lowres_spacing *= LOWRES_SPACING_STEP
+        lowres_median = fullres_spacing / lowres_spacing * fullres_median_shape
+        median_voxels = np.prod(lowres_median, dtype=np.float64)
+        plan_3d_lowres = plan_configuration(
+            lowres_spacing,
+            tuple(round(i) for i in lowres_median),
+            "3d_lowres",
+            float(np.prod(median_voxels) * num_training),
+        )
+        voxels_in_patch = np.prod(plan_3d_lowres["patch_size"], dtype=np.int64)
+    if fullres_median_voxels / median_voxels < LOWRES_MIN_SIZE_RATIO:
+        return None
+    return plan_3d_lowres
+
+
+# ---- reading plans -----------------------------------------------------------------------------------------
+def resolve_configuration(plans: dict, name: str) -> dict:
+    """A configuration with its ``inherits_from`` chain applied (child keys win), as nnU-Net resolves it.
+
+    Lets users add entries such as ``{"3d_fullres_bs40": {"inherits_from": "3d_fullres", "batch_size": 40}}``.
+    """
+    configurations = plans.get("configurations", {})
+    chain: list[str] = []
+    current = name
+    while True:
+        if current not in configurations:
+            where = f" (inherited by {chain[-1]})" if chain else ""
+            raise KeyError(
+                f"configuration '{current}'{where} is not in the plans; available: {sorted(configurations)}"
+            )
+        if current in chain:
+            raise ValueError(f"circular inherits_from in plans: {' -> '.join([*chain, current])}")
+        chain.append(current)
+        parent = configurations[current].get("inherits_from")
+        if parent is None:
+            break
+        current = parent
+    resolved: dict = {}
+    for configuration_name in reversed(chain):
+        resolved.update(copy.deepcopy(configurations[configuration_name]))
+    return resolved
+
+
+def merge_custom_configurations(new_plans: dict, old_plans: dict | None) -> dict:
+    """Keep configurations of an existing plans file that the planner does not generate (spec §3.6.6).
+
+    Custom entries (e.g. ``3d_fullres_bs40``) survive re-planning; regenerated names are replaced.
+    """
+    merged = copy.deepcopy(new_plans)
+    if old_plans:
+        for config_name, config in old_plans.get("configurations", {}).items():
+            if config_name not in merged["configurations"]:
+                merged["configurations"][config_name] = copy.deepcopy(config)
+    return merged
