@@ -1,0 +1,288 @@
+"""The plain U-Net of nnU-Net v2 (method §5.2), built from a configuration's ``architecture`` entry.
+
+The topology (stages, features, kernels, strides, convs per stage) comes from the plans, so a user can hold our
+plans beside nnU-Net's and get the same network: same parameter count, same output shapes, the same
+deep-supervision heads. The module is deliberately flat (lists of ``nn.Sequential``) so that ``torch.compile``
+traces it without graph breaks and channels-last tensors flow through ``torch.cat`` unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# conv_op strings nnU-Net writes into plans (and the short forms people type by hand) -> spatial dimensions.
+_CONV_DIMS = {
+    "torch.nn.modules.conv.Conv2d": 2,
+    "torch.nn.modules.conv.Conv3d": 3,
+    "torch.nn.Conv2d": 2,
+    "torch.nn.Conv3d": 3,
+    "Conv2d": 2,
+    "Conv3d": 3,
+}
+_NONLINS = {"torch.nn.LeakyReLU", "torch.nn.modules.activation.LeakyReLU", "LeakyReLU"}
+
+
+def _norm_layer(dim: int, channels: int, eps: float, affine: bool) -> nn.Module:
+    """Instance norm: per-sample, per-channel statistics, one affine scale/shift per channel."""
+    return (nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d)(channels, eps=eps, affine=affine)
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv (stride, padding (k-1)//2) -> [dropout] -> instance norm -> leaky ReLU, the unit of every stage."""
+
+    def __init__(
+        self,
+        dim: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Sequence[int],
+        stride: Sequence[int],
+        *,
+        conv_bias: bool,
+        norm_eps: float,
+        norm_affine: bool,
+        negative_slope: float,
+        dropout_p: float,
+    ) -> None:
+        conv_cls = nn.Conv3d if dim == 3 else nn.Conv2d
+        layers: list[nn.Module] = [
+            conv_cls(
+                in_channels,
+                out_channels,
+                tuple(kernel_size),
+                tuple(stride),
+                padding=tuple((k - 1) // 2 for k in kernel_size),
+                bias=conv_bias,
+            )
+        ]
+        if dropout_p > 0:
+            layers.append((nn.Dropout3d if dim == 3 else nn.Dropout2d)(dropout_p, inplace=True))
+        layers.append(_norm_layer(dim, out_channels, norm_eps, norm_affine))
+        layers.append(nn.LeakyReLU(negative_slope, inplace=True))
+        super().__init__(*layers)
+
+
+class PlainConvUNet(nn.Module):
+    """Encoder of strided-conv stages, decoder of transposed-conv upsampling + skip concat + convs, 1x1 heads.
+
+    With deep supervision ``forward`` returns one logit map per decoder stage, highest resolution first
+    (``n_stages - 1`` maps); without it only the full-resolution logits.
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        num_outputs: int,
+        features_per_stage: Sequence[int],
+        kernel_sizes: Sequence[Sequence[int]],
+        strides: Sequence[Sequence[int]],
+        n_conv_per_stage: Sequence[int],
+        n_conv_per_stage_decoder: Sequence[int],
+        *,
+        dim: int,
+        conv_bias: bool = True,
+        norm_eps: float = 1e-5,
+        norm_affine: bool = True,
+        negative_slope: float = 0.01,
+        dropout_p: float = 0.0,
+        deep_supervision: bool = True,
+    ) -> None:
+        super().__init__()
+        n_stages = len(features_per_stage)
+        for name, value, expected in (
+            ("kernel_sizes", kernel_sizes, n_stages),
+            ("strides", strides, n_stages),
+            ("n_conv_per_stage", n_conv_per_stage, n_stages),
+            ("n_conv_per_stage_decoder", n_conv_per_stage_decoder, n_stages - 1),
+        ):
+            if len(value) != expected:
+                raise ValueError(
+                    f"architecture: {name} has {len(value)} entries but {expected} are needed for "
+                    f"{n_stages} stages; fix the plans' arch_kwargs"
+                )
+        if n_stages < 2:
+            raise ValueError("architecture: a U-Net needs at least 2 stages (n_stages >= 2)")
+        for name, seq in (("kernel_sizes", kernel_sizes), ("strides", strides)):
+            if any(len(v) != dim for v in seq):
+                raise ValueError(
+                    f"architecture: every entry of {name} must have {dim} values for a {dim}D conv_op"
+                )
+        block = {
+            "conv_bias": conv_bias,
+            "norm_eps": norm_eps,
+            "norm_affine": norm_affine,
+            "negative_slope": negative_slope,
+            "dropout_p": dropout_p,
+        }
+        self.dim = dim
+        self.num_outputs = num_outputs
+        self.strides = [list(map(int, s)) for s in strides]
+        self._deep_supervision = deep_supervision
+
+        encoder = []
+        channels = input_channels
+        for stage in range(n_stages):
+            convs = []
+            for j in range(n_conv_per_stage[stage]):
+                convs.append(
+                    ConvNormAct(
+                        dim,
+                        channels,
+                        features_per_stage[stage],
+                        kernel_sizes[stage],
+                        strides[stage] if j == 0 else [1] * dim,
+                        **block,
+                    )
+                )
+                channels = features_per_stage[stage]
+            encoder.append(nn.Sequential(*convs))
+        self.encoder = nn.ModuleList(encoder)
+
+        # Decoder lists run from the bottleneck upwards (order of computation): level 0 upsamples the
+        # bottleneck to skip level n_stages-2.
+        transp_cls = nn.ConvTranspose3d if dim == 3 else nn.ConvTranspose2d
+        conv_cls = nn.Conv3d if dim == 3 else nn.Conv2d
+        upsamplers, decoder, heads = [], [], []
+        for level in range(n_stages - 1):
+            skip = n_stages - 2 - level
+            below = features_per_stage[skip + 1]
+            here = features_per_stage[skip]
+            stride = tuple(strides[skip + 1])
+            upsamplers.append(transp_cls(below, here, stride, stride, bias=conv_bias))
+            convs = []
+            channels = 2 * here
+            for _ in range(n_conv_per_stage_decoder[level]):
+                convs.append(ConvNormAct(dim, channels, here, kernel_sizes[skip], [1] * dim, **block))
+                channels = here
+            decoder.append(nn.Sequential(*convs))
+            heads.append(conv_cls(here, num_outputs, 1, 1, 0, bias=True))
+        self.upsamplers = nn.ModuleList(upsamplers)
+        self.decoder = nn.ModuleList(decoder)
+        self.heads = nn.ModuleList(heads)
+        self.apply(_kaiming_init)
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self._deep_supervision
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        """Training wants every head; inference and the final validation only the full-resolution one."""
+        self._deep_supervision = bool(enabled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        skips = []
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        n_levels = len(self.decoder)
+        outputs = []
+        for level in range(n_levels):
+            x = self.upsamplers[level](x)
+            x = torch.cat((x, skips[n_levels - 1 - level]), dim=1)
+            x = self.decoder[level](x)
+            if self._deep_supervision or level == n_levels - 1:
+                outputs.append(self.heads[level](x))
+        if not self._deep_supervision:
+            return outputs[0]
+        outputs.reverse()
+        return outputs
+
+
+def _kaiming_init(module: nn.Module) -> None:
+    """He-normal init with the leaky-ReLU slope 0.01 on conv / transposed-conv weights, zero biases (§5.2)."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=1e-2)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _arch_kwargs(architecture: dict[str, Any]) -> dict[str, Any]:
+    """Accept both a full ``architecture`` entry (with ``arch_kwargs``) and the bare kwargs dict."""
+    return architecture["arch_kwargs"] if "arch_kwargs" in architecture else architecture
+
+
+def build_network(
+    architecture: dict[str, Any],
+    num_input_channels: int,
+    num_outputs: int,
+    deep_supervision: bool = True,
+) -> PlainConvUNet:
+    """Instantiate the plain U-Net described by a configuration's ``architecture`` entry of the plans.
+
+    ``num_outputs`` is the number of labels including background (or of regions); for the cascade
+    ``num_input_channels`` already counts the previous stage's one-hot channels.
+    """
+    kw = _arch_kwargs(architecture)
+    try:
+        n_stages = int(kw["n_stages"])
+        features = [int(f) for f in kw["features_per_stage"]]
+        kernels = [[int(k) for k in ks] for ks in kw["kernel_sizes"]]
+        strides = [[int(s) for s in st] for st in kw["strides"]]
+        conv_op = kw.get("conv_op") or ("torch.nn.modules.conv.Conv3d" if len(kernels[0]) == 3 else "Conv2d")
+        n_conv = kw.get("n_conv_per_stage", [2] * n_stages)
+        n_conv_dec = kw.get("n_conv_per_stage_decoder", [2] * (n_stages - 1))
+    except KeyError as err:
+        raise ValueError(
+            f"architecture: arch_kwargs lacks {err}; regenerate the plans (method §3.5(c))"
+        ) from None
+    if isinstance(n_conv, int):
+        n_conv = [n_conv] * n_stages
+    if isinstance(n_conv_dec, int):
+        n_conv_dec = [n_conv_dec] * (n_stages - 1)
+    if len(features) != n_stages:
+        raise ValueError(
+            f"architecture: n_stages is {n_stages} but features_per_stage has {len(features)} entries"
+        )
+    if conv_op not in _CONV_DIMS:
+        raise ValueError(
+            f"architecture: conv_op {conv_op!r} is not supported; use one of {sorted(_CONV_DIMS)}"
+        )
+    norm_op = kw.get("norm_op")
+    if norm_op is not None and "InstanceNorm" not in str(norm_op):
+        raise ValueError(
+            f"architecture: norm_op {norm_op!r} is not supported; nnsnake's U-Net uses InstanceNorm"
+        )
+    nonlin = kw.get("nonlin")
+    if nonlin is not None and str(nonlin) not in _NONLINS:
+        raise ValueError(f"architecture: nonlin {nonlin!r} is not supported; nnsnake's U-Net uses LeakyReLU")
+    norm_kwargs = kw.get("norm_op_kwargs") or {}
+    nonlin_kwargs = kw.get("nonlin_kwargs") or {}
+    dropout_kwargs = kw.get("dropout_op_kwargs") or {}
+    dropout_p = float(dropout_kwargs.get("p", 0.0)) if kw.get("dropout_op") else 0.0
+    return PlainConvUNet(
+        num_input_channels,
+        num_outputs,
+        features,
+        kernels,
+        strides,
+        [int(n) for n in n_conv],
+        [int(n) for n in n_conv_dec],
+        dim=_CONV_DIMS[conv_op],
+        conv_bias=bool(kw.get("conv_bias", True)),
+        norm_eps=float(norm_kwargs.get("eps", 1e-5)),
+        norm_affine=bool(norm_kwargs.get("affine", True)),
+        negative_slope=float(nonlin_kwargs.get("negative_slope", 0.01)),
+        dropout_p=dropout_p,
+        deep_supervision=deep_supervision,
+    )
+
+
+def deep_supervision_scales(strides: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Per-head target scale factors: ``1 / cumprod(strides)`` without the bottleneck entry (§5.3)."""
+    cumulative = np.cumprod(np.asarray(strides, dtype=np.float64), axis=0)
+    return [[float(v) for v in row] for row in (1.0 / cumulative)[:-1]]
+
+
+def deep_supervision_weights(n_heads: int) -> np.ndarray:
+    """Loss weight per head, ``1/2^k`` halving towards low resolution, lowest head 0, normalised to sum 1."""
+    if n_heads < 1:
+        raise ValueError("deep_supervision_weights: need at least one head")
+    weights = np.array([1.0 / 2**k for k in range(n_heads)])
+    if n_heads > 1:
+        weights[-1] = 0.0
+    return weights / weights.sum()
