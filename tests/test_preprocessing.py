@@ -1,0 +1,395 @@
+"""Preprocessing equals nnunetv2 2.8.1's, and the store is atomic and incremental.
+
+Reference values come from tests/fixtures/preprocessing/make_reference.py (run with the nnunetv2 anchor venv):
+``demo/`` holds nnunetv2's full output for small cases whose raw files are in ``inputs/`` (runs everywhere);
+``shared/`` holds compact summaries for cases of the shared datasets (runs when ../shared/data exists).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnsnake import preprocessing
+from nnsnake.normalization import NormalizationError, normalize, normalize_channel, scheme_for_channel_name
+from nnsnake.preprocessing import (
+    PreprocessingError,
+    case_files,
+    class_location_keys,
+    load_case,
+    preprocess_case,
+    preprocess_dataset,
+    sample_class_locations,
+    save_case,
+    stored_case_ids,
+)
+
+PROPERTY_KEYS = ("spacing", "shape_before_cropping", "bbox_used_for_cropping",
+                 "shape_after_cropping_and_before_resampling")
+DEMO_CONFIGURATIONS = ("3d_fullres", "2d")
+
+
+def key_text(key) -> str:
+    return ",".join(str(k) for k in key) if isinstance(key, tuple) else str(key)
+
+
+def location_digest(class_locations: dict) -> dict:
+    out = {}
+    for key, coords in class_locations.items():
+        coords = np.ascontiguousarray(np.asarray(coords, dtype=np.int64))
+        out[key_text(key)] = {"count": int(len(coords)),
+                              "sha256": hashlib.sha256(coords.tobytes()).hexdigest() if len(coords) else None}
+    return out
+
+
+def assert_data_close(data: np.ndarray, expected: np.ndarray, stds) -> None:
+    assert data.shape == expected.shape and data.dtype == np.float32
+    for c in range(data.shape[0]):
+        error = float(np.abs(data[c].astype(np.float64) - expected[c]).max())
+        assert error < 1e-4 * stds[c], f"channel {c}: max abs difference {error} >= 1e-4 * std {stds[c]}"
+
+
+def assert_properties_equal(properties: dict, expected: dict) -> None:
+    for key in PROPERTY_KEYS:
+        np.testing.assert_allclose(np.asarray(properties[key], dtype=float), np.asarray(expected[key], dtype=float),
+                                   rtol=0, atol=0, err_msg=key)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# against nnunetv2: small raw cases shipped with the tests
+
+
+@pytest.fixture(scope="module")
+def demo(fixtures_dir):
+    root = fixtures_dir / "preprocessing"
+    return {
+        "root": root,
+        "plans": json.loads((root / "demo_plans.json").read_text()),
+        "dataset_json": json.loads((root / "demo_dataset.json").read_text()),
+    }
+
+
+@pytest.mark.parametrize("name", ["aniso", "masked"])
+@pytest.mark.parametrize("configuration", DEMO_CONFIGURATIONS)
+def test_demo_cases_match_nnunetv2(demo, name, configuration):
+    """aniso: transposed, CT-normalised, separate-z resampling; masked: nonzero crop, masked z-score, joint
+    resampling of all axes, ignore label (class locations of all annotated voxels)."""
+    root = demo["root"]
+    data, seg, properties = preprocess_case(
+        [root / "inputs" / f"{name}_0000.nii.gz"], root / "inputs" / f"{name}.nii.gz",
+        demo["plans"][name], configuration, demo["dataset_json"][name],
+    )
+    with np.load(root / "demo" / f"{name}_{configuration}.npz", allow_pickle=False) as f:
+        expected_data, expected_seg = f["data"], f["seg"]
+    expected = json.loads((root / "demo" / f"{name}_{configuration}.json").read_text())
+    assert_data_close(data, expected_data, [c.std() for c in expected_data])
+    assert seg.shape == expected_seg.shape and np.issubdtype(seg.dtype, np.signedinteger)
+    np.testing.assert_array_equal(seg, expected_seg)
+    assert_properties_equal(properties, expected)
+    assert location_digest(properties["class_locations"]) == expected["class_locations"]
+    assert properties["sitk_stuff"]["spacing"]  # the geometry needed to write predictions back
+
+
+def test_demo_resamples_as_intended(demo):
+    """Guard the fixture itself: the aniso case really is resampled (and the 2d config keeps the slices)."""
+    root = demo["root"]
+    expected = json.loads((root / "demo" / "aniso_3d_fullres.json").read_text())
+    with np.load(root / "demo" / "aniso_3d_fullres.npz") as f:
+        shape_3d = f["data"].shape
+    with np.load(root / "demo" / "aniso_2d.npz") as f:
+        shape_2d = f["data"].shape
+    cropped = expected["shape_after_cropping_and_before_resampling"]
+    assert shape_3d[1] > cropped[0] and shape_2d[1] == cropped[0] and shape_2d[2:] != tuple(cropped[1:])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# against nnunetv2: the shared datasets (summaries of nnunetv2's preprocessed cases)
+
+
+def _shared_cases(fixtures_dir: Path) -> list[tuple[str, str, str]]:
+    root = fixtures_dir / "preprocessing" / "shared"
+    return sorted((p.parts[-3], p.parts[-2], p.stem) for p in root.glob("*/*/*.json"))
+
+
+SHARED_CASES = _shared_cases(Path(__file__).resolve().parent / "fixtures")
+
+
+def test_shared_fixtures_cover_every_dataset_and_configuration():
+    datasets = {d for d, _, _ in SHARED_CASES}
+    assert {"Dataset004_Hippocampus", "Dataset301_BraTS2015DeepMedic", "Dataset303_BraTSVariedSpacing",
+            "Dataset009_SpleenCTCrop", "Dataset201_ISBI2012EM"} <= datasets
+    for dataset in datasets:
+        plans = json.loads((Path(__file__).parent / "fixtures" / "nnunetv2" / dataset / "nnUNetPlans.json").read_text())
+        planned = {c for c, v in plans["configurations"].items() if "inherits_from" not in v}
+        assert planned == {c for d, c, _ in SHARED_CASES if d == dataset}, dataset
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize(("dataset", "configuration", "case_id"), SHARED_CASES)
+def test_shared_datasets_match_nnunetv2(shared_data, fixtures_dir, dataset, configuration, case_id):
+    from nnsnake.dataset import discover_cases
+
+    raw = shared_data / dataset
+    plans = json.loads((fixtures_dir / "nnunetv2" / dataset / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    files = discover_cases(raw, dataset_json)[0][case_id]
+    data, seg, properties = preprocess_case(files.images, files.label, plans, configuration, dataset_json)
+
+    folder = fixtures_dir / "preprocessing" / "shared" / dataset / configuration
+    expected = json.loads((folder / f"{case_id}.json").read_text())
+    with np.load(folder / f"{case_id}.npz", allow_pickle=False) as f:
+        arrays = dict(f)
+    assert list(data.shape) == expected["shape"]
+    stds = [s[1] for s in expected["channel_stats"]]
+    stride = expected["subsample_stride"]
+    subsample = (slice(None), *[slice(None, None, stride)] * (data.ndim - 1))
+    assert_data_close(data[subsample], arrays["data_subsample"], stds)
+    for c, (mean, std, lo, hi) in enumerate(expected["channel_stats"]):
+        channel = data[c].astype(np.float64)
+        assert abs(channel.mean() - mean) < 1e-5 * std
+        assert abs(channel.std() - std) < 1e-5 * std
+        assert abs(channel.min() - lo) < 1e-4 * std and abs(channel.max() - hi) < 1e-4 * std
+    if "seg" in arrays:
+        assert seg.shape == arrays["seg"].shape
+        assert np.mean(seg == arrays["seg"]) >= 0.9999
+    else:
+        assert np.mean(seg[subsample] == arrays["seg_subsample"]) >= 0.9999
+    labels, counts = np.unique(seg, return_counts=True)
+    for label, count in zip(labels.tolist(), counts.tolist(), strict=True):
+        assert abs(count - expected["seg_label_counts"].get(str(label), 0)) <= 1e-4 * seg.size
+    assert_properties_equal(properties, expected["properties"])
+    assert location_digest(properties["class_locations"]) == expected["class_locations"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# class locations
+
+
+def test_class_location_counts_and_draws():
+    seg = np.zeros((60, 60, 60), np.int8)
+    seg[:3, :4, :5] = 1  # 60 voxels: all of them
+    seg[10:40, 0:50, 0:20] = 2  # 30000 voxels: 10000
+    seg[40:, :, :] = 3  # 20 * 3600 = 72000 voxels: ... still 10000 (1 % = 720)
+    locations = sample_class_locations(seg, [1, 2, 3, 4])
+    assert [len(locations[k]) for k in (1, 2, 3, 4)] == [60, 10000, 10000, 0]
+    assert locations[4].shape == (0, 3)
+    for label in (1, 2, 3):
+        coords = locations[label]
+        assert coords.dtype == np.int32 and coords.shape[1] == 3
+        assert (seg[tuple(coords.T)] == label).all()
+        assert len(np.unique(coords, axis=0)) == len(coords)  # drawn without replacement
+    big = np.ones((120, 100, 100), np.int8)  # 1.2 M voxels: 1 % = 12000 > 10000
+    assert len(sample_class_locations(big, [1])[1]) == 12000
+    # deterministic: one RandomState(1234) per case
+    again = sample_class_locations(seg, [1, 2, 3, 4])
+    assert all(np.array_equal(locations[k], again[k]) for k in locations)
+
+
+def test_class_location_keys():
+    labels = {"background": 0, "b": 2, "a": 1}
+    assert class_location_keys({"labels": labels}) == [1, 2]
+    assert class_location_keys({"labels": {**labels, "ignore": 3}}) == [1, 2, (-1, 0, 1, 2)]
+    regions = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
+    assert class_location_keys({"labels": regions}) == [(1, 2, 3), (2, 3), 3]
+
+
+def test_region_locations_union_of_labels():
+    seg = np.zeros((10, 10), np.int8)
+    seg[0, :3] = 2
+    seg[5, :4] = 3
+    locations = sample_class_locations(seg, [(2, 3), 3])
+    assert len(locations[(2, 3)]) == 7 and len(locations[3]) == 4
+    assert set(seg[tuple(locations[(2, 3)].T)].tolist()) == {2, 3}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# normalisation
+
+
+def test_scheme_for_channel_name():
+    assert scheme_for_channel_name("CT") == "CTNormalization"
+    assert scheme_for_channel_name("ct") == "CTNormalization"
+    assert scheme_for_channel_name("noNorm") == "NoNormalization"
+    assert scheme_for_channel_name("rescale_to_0_1") == "RescaleTo01Normalization"
+    assert scheme_for_channel_name("rgb_to_0_1") == "RGBTo01Normalization"
+    assert scheme_for_channel_name("T2 FLAIR") == "ZScoreNormalization"
+
+
+def test_normalization_schemes():
+    x = np.array([[-2000.0, 0.0, 100.0, 5000.0]], dtype=np.float32)
+    ct = normalize_channel(x.copy(), "CTNormalization", intensity_properties={
+        "mean": 100.0, "std": 50.0, "percentile_00_5": -100.0, "percentile_99_5": 300.0})
+    np.testing.assert_allclose(ct, [[-4.0, -2.0, 0.0, 4.0]])
+    z = normalize_channel(x.copy(), "ZScoreNormalization")
+    assert abs(z.mean()) < 1e-6 and abs(z.std() - 1) < 1e-6
+    np.testing.assert_allclose(normalize_channel(x.copy(), "RescaleTo01Normalization"), [[0, 2000 / 7000, 2100 / 7000, 1]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(normalize_channel(np.array([0.0, 51.0, 255.0], np.float32), "RGBTo01Normalization"),
+                               [0, 0.2, 1])
+    with pytest.raises(NormalizationError, match="0, 255"):
+        normalize_channel(x.copy(), "RGBTo01Normalization")
+    assert normalize_channel(x.copy(), "NoNormalization").tolist() == x.tolist()
+    with pytest.raises(NormalizationError, match="unknown"):
+        normalize_channel(x.copy(), "Whatever")
+    with pytest.raises(NormalizationError, match="intensity properties"):
+        normalize_channel(x.copy(), "CTNormalization")
+
+
+def test_masked_zscore_leaves_outside_untouched():
+    data = np.array([[[0.0, 0.0, 2.0, 4.0, 6.0]]], dtype=np.float32)  # (C=1, 1, 5)
+    seg = np.array([[[-1, -1, 0, 1, 0]]], dtype=np.int8)
+    out = normalize(data.copy(), seg, ["ZScoreNormalization"], [True])
+    np.testing.assert_allclose(out[0, 0], [0, 0, -np.sqrt(1.5), 0, np.sqrt(1.5)], rtol=1e-6)
+    unmasked = normalize(data.copy(), seg, ["ZScoreNormalization"], [False])
+    assert unmasked[0, 0, 0] != 0
+    with pytest.raises(NormalizationError, match="channel"):
+        normalize(data.copy(), seg, ["ZScoreNormalization", "CTNormalization"], [False, False])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the store
+
+
+def _case(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    data = rng.standard_normal((2, 6, 7, 8)).astype(np.float32)
+    seg = rng.integers(-1, 3, (1, 6, 7, 8)).astype(np.int8)
+    properties = {"spacing": [1.0, 2.0, 3.0], "shape_before_cropping": [6, 7, 8],
+                  "bbox_used_for_cropping": [[0, 6], [0, 7], [0, 8]],
+                  "shape_after_cropping_and_before_resampling": [6, 7, 8],
+                  "class_locations": sample_class_locations(seg[0], [1, 2, (-1, 0, 1, 2)])}
+    return data, seg, properties
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    data, seg, properties = _case()
+    save_case(tmp_path, "case_a", data, seg, properties)
+    for use_mmap in (False, True):
+        d, s, p = load_case(tmp_path, "case_a", mmap=use_mmap)
+        np.testing.assert_array_equal(d, data)
+        np.testing.assert_array_equal(s, seg)
+        assert d.dtype == np.float32 and s.dtype == np.int8
+        assert d.flags.writeable != use_mmap and s.flags.writeable != use_mmap  # memory maps are read-only
+        assert set(p["class_locations"]) == {1, 2, (-1, 0, 1, 2)}
+        for key, coords in properties["class_locations"].items():
+            np.testing.assert_array_equal(p["class_locations"][key], coords)
+        assert p["spacing"] == [1.0, 2.0, 3.0]
+    assert stored_case_ids(tmp_path) == ["case_a"]
+    big = np.random.default_rng(1).standard_normal((2, 64, 128, 80)).astype(np.float32)  # > 4 MiB: memory-mapped
+    save_case(tmp_path, "case_big", big, seg[:, :1, :1, :1], {**properties, "class_locations": {}})
+    d, _, p = load_case(tmp_path, "case_big", mmap=True)
+    owner = d
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    owner = owner.obj if isinstance(owner, memoryview) else owner
+    assert isinstance(owner, mmap.mmap) and not d.flags.writeable and p["class_locations"] == {}
+    np.testing.assert_array_equal(d[:, 5:40, 60:, ::3], big[:, 5:40, 60:, ::3])
+    assert oct(case_files(tmp_path, "case_a")["data"].stat().st_mode & 0o777) != oct(0o600)
+    with pytest.raises(FileNotFoundError, match="case_b"):
+        load_case(tmp_path, "case_b")
+
+
+def test_interrupted_save_leaves_no_complete_case(tmp_path, monkeypatch):
+    data, seg, properties = _case()
+    save_case(tmp_path, "case_a", data, seg, properties)
+    real_save = np.save
+    calls = {"n": 0}
+
+    def failing_save(fh, array, allow_pickle=False):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the segmentation
+            raise OSError("disk full")
+        real_save(fh, array, allow_pickle=allow_pickle)
+
+    monkeypatch.setattr(preprocessing.np, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_case(tmp_path, "case_a", data * 2, seg, properties)
+    assert stored_case_ids(tmp_path) == []  # the old JSON went first, so the half-new case is not complete
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a whole dataset: incremental, parallel, failures
+
+
+@pytest.fixture
+def raw_dataset(tmp_path, demo):
+    """Three small cases (the demo inputs plus a copy) in nnU-Net raw layout."""
+    raw = tmp_path / "raw"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    inputs = demo["root"] / "inputs"
+    for case, source in (("c1", "masked"), ("c2", "aniso"), ("c3", "masked")):
+        shutil.copy(inputs / f"{source}_0000.nii.gz", raw / "imagesTr" / f"{case}_0000.nii.gz")
+        label = (inputs / f"{source}.nii.gz").read_bytes()
+        (raw / "labelsTr" / f"{case}.nii.gz").write_bytes(label)
+    dataset_json = {**demo["dataset_json"]["masked"], "numTraining": 3}
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    return raw, dataset_json, demo["plans"]["masked"]
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_preprocess_dataset_is_incremental(raw_dataset, tmp_path):
+    raw, dataset_json, plans = raw_dataset
+    out = tmp_path / "pre"
+    manifest = preprocess_dataset(raw, dataset_json, plans, "3d_fullres", out, num_processes=2, progress=False)
+    assert sorted(manifest["cases"]) == ["c1", "c2", "c3"] and manifest["data_identifier"]
+    assert manifest["cases"]["c1"] == manifest["cases"]["c3"]
+    first = _mtimes(out)
+    assert len(first) == 12  # 4 files per case, nothing else
+
+    again = preprocess_dataset(raw, dataset_json, plans, "3d_fullres", out, progress=False)
+    assert again == manifest and _mtimes(out) == first  # nothing recomputed
+
+    image = raw / "imagesTr" / "c2_0000.nii.gz"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    preprocess_dataset(raw, dataset_json, plans, "3d_fullres", out, progress=False)
+    changed = {k for k, v in _mtimes(out).items() if first[k] != v}
+    assert changed and all(k.startswith("c2") for k in changed)
+
+    edited = json.loads(json.dumps(plans))
+    edited["configurations"]["3d_fullres"]["spacing"] = [1.5, 1.5, 1.5]
+    resampled = preprocess_dataset(raw, dataset_json, edited, "3d_fullres", out, progress=False)
+    assert resampled["cases"]["c1"]["shape"] != manifest["cases"]["c1"]["shape"]
+
+    (raw / "labelsTr" / "c3.nii.gz").unlink()
+    (raw / "imagesTr" / "c3_0000.nii.gz").unlink()
+    preprocess_dataset(raw, {**dataset_json, "numTraining": 2}, edited, "3d_fullres", out, progress=False)
+    assert stored_case_ids(out) == ["c1", "c2"] and not list(out.glob("c3*"))
+
+
+def test_preprocessed_case_matches_preprocess_case(raw_dataset, tmp_path):
+    raw, dataset_json, plans = raw_dataset
+    out = tmp_path / "pre"
+    preprocess_dataset(raw, dataset_json, plans, "2d", out, case_ids=["c2"], progress=False)
+    assert stored_case_ids(out) == ["c2"]
+    data, seg, properties = load_case(out, "c2", mmap=True)
+    expected = preprocess_case([raw / "imagesTr" / "c2_0000.nii.gz"], raw / "labelsTr" / "c2.nii.gz", plans, "2d",
+                               dataset_json)
+    np.testing.assert_array_equal(data, expected[0])
+    np.testing.assert_array_equal(seg, expected[1])
+    assert properties["bbox_used_for_cropping"] == expected[2]["bbox_used_for_cropping"]
+    with pytest.raises(PreprocessingError, match="unknown case"):
+        preprocess_dataset(raw, dataset_json, plans, "2d", out, case_ids=["nope"], progress=False)
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_failing_case_names_itself(raw_dataset, tmp_path, num_processes):
+    raw, dataset_json, plans = raw_dataset
+    (raw / "imagesTr" / "c2_0000.nii.gz").write_bytes(b"not an image")
+    out = tmp_path / "pre"
+    with pytest.raises(PreprocessingError, match="c2") as info:
+        preprocess_dataset(raw, dataset_json, plans, "3d_fullres", out, num_processes=num_processes, progress=False)
+    assert "c2_0000.nii.gz" in str(info.value)
+    assert "c2" not in stored_case_ids(out)
+    assert not list(out.glob("c2*")) and not [p for p in out.iterdir() if p.name.startswith(".")]
