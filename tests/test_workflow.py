@@ -106,3 +106,20 @@ def test_broken_dataset_stops_before_fingerprint(tmp_path: Path) -> None:
     assert "case_001_0001.nii.gz" in log and "labelsTr/case_002.nii.gz" in log and "2 problem(s)" in log
     assert not (wd / "results" / "Dataset906_Broken" / "fingerprint.json").exists()
     assert not (wd / "results" / "Dataset906_Broken" / "verification.json").exists()
+
+
+def test_demo_main_job_runs_and_reruns_nothing(tmp_path: Path) -> None:
+    """The README's main command on the embedded demo: every stage that exists runs; a second run does nothing."""
+    from nnsnake.preprocessing import load_case
+
+    wd = workflow_copy(tmp_path)
+    snakemake(wd, "--config", f"dataset={DEMO}")
+    results = wd / "results" / DEMO.name
+    for configuration in ("2d", "3d_fullres"):
+        manifest = json.loads((results / "preprocessed" / configuration / "manifest.json").read_text())
+        assert len(manifest["cases"]) == 24
+        data, seg, properties = load_case(results / "preprocessed" / configuration, "hippocampus_001")
+        assert data.dtype.name == "float32" and data.shape[0] == 1 and seg.shape[1:] == data.shape[1:]
+        assert set(properties["class_locations"]) == {1, 2}
+    again = snakemake(wd, "--config", f"dataset={DEMO}", "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
