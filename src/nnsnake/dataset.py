@@ -13,15 +13,14 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .imageio import LOSSY_ENDINGS, SUPPORTED_ENDINGS, ImageReadError, read_file
+from .parallel import process_pool
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 
@@ -425,7 +424,7 @@ def verify_dataset(root: str | os.PathLike, num_processes: int = 1, progress: bo
     allowed = sorted(int(v) for v in labels.values() if isinstance(v, int) and not isinstance(v, bool))
     jobs = [(cid, files, allowed) for cid, files in cases.items()]
     if num_processes > 1:
-        with ProcessPoolExecutor(num_processes, mp_context=get_context("fork")) as pool:
+        with process_pool(num_processes) as pool:
             results = list(_progress(pool.map(_verify_case_star, jobs, chunksize=4), len(jobs), progress))
     else:
         results = list(_progress(map(_verify_case_star, jobs), len(jobs), progress))

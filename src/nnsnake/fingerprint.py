@@ -12,9 +12,7 @@ what makes the step fast and light on memory.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import numpy as np
 from .cropping import crop_to_nonzero
 from .dataset import CaseFiles, training_cases
 from .imageio import read_images, read_seg
+from .parallel import process_pool
 
 TOTAL_FOREGROUND_SAMPLES = 10e7  # nnU-Net's num_foreground_voxels_for_intensitystats
 SAMPLING_SEED = 1234
@@ -145,7 +144,7 @@ def extract_fingerprint(
     n_samples = int(TOTAL_FOREGROUND_SAMPLES // len(cases))
     jobs = [(cases[cid], n_samples) for cid in sorted(cases)]
     if num_processes > 1:
-        with ProcessPoolExecutor(num_processes, mp_context=get_context("fork")) as pool:
+        with process_pool(num_processes) as pool:
             results = list(_maybe_progress(pool.map(_fingerprint_job, jobs, chunksize=2), len(jobs), progress))
     else:
         results = list(_maybe_progress(map(_fingerprint_job, jobs), len(jobs), progress))

@@ -21,14 +21,14 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nnsnake import imageio, jsonio
+
+from .parallel import process_pool
 
 LabelOrRegion = int | tuple[int, ...]
 METRIC_NAMES = ("Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref")
@@ -256,7 +256,7 @@ def compute_metrics_on_folder(
         for name in predicted
     ]
     if num_processes > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(min(num_processes, len(jobs)), mp_context=get_context("spawn")) as pool:
+        with process_pool(min(num_processes, len(jobs))) as pool:
             entries = list(pool.map(compute_metrics_for_files, *zip(*jobs, strict=True)))
     else:
         entries = [compute_metrics_for_files(*job) for job in jobs]

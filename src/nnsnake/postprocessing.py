@@ -24,7 +24,6 @@ import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,8 @@ from nnsnake.metrics import (
     list_files_with_ending,
     normalize_label_or_region,
 )
+
+from .parallel import process_pool
 
 OPERATION = "keep_largest_component"
 ALL_FOREGROUND = "all_foreground"
@@ -302,7 +303,7 @@ def determine_postprocessing(
     tmp = Path(tempfile.mkdtemp(prefix="nnsnake_pp_", dir=work_dir))
     pool = None
     if num_processes > 1 and len(names) > 1:  # one pool for all steps: spawning workers costs seconds
-        pool = ProcessPoolExecutor(min(num_processes, len(names)), mp_context=get_context("spawn"))
+        pool = process_pool(min(num_processes, len(names)))
     try:
         case_ids = [n[: -len(file_ending)] for n in names]
         cases = _Cases({c: str(prediction_dir / n) for c, n in zip(case_ids, names, strict=True)},
@@ -346,7 +347,7 @@ def apply_postprocessing_to_folder(
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     jobs = [(os.path.join(input_dir, n), os.path.join(output_dir, n), steps) for n in names]
     if num_processes > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(min(num_processes, len(jobs)), mp_context=get_context("spawn")) as pool:
+        with process_pool(min(num_processes, len(jobs))) as pool:
             list(pool.map(_postprocess_file, *zip(*jobs, strict=True)))
     else:
         for job in jobs:

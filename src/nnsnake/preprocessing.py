@@ -33,9 +33,8 @@ import mmap
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, wait
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from . import jsonio
 from .cropping import crop_to_nonzero
 from .imageio import read_images, read_seg
 from .normalization import normalize
+from .parallel import process_pool
 from .resampling import compute_new_shape, resample_data_or_seg_to_shape
 
 log = logging.getLogger(__name__)
@@ -595,7 +595,7 @@ def _run_jobs(jobs: list[tuple], num_processes: int, on_done: Callable[[int], An
             on_done(1)
         return results
     # fork: workers start instantly and inherit the imported modules; each holds one case at a time
-    with ProcessPoolExecutor(min(num_processes, len(jobs)), mp_context=get_context("fork")) as pool:
+    with process_pool(min(num_processes, len(jobs))) as pool:
         pending = {pool.submit(_preprocess_and_save, *job): job[0] for job in jobs}
         while pending:
             done, _ = wait(pending, return_when=FIRST_EXCEPTION)

@@ -1,0 +1,269 @@
+"""Training speed side by side: nnsnake vs the official nnunetv2, Hippocampus fold 0, same plans, on this CPU.
+
+For each configuration both trainers run one short epoch (``--iterations`` training iterations, one validation
+iteration) from the same plans (nnunetv2's ``nnUNetPlans.json`` of the anchor run) with the same number of
+augmentation workers. Both record the wall-clock and process CPU time at the start of every training iteration;
+the medians of the start-to-start differences (so waiting for data counts) give seconds per iteration. CPU time
+is the steadier number on a shared machine (it does not count time the process waits for a core); with
+augmentation workers it misses the workers' CPU, so compare wall time there.
+
+Extra nnsnake variants (``--variants``): ``workers=N`` (augmentation in N worker processes instead of in-process),
+``bf16`` (CPU bfloat16 autocast), ``channels_last``.
+
+    python benchmarks/train.py                                    # 2d and 3d_fullres, 5 iterations, 0 workers
+    python benchmarks/train.py --configs 3d_fullres --iterations 4 --variants bf16 workers=1
+
+Needs the anchor venv (/tmp/venv-nnunet, ../shared/anchor/setup_anchor_env.sh) and its preprocessed Hippocampus
+(``--anchor-pre``, default /tmp/nnsnake_anchor/pre); nnsnake's own preprocessed copy is made under ``--work``.
+``--gpu`` times nnsnake alone on CUDA (iterations/s and the share of time spent waiting for batches).
+
+Measured 2026-11-22 on the 2-core development machine (shared with other jobs, load 2-11: expect 10-25 % noise),
+5 iterations, seconds per iteration (wall), x = nnunetv2 / nnsnake:
+
+    config      nnunetv2 (0 workers)   nnsnake 0 workers   nnsnake 1 worker + 1 thread   nnsnake bf16
+    3d_fullres  13.89                  14.85 (x0.94)       11.22 (x1.24)                 10.51 (x1.32)
+    2d          18.65                  16.94 (x1.10)       16.80 (x1.11)                 14.03 (x1.33)
+
+On an idle pair of cores (the GPU machine's CPU, taskset 0,1) one 3d_fullres step (batch 9) took 8.8-10.2 s in
+fp32 and 3.9 s with bf16 autocast. On an H100 with 12 workers: 3d_fullres 48 it/s (fp16, compiled; 51 without
+channels-last, 41 uncompiled), 2d 35 it/s (31 uncompiled), under 1 % of the time waiting for data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "src"))  # this checkout's nnsnake, whatever is installed
+from common import SHARED, anchor_bin, nnunet_env  # noqa: E402
+
+DATASET = "Dataset004_Hippocampus"
+TRAINER = "nnUNetTrainer_nnsnakeBench"
+
+
+def per_iteration(starts: list[float]) -> float | None:
+    """Median start-to-start difference; the first iteration (warm-up, allocator) is left out."""
+    deltas = [b - a for a, b in zip(starts[1:], starts[2:], strict=False)]
+    return statistics.median(deltas) if deltas else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nnunetv2
+
+
+def install_trainer() -> None:
+    python = anchor_bin("python")
+    folder = subprocess.run(
+        [python, "-c", "import nnunetv2, os; print(os.path.join(os.path.dirname(nnunetv2.__file__), "
+         "'training', 'nnUNetTrainer'))"], capture_output=True, text=True, check=True).stdout.strip()
+    source = REPO / "benchmarks" / f"{TRAINER}.py"
+    target = Path(folder) / source.name
+    if not target.exists() or not filecmp.cmp(source, target, shallow=False):
+        shutil.copy(source, target)
+
+
+def run_nnunet(work: Path, anchor_pre: Path, configuration: str, iterations: int, workers: int, threads: int) -> dict:
+    env = nnunet_env(work / "nnunet", threads)
+    env.update(nnUNet_preprocessed=str(anchor_pre.parent), NNSNAKE_BENCH_ITERS=str(iterations),
+               nnUNet_n_proc_DA=str(workers), nnUNet_compile="f")
+    fold_dir = work / "nnunet" / "res" / DATASET / f"{TRAINER}__nnUNetPlans__{configuration}" / "fold_0"
+    shutil.rmtree(fold_dir, ignore_errors=True)
+    start = time.perf_counter()
+    proc = subprocess.run([anchor_bin("nnUNetv2_train"), DATASET, configuration, "0", "-device", "cpu", "-tr", TRAINER],
+                          env=env, capture_output=True, text=True)
+    total = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"nnUNetv2_train {configuration} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    bench = json.loads((fold_dir / "nnsnake_bench.json").read_text())
+    return {"wall_s_per_it": per_iteration(bench["wall_starts"]), "cpu_s_per_it": per_iteration(bench["cpu_starts"]),
+            "total_s": total, "batch_size": bench["batch_size"], "torch_threads": bench["torch_threads"]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nnsnake (run in a child process so imports and memory start equal)
+
+
+def ensure_preprocessed(work: Path, anchor_pre: Path, configuration: str) -> Path:
+    """nnsnake's store of Hippocampus for ``configuration`` from the anchor's plans (incremental, cached)."""
+    from nnsnake.dataset import load_dataset_json
+    from nnsnake.jsonio import read_json
+    from nnsnake.preprocessing import preprocess_dataset
+
+    raw = SHARED / "data" / DATASET
+    out = work / "pre" / configuration
+    preprocess_dataset(raw, load_dataset_json(raw), read_json(anchor_pre / "nnUNetPlans.json"), configuration, out,
+                       num_processes=2, progress=False)
+    return out
+
+
+def run_nnsnake(inputs: dict, configuration: str, iterations: int, workers: int, threads: int, *,
+                device: str = "cpu", epochs: int = 1, amp: str = "off", channels_last: bool = False,
+                compile: bool = False) -> dict:
+    """One short nnsnake training in a child process; seconds per iteration of its last epoch."""
+    spec = dict(inputs, configuration=configuration, iterations=iterations, workers=workers, threads=threads,
+                device=device, epochs=epochs, amp=amp, channels_last=channels_last, compile=compile)
+    result = Path(inputs["work"]) / "nnsnake_result.json"
+    result.unlink(missing_ok=True)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    total = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"nnsnake training {configuration} failed:\n{proc.stderr[-4000:]}")
+    out = json.loads(result.read_text())
+    out["total_s"] = total
+    return out
+
+
+def child(spec: dict) -> None:
+    import logging
+
+    import torch
+
+    from nnsnake import training
+    from nnsnake.jsonio import read_json
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    work = Path(spec["work"])
+    wall, cpu = [], []
+    original = training._Trainer.train_step
+
+    def timed_step(self, batch):
+        wall.append(time.perf_counter())
+        cpu.append(time.process_time())
+        return original(self, batch)
+
+    training._Trainer.train_step = timed_step
+    run_dir = work / "nnsnake_run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    settings = training.TrainingSettings(
+        epochs=spec["epochs"], iterations_per_epoch=spec["iterations"], val_iterations=1, device=spec["device"],
+        threads=spec["threads"], num_workers=spec["workers"], amp=spec["amp"], channels_last=spec["channels_last"],
+        compile=spec["compile"])
+    training.train_fold(Path(spec["pre"]) / spec["configuration"], read_json(spec["plans"]), spec["configuration"],
+                        read_json(spec["dataset_json"]), read_json(spec["splits"]), 0, run_dir / "out",
+                        run_dir / "state", settings)
+    entry = read_json(run_dir / "out" / "log.json")[-1]
+    last = spec["iterations"] * (spec["epochs"] - 1)  # timings of the last epoch only (earlier: warm-up, compile)
+    (work / "nnsnake_result.json").write_text(json.dumps({
+        "wall_s_per_it": per_iteration(wall[max(0, last - 1):]), "cpu_s_per_it": per_iteration(cpu[max(0, last - 1):]),
+        "data_wait_s_per_it": entry["data_wait_s"] / spec["iterations"],
+        "data_wait_share": entry["data_wait_s"] / entry["train_time_s"],
+        "last_epoch_it_per_s": spec["iterations"] / entry["train_time_s"],
+        "torch_threads": torch.get_num_threads(),
+    }))
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["2d", "3d_fullres"])
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=0, help="augmentation worker processes, both trainers")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--variants", nargs="*", default=[], help="extra nnsnake runs: bf16, channels_last, workers=N")
+    parser.add_argument("--anchor-pre", default=os.environ.get("NNSNAKE_ANCHOR_PRE", "/tmp/nnsnake_anchor/pre"))
+    parser.add_argument("--work", default="/tmp/nnsnake_train_bench")
+    parser.add_argument("--gpu", action="store_true",
+                        help="nnsnake alone on CUDA (2 epochs, the second timed): default (fp16, compile, "
+                             "channels-last) and without compile / channels-last; uses --pre/--plans/--splits")
+    parser.add_argument("--gpu-variants", nargs="+", default=["default", "nocompile", "nocl"],
+                        choices=["default", "nocompile", "nocl"])
+    parser.add_argument("--pre", help="nnsnake preprocessed root (<pre>/<config>/), default <work>/pre")
+    parser.add_argument("--plans", help="plans.json, default the anchor's nnUNetPlans.json")
+    parser.add_argument("--splits", help="splits.json, default the anchor's splits_final.json")
+    parser.add_argument("--dataset-json", help="dataset.json, default the shared raw Hippocampus'")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    work, anchor_pre = Path(args.work), Path(args.anchor_pre) / DATASET
+    work.mkdir(parents=True, exist_ok=True)
+    inputs = {
+        "work": str(work),
+        "pre": args.pre or str(work / "pre"),
+        "plans": args.plans or str(anchor_pre / "nnUNetPlans.json"),
+        "splits": args.splits or str(anchor_pre / "splits_final.json"),
+        "dataset_json": args.dataset_json or str(SHARED / "data" / DATASET / "dataset.json"),
+    }
+    if args.gpu:
+        gpu_main(args, inputs)
+        return
+    if not (anchor_pre / "nnUNetPlans.json").is_file():
+        sys.exit(f"{anchor_pre}/nnUNetPlans.json not found: run tests/fixtures/make_nnunetv2_reference.sh first")
+    install_trainer()
+    rows = []
+    print(f"Hippocampus fold 0, {args.iterations} iterations, {args.workers} augmentation workers, "
+          f"{args.threads} threads, {os.cpu_count()} CPUs; seconds per iteration (median)", flush=True)
+    for configuration in args.configs:
+        if args.pre is None:
+            ensure_preprocessed(work, anchor_pre, configuration)
+        theirs = run_nnunet(work, anchor_pre, configuration, args.iterations, args.workers, args.threads)
+        rows.append((configuration, "nnunetv2", theirs, None))
+        print_row(*rows[-1])
+        ours = run_nnsnake(inputs, configuration, args.iterations, args.workers, args.threads)
+        rows.append((configuration, "nnsnake", ours, theirs))
+        print_row(*rows[-1])
+        for variant in args.variants:
+            kwargs: dict = {"amp": "off", "channels_last": False}
+            workers = args.workers
+            if variant == "bf16":
+                kwargs["amp"] = "bf16"
+            elif variant == "channels_last":
+                kwargs["channels_last"] = True
+            elif variant.startswith("workers="):
+                workers = int(variant.split("=")[1])
+            else:
+                sys.exit(f"unknown variant {variant!r}")
+            result = run_nnsnake(inputs, configuration, args.iterations, workers, args.threads, **kwargs)
+            rows.append((configuration, f"nnsnake {variant}", result, theirs))
+            print_row(*rows[-1])
+    print("\nx = nnunetv2 seconds per iteration / nnsnake seconds per iteration (target >= 1.3)")
+
+
+def gpu_main(args: argparse.Namespace, inputs: dict) -> None:
+    """nnsnake on the GPU: iterations/s of the second epoch and the share of it spent waiting for batches."""
+    variants = {
+        "default": ("fp16 + compile + channels-last", dict(amp="auto", compile=True, channels_last=True)),
+        "nocompile": ("fp16 + channels-last, no compile", dict(amp="auto", compile=False, channels_last=True)),
+        "nocl": ("fp16 + compile, no channels-last", dict(amp="auto", compile=True, channels_last=False)),
+    }
+    print(f"nnsnake on CUDA, {args.workers} augmentation workers, {args.threads} threads, epochs of "
+          f"{args.iterations} iterations (second epoch timed)", flush=True)
+    for configuration in args.configs:
+        for key in args.gpu_variants:
+            name, kwargs = variants[key]
+            result = run_nnsnake(inputs, configuration, args.iterations, args.workers, args.threads, device="cuda",
+                                 epochs=2, **kwargs)
+            print(f"{configuration:<11} {name:<34} {result['last_epoch_it_per_s']:6.2f} it/s  "
+                  f"step {result['wall_s_per_it'] * 1000:6.1f} ms  waiting for data "
+                  f"{100 * result['data_wait_share']:4.1f} %  run {result['total_s']:5.1f} s", flush=True)
+
+
+def print_row(configuration: str, name: str, result: dict, reference: dict | None) -> None:
+    def ratio(key: str) -> str:
+        if reference is None or not result.get(key) or not reference.get(key):
+            return "     "
+        return f"{reference[key] / result[key]:5.2f}"
+
+    extra = f"  data wait {result['data_wait_s_per_it']:.2f} s/it" if "data_wait_s_per_it" in result else ""
+    print(f"{configuration:<11} {name:<24} wall {result['wall_s_per_it']:7.2f} s/it (x{ratio('wall_s_per_it')})  "
+          f"cpu {result['cpu_s_per_it']:7.2f} s/it (x{ratio('cpu_s_per_it')})  run {result['total_s']:6.1f} s"
+          f"{extra}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

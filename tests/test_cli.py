@@ -1,0 +1,102 @@
+"""The ``nnsnake`` command line: predict with a results folder, verify a dataset, clean failures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnsnake.cli import main
+from nnsnake.jsonio import read_json
+
+from .test_evaluation import minimal_results
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    """A raw dataset and a results folder with plans, selection, postprocessing and two folds of models."""
+    return minimal_results(tmp_path_factory.mktemp("cli"))
+
+
+def test_predict_segments_a_folder(finished, tmp_path, capsys):
+    dataset, results = finished
+    out = tmp_path / "out"
+    status = main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "-m", str(results), "--device", "cpu",
+                   "--no-mirroring", "--threads", "1", "--save-probabilities", "--quiet", "-f", "0", "1"])
+    assert status == 0
+    assert "2 of 2 case(s) segmented with 3d_fullres" in capsys.readouterr().out
+    for j in range(2):
+        source = sitk.ReadImage(str(dataset / "imagesTs" / f"new_{j}_0000.nii.gz"))
+        result = sitk.ReadImage(str(out / f"new_{j}.nii.gz"))
+        assert result.GetSize() == source.GetSize()
+        assert result.GetSpacing() == pytest.approx(source.GetSpacing(), abs=1e-6)
+        assert result.GetOrigin() == pytest.approx(source.GetOrigin(), abs=1e-6)
+        assert result.GetDirection() == pytest.approx(source.GetDirection(), abs=1e-6)
+        assert np.load(out / f"new_{j}.npz")["probabilities"].shape[0] == 3
+    record = read_json(out / "prediction.json")
+    assert record["mirroring"] is False and record["folds"] == ["0", "1"] and record["device"] == "cpu"
+    assert record["postprocessing_steps"][0]["operation"] == "keep_largest_component"
+    # --continue finds everything done
+    assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "-m", str(results), "--device", "cpu",
+                 "--no-mirroring", "--threads", "1", "--save-probabilities", "--continue", "--quiet"]) == 0
+    assert "0 of 2 case(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("input", "does not exist"),
+        ("model", "not a finished nnsnake results folder"),
+        ("folds", "fold_5"),
+        ("device", "device 'gpu0'"),
+    ],
+)
+def test_predict_fails_cleanly(finished, tmp_path, capsys, change, expected):
+    dataset, results = finished
+    args = {"-i": str(dataset / "imagesTs"), "-o": str(tmp_path / "out"), "-m": str(results)}
+    extra = ["--device", "cpu", "--quiet"]
+    if change == "input":
+        args["-i"] = str(tmp_path / "nowhere")
+    elif change == "model":
+        args["-m"] = str(dataset)
+    elif change == "folds":
+        extra += ["--folds", "0", "5"]
+    else:
+        extra = ["--device", "gpu0", "--quiet"]
+    status = main(["predict", *[x for pair in args.items() for x in pair], *extra])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("nnsnake predict: error: ") and expected in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # every check runs before anything is written
+
+
+def test_verify_reports_ok_and_problems(finished, tmp_path, capsys):
+    dataset, _ = finished
+    assert main(["verify", str(dataset), "-o", str(tmp_path / "report.json")]) == 0
+    assert "6 case(s), no problems" in capsys.readouterr().out
+    assert read_json(tmp_path / "report.json")["ok"] is True
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    (broken / "labelsTr" / "tiny_000.nii.gz").unlink()
+    assert main(["verify", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert "1 problem(s)" in err and "tiny_000.nii.gz" in err and "label file is missing" in err
+
+
+def test_console_module_exit_codes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    missing = subprocess.run([sys.executable, "-m", "nnsnake.cli", "predict", "-i", str(tmp_path / "in"), "-o",
+                              str(tmp_path / "out"), "-m", str(tmp_path / "results")],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 1
+    assert "nnsnake predict: error:" in missing.stderr and "Traceback" not in missing.stderr
+    usage = subprocess.run([sys.executable, "-m", "nnsnake.cli", "predict", "-o", "x"], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert usage.returncode == 2 and "-i/--input" in usage.stderr

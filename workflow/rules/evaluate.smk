@@ -1,0 +1,125 @@
+# validate[configuration, fold] -> crossval[candidate] -> select -> postprocess   (method sections 5.10, 7, 8)
+
+
+rule validate:
+    input:
+        model=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/model_final.pt",
+        plans=f"{RESULTS}/plans.json",
+        splits=f"{RESULTS}/splits.json",
+        preprocessed=preprocessed_manifest,
+        dataset_json=str(DATASET_DIR / "dataset.json"),
+    output:
+        f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/validation/summary.json",
+    log:
+        f"{LOGS}/validate_{{configuration}}_fold_{{fold}}.log",
+    params:
+        dataset=dataset_folder_of_json,
+        inference=config["inference"],
+    wildcard_constraints:
+        configuration="2d|3d_fullres|3d_lowres",
+        fold=r"\d+",
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=120,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/validate.py"
+
+
+rule crossval:
+    input:
+        folds=lambda wildcards: expand(
+            f"{RESULTS}/training/{wildcards.configuration}/fold_{{fold}}/validation/summary.json",
+            fold=config["folds"],
+        ),
+        splits=f"{RESULTS}/splits.json",
+        dataset_json=str(DATASET_DIR / "dataset.json"),
+    output:
+        f"{RESULTS}/crossval/{{configuration}}/summary.json",
+    log:
+        f"{LOGS}/crossval_{{configuration}}.log",
+    params:
+        dataset=dataset_folder_of_json,
+    wildcard_constraints:
+        configuration="2d|3d_fullres|3d_lowres|3d_cascade_fullres",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/crossval.py"
+
+
+rule ensemble_crossval:
+    input:
+        first=f"{RESULTS}/crossval/{{first}}/summary.json",
+        second=f"{RESULTS}/crossval/{{second}}/summary.json",
+        dataset_json=str(DATASET_DIR / "dataset.json"),
+    output:
+        f"{RESULTS}/crossval/ensemble_{{first}}+{{second}}/summary.json",
+    log:
+        f"{LOGS}/crossval_ensemble_{{first}}+{{second}}.log",
+    params:
+        dataset=dataset_folder_of_json,
+    wildcard_constraints:
+        first="2d|3d_fullres|3d_lowres|3d_cascade_fullres",
+        second="2d|3d_fullres|3d_lowres|3d_cascade_fullres",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/ensemble_crossval.py"
+
+
+rule select:
+    input:
+        unpack(candidate_summaries),
+        plans=f"{RESULTS}/plans.json",
+        dataset_json=str(DATASET_DIR / "dataset.json"),
+    output:
+        selection=f"{RESULTS}/selection.json",
+        bootstrap=f"{RESULTS}/bootstrap.json",
+        plot=report(f"{RESULTS}/bootstrap.png", caption="../report/bootstrap.rst", category="Model selection"),
+    log:
+        f"{LOGS}/select.log",
+    params:
+        dataset=dataset_folder_of_json,
+        selection=config["selection"],
+        folds=config["folds"],
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/select.py"
+
+
+rule postprocess:
+    input:
+        unpack(candidate_summaries),
+        selection=f"{RESULTS}/selection.json",
+        dataset_json=str(DATASET_DIR / "dataset.json"),
+    output:
+        report(f"{RESULTS}/postprocessing.json", caption="../report/postprocessing.rst", category="Model selection"),
+    log:
+        f"{LOGS}/postprocess.log",
+    params:
+        dataset=dataset_folder_of_json,
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/postprocess.py"

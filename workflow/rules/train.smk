@@ -1,0 +1,40 @@
+# train[configuration, fold]   (method section 5)
+# The resumable state (checkpoint_latest.pt, a running log and plot) lives under work/, which is never a declared
+# output: Snakemake deletes outputs when a job starts or fails, never the state. The declared outputs are written
+# last, atomically, so a killed or timed-out job simply reruns and resumes where it stopped.
+
+
+rule train:
+    input:
+        plans=f"{RESULTS}/plans.json",
+        splits=f"{RESULTS}/splits.json",
+        preprocessed=preprocessed_manifest,
+        dataset_json=str(DATASET_DIR / "dataset.json"),
+    output:
+        model=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/model_final.pt",
+        log=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/log.json",
+        plot=report(
+            f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/progress.png",
+            caption="../report/progress.rst",
+            category="Training",
+            subcategory="{configuration}",
+            labels={"configuration": "{configuration}", "fold": "{fold}"},
+        ),
+    log:
+        f"{LOGS}/train_{{configuration}}_fold_{{fold}}.log",
+    params:
+        state_dir=f"{WORK}/training/{{configuration}}/fold_{{fold}}",
+        gpu_lock_dir=f"{config['work']}/gpu_locks",
+        settings=training_settings,
+    wildcard_constraints:
+        configuration="2d|3d_fullres|3d_lowres",
+        fold=r"\d+|all",
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=48 * 60,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/train.py"
