@@ -109,11 +109,14 @@ def test_broken_dataset_stops_before_fingerprint(tmp_path: Path) -> None:
 
 
 def test_demo_main_job_runs_and_reruns_nothing(tmp_path: Path) -> None:
-    """The README's main command on the embedded demo: every stage that exists runs; a second run does nothing."""
+    """The README's main command on the embedded demo, end to end; a second run has nothing to do."""
+    import SimpleITK as sitk
+    import torch
+
     from nnsnake.preprocessing import load_case
 
     wd = workflow_copy(tmp_path)
-    snakemake(wd, "--config", f"dataset={DEMO}")
+    snakemake(wd, "--resources", "gpu=1", "--config", f"dataset={DEMO}")
     results = wd / "results" / DEMO.name
     for configuration in ("2d", "3d_fullres"):
         manifest = json.loads((results / "preprocessed" / configuration / "manifest.json").read_text())
@@ -121,5 +124,25 @@ def test_demo_main_job_runs_and_reruns_nothing(tmp_path: Path) -> None:
         data, seg, properties = load_case(results / "preprocessed" / configuration, "hippocampus_001")
         assert data.dtype.name == "float32" and data.shape[0] == 1 and seg.shape[1:] == data.shape[1:]
         assert set(properties["class_locations"]) == {1, 2}
+        for fold in range(5):
+            folder = results / "training" / configuration / f"fold_{fold}"
+            log = json.loads((folder / "log.json").read_text())
+            assert [entry["epoch"] for entry in log] == [0, 1]  # the demo's budget (examples/.../nnsnake.yaml)
+            assert {"train_loss", "val_loss", "pseudo_dice", "lr", "epoch_time_s", "finished_at"} <= set(log[0])
+            assert (folder / "progress.png").stat().st_size > 0
+            torch.load(folder / "model_final.pt", weights_only=True)
+            assert json.loads((folder / "validation" / "summary.json").read_text())["metric_per_case"]
+        crossval = json.loads((results / "crossval" / configuration / "summary.json").read_text())
+        assert len(crossval["metric_per_case"]) == 24 and {"mean", "foreground_mean"} <= set(crossval)
+    assert (results / "crossval" / "ensemble_2d+3d_fullres" / "summary.json").exists()
+    selection = json.loads((results / "selection.json").read_text())
+    assert selection["selected"] in ("2d", "3d_fullres", "ensemble_2d+3d_fullres")
+    assert json.loads((results / "bootstrap.json").read_text())
+    assert "steps" in json.loads((results / "postprocessing.json").read_text())
+    for image in sorted((DEMO / "imagesTs").iterdir()):
+        prediction = sitk.ReadImage(str(results / "predictions" / "imagesTs" / image.name.replace("_0000", "")))
+        source = sitk.ReadImage(str(image))
+        assert prediction.GetSize() == source.GetSize() and prediction.GetOrigin() == source.GetOrigin()
+        assert prediction.GetSpacing() == source.GetSpacing() and prediction.GetDirection() == source.GetDirection()
     again = snakemake(wd, "--config", f"dataset={DEMO}", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
