@@ -644,5 +644,6 @@ def test_cascade_one_hot_uses_foreground_labels_even_for_regions():
     seg = np.array([[[-1, 0, 1, 2, 3]]], dtype=np.int8)
     one_hot = inference.one_hot_previous_stage(seg, regions)
     np.testing.assert_array_equal(one_hot[:, 0], [[0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]])
-    assert inference.num_input_channels({}, {"previous_stage": "3d_lowres"}, regions) == 4
-    assert inference.num_input_channels({}, {}, regions) == 1
+    plans = {"configurations": {"3d_lowres": {}, "3d_cascade_fullres": {"previous_stage": "3d_lowres"}}}
+    assert inference.num_input_channels(plans, "3d_cascade_fullres", regions) == 4
+    assert inference.num_input_channels(plans, "3d_lowres", regions) == 1
