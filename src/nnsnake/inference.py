@@ -587,8 +587,6 @@ def segmentation_from_probabilities(probabilities: np.ndarray, layout: LabelLayo
     return probabilities.argmax(axis=0).astype(layout.seg_dtype)
 
 
-
-
 def _bbox_slices(bbox: Sequence[Sequence[int]]) -> tuple[slice, ...]:
     return tuple(slice(int(lo), int(hi)) for lo, hi in bbox)
 
