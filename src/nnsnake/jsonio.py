@@ -1,4 +1,4 @@
-"""Deterministic, atomic JSON files.
+"""Atomic files and deterministic JSON.
 
 Every JSON file nnsnake writes goes through :func:`write_json`: keys are sorted and the text is written to a
 temporary file that is renamed into place, so an unchanged result is byte-identical (Snakemake's checksum then
@@ -7,11 +7,13 @@ sees no change) and a killed job never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -40,24 +42,36 @@ def dumps(obj: Any) -> str:
     return json.dumps(to_builtin(obj), indent=2, sort_keys=True, allow_nan=True) + "\n"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, fsync: bool = True) -> Iterator[BinaryIO]:
+    """Open ``path`` for binary writing through a temporary file in the same folder, renamed on success.
+
+    Readers never see a partial file, and a write interrupted by an exception (or a kill) leaves the previous
+    file untouched; the temporary file is removed on exceptions. Permissions follow the umask as for open().
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path) as fh:
+        fh.write(data)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -41,7 +41,6 @@ import random
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,7 +52,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .jsonio import dumps, read_json, write_json
+from .jsonio import atomic_open, dumps, read_json, write_json
 
 log = logging.getLogger("nnsnake")
 
@@ -322,19 +321,8 @@ class TrainingInterrupted(SystemExit):  # noqa: N818 (it is an exit, like Keyboa
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through a temporary file in the same folder and an atomic rename (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as fh:
+        torch.save(obj, fh)
 
 
 @contextlib.contextmanager
@@ -530,16 +518,8 @@ def plot_progress(history: Sequence[Mapping[str, Any]], path: str | os.PathLike)
     for axis in (ax_loss, ax_dice, ax_lr, ax_time):
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, fsync=False) as fh:
+        figure.savefig(fh, format="png")
 
 
 # --------------------------------------------------------------------------------------------------------------
