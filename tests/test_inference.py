@@ -647,3 +647,24 @@ def test_cascade_one_hot_uses_foreground_labels_even_for_regions():
     plans = {"configurations": {"3d_lowres": {}, "3d_cascade_fullres": {"previous_stage": "3d_lowres"}}}
     assert inference.num_input_channels(plans, "3d_cascade_fullres", regions) == 4
     assert inference.num_input_channels(plans, "3d_lowres", regions) == 1
+
+
+def test_parallel_passes_do_not_change_the_result():
+    """CPU passes run side by side in threads; the sum keeps its order, so the result equals the serial one."""
+    torch.manual_seed(0)
+    networks = [
+        nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4, affine=True), nn.LeakyReLU(0.01),
+                      nn.Conv3d(4, 3, 1)).eval()
+        for _ in range(3)
+    ]
+    data = torch.randn(1, 14, 17, 12)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kwargs = dict(patch_size=(8, 8, 8), mirror_axes=(0, 1, 2), batch_tiles=4, accumulation_dtype=torch.float32)
+        serial = predict_sliding_window(networks, data, parallel_passes=1, **kwargs)
+        parallel = predict_sliding_window(networks, data, parallel_passes=None, **kwargs)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous_threads)
+    torch.testing.assert_close(parallel, serial, rtol=0, atol=1e-6)

@@ -15,6 +15,8 @@ Deliberate differences from nnU-Net 2.8.1 (results agree to rounding; tests comp
 
 * several tiles and flipped copies per forward pass (``batch_tiles``), folds and flips averaged in float32 before
   the Gaussian weighting; accumulators stay fp16 by default as in nnU-Net (``accumulation_dtype``);
+* on the CPU the forward passes of a batch (folds × mirror groups) run side by side in threads with one intra-op
+  thread each instead of one after another with all threads (``parallel_passes``; same sum, same order);
 * ``autocast=True`` also enables bfloat16 autocast on the CPU (off by default, as in nnU-Net);
 * export resamples logits channel by channel in float32 and takes a streamed argmax, so only one resampled channel
   (plus the running maximum) is in memory when no probabilities are requested;
@@ -24,6 +26,7 @@ Deliberate differences from nnU-Net 2.8.1 (results agree to rounding; tests comp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -32,7 +35,6 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,36 +176,98 @@ def _auto_batch_tiles(patch_size: Sequence[int], device: torch.device) -> int:
 
 
 def _forward_tiles(
-    networks: Sequence[nn.Module], tiles: torch.Tensor, combos: list[tuple[int, ...]], batch_tiles: int
+    networks: Sequence[nn.Module],
+    tiles: torch.Tensor,
+    combos: list[tuple[int, ...]],
+    batch_tiles: int,
+    autocast_device: torch.device | None = None,
+    pool: _PassPool | None = None,
 ) -> torch.Tensor:
     """Mean of the networks' logits over every fold and every flip combination, for a batch of tiles.
 
     Flipped copies of the tiles are stacked into the same forward pass (up to ``batch_tiles`` patches per pass)
-    since one large batch uses the hardware better than many small ones.
+    since one large batch uses the hardware better than many small ones. ``autocast_device``: run the passes
+    under :func:`_autocast_context` for that device. With ``pool`` the passes run concurrently, one per thread
+    (see :func:`_parallel_passes`); the passes' sums are added in pass order either way, so the result does not
+    depend on the threads.
     """
     n_tiles = tiles.shape[0]
     spatial_offset = 2  # (B, C, *spatial)
     n_passes = math.ceil(len(combos) / max(1, batch_tiles // n_tiles))
     combos_per_pass = math.ceil(len(combos) / n_passes)  # balanced: 8 flips in budget 5 -> 4 + 4, not 5 + 3
+    groups = [combos[start : start + combos_per_pass] for start in range(0, len(combos), combos_per_pass)]
+    passes = [(network, group) for network in networks for group in groups]
+
+    def run_pass(item: tuple[nn.Module, list[tuple[int, ...]]]) -> torch.Tensor:
+        network, group = item
+        inputs = [torch.flip(tiles, [a + spatial_offset for a in axes]) if axes else tiles for axes in group]
+        # both contexts are thread-local, so they are entered here, in the thread that runs the pass
+        with torch.inference_mode(), _autocast_context(autocast_device, autocast_device is not None):
+            out = network(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
+        pass_sum: torch.Tensor | None = None
+        for j, axes in enumerate(group):
+            part = out[j * n_tiles : (j + 1) * n_tiles]
+            if axes:
+                part = torch.flip(part, [a + spatial_offset for a in axes])
+            if pass_sum is None:
+                # a copy: the output may alias the input (or each other) for trivial networks
+                pass_sum = part.to(torch.float32, copy=True)
+            else:
+                pass_sum += part
+        assert pass_sum is not None
+        return pass_sum
+
     total: torch.Tensor | None = None
-    for network in networks:
-        for start in range(0, len(combos), combos_per_pass):
-            group = combos[start : start + combos_per_pass]
-            inputs = [torch.flip(tiles, [a + spatial_offset for a in axes]) if axes else tiles for axes in group]
-            with torch.inference_mode():
-                out = network(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
-            for j, axes in enumerate(group):
-                part = out[j * n_tiles : (j + 1) * n_tiles]
-                if axes:
-                    part = torch.flip(part, [a + spatial_offset for a in axes])
-                if total is None:
-                    # a copy: the output may alias the input (or each other) for trivial networks
-                    total = part.to(torch.float32, copy=True)
-                else:
-                    total += part
+    for pass_sum in pool.map_in_order(run_pass, passes) if pool is not None else map(run_pass, passes):
+        if total is None:
+            total = pass_sum
+        else:
+            total += pass_sum
     assert total is not None
     total /= len(networks) * len(combos)
     return total
+
+
+def _passes_per_batch(n_networks: int, n_combos: int, batch_tiles: int) -> int:
+    """Forward passes :func:`_forward_tiles` makes for a full batch of tiles."""
+    tiles_per_batch = max(1, batch_tiles // n_combos)
+    return n_networks * math.ceil(n_combos / max(1, batch_tiles // tiles_per_batch))
+
+
+class _PassPool:
+    """Threads for independent forward passes; results come back in submission order."""
+
+    def __init__(self, executor: ThreadPoolExecutor, workers: int) -> None:
+        self.executor, self.workers = executor, workers
+
+    def map_in_order(self, fn: Callable[[Any], torch.Tensor], items: Sequence[Any]) -> Iterator[torch.Tensor]:
+        # ``workers`` items at a time, so no more pass outputs than threads wait to be summed
+        for start in range(0, len(items), self.workers):
+            yield from self.executor.map(fn, items[start : start + self.workers])
+
+
+@contextlib.contextmanager
+def _parallel_passes(device: torch.device, n_passes: int, parallel: int | None) -> Iterator[_PassPool | None]:
+    """On the CPU, a pool that runs independent forward passes side by side, one intra-op thread each.
+
+    Several folds and mirror groups make several passes per batch of tiles. On a CPU, running ``threads`` of them
+    concurrently with one thread each beats running them one after another with ``threads`` OpenMP threads
+    each: no barrier per layer (which stalls whenever another process holds a core), and each thread works on a
+    whole batch. Yields None (and changes nothing) on accelerators, with one thread, or when a batch has fewer
+    passes than threads; otherwise torch runs with one intra-op thread until the block ends.
+    """
+    threads = torch.get_num_threads() if parallel is None else int(parallel)
+    workers = min(threads, n_passes)
+    if device.type != "cpu" or workers < 2:
+        yield None
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # new threads take torch's thread count when they first run an op
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nnsnake-pass") as executor:
+            yield _PassPool(executor, workers)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _as_module_list(networks: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
@@ -237,6 +301,7 @@ def _sliding_window_accumulate(
     accumulation_dtype: torch.dtype,
     autocast: bool,
     progress: bool,
+    parallel: int | None = 1,
 ) -> torch.Tensor:
     slicers = _tile_slicers(data.shape[1:], patch_size, step_size)
     data = data.to(results_device)
@@ -249,11 +314,13 @@ def _sliding_window_accumulate(
     logits: torch.Tensor | None = None
     tiles_per_batch = max(1, batch_tiles // len(combos))
     bar = _progress_bar(len(slicers), "tiles", progress)
-    with _autocast_context(device, autocast):
+    n_passes = _passes_per_batch(len(networks), len(combos), batch_tiles)
+    with _parallel_passes(device, n_passes, parallel) as pool:
         for start in range(0, len(slicers), tiles_per_batch):
             batch = slicers[start : start + tiles_per_batch]
             tiles = torch.stack([data[(slice(None), *sl)] for sl in batch]).to(device, non_blocking=True)
-            prediction = _forward_tiles(networks, tiles, combos, batch_tiles).to(results_device)
+            prediction = _forward_tiles(networks, tiles, combos, batch_tiles, device if autocast else None,
+                                        pool).to(results_device)
             if use_gaussian:
                 prediction *= gaussian
             if logits is None:
@@ -290,6 +357,7 @@ def predict_sliding_window(
     accumulation_dtype: torch.dtype = torch.float16,
     autocast: bool | None = None,
     progress: bool = False,
+    parallel_passes: int | None = None,
 ) -> torch.Tensor:
     """Logits ``(K, *spatial)`` of a preprocessed case ``(C, *spatial)``, averaged over folds and mirrorings.
 
@@ -299,7 +367,9 @@ def predict_sliding_window(
     patch size. ``accumulate_on_device``: keep the fp16 accumulators on the GPU (default: try, fall back to the
     CPU when they do not fit). ``autocast``: mixed precision for the forward passes; None = nnU-Net's rule (fp16
     on CUDA, off on CPU), True also on CPU (bfloat16: several times faster on CPUs with native bf16, at bf16
-    precision of the logits). The result is on the CPU, in ``accumulation_dtype``.
+    precision of the logits). ``parallel_passes``: on the CPU, forward passes run side by side with one thread
+    each (None = torch's thread count, 1 = one pass at a time with all threads; see :func:`_parallel_passes`).
+    The result is on the CPU, in ``accumulation_dtype``.
     """
     nets = _as_module_list(networks)
     device = torch.device(device)
@@ -318,6 +388,7 @@ def predict_sliding_window(
         _sliding_window_accumulate, nets, padded, patch, combos, step_size, device,
         use_gaussian=use_gaussian, batch_tiles=batch, accumulation_dtype=accumulation_dtype,
         autocast=device.type == "cuda" if autocast is None else autocast, progress=progress,
+        parallel=parallel_passes,
     )
     on_device = accumulate_on_device if accumulate_on_device is not None else device.type != "cpu"
     logits = None
@@ -341,7 +412,7 @@ def predict_sliding_window(
 
 def _autocast_context(device: torch.device, enabled: bool):
     if not enabled:
-        return nullcontext()
+        return contextlib.nullcontext()
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return torch.autocast(device.type, dtype=torch.bfloat16)
