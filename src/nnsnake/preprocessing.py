@@ -27,6 +27,7 @@ path, size and mtime, and every plan entry that affects the result) is unchanged
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import mmap
@@ -288,8 +289,12 @@ def save_case(
     seg: np.ndarray,
     properties: Mapping[str, Any],
     signature: Mapping[str, Any] | None = None,
-) -> None:
-    """Store a preprocessed case atomically (arrays first, the JSON last; the old JSON is removed first)."""
+) -> str:
+    """Store a preprocessed case atomically (arrays first, the JSON last; the old JSON is removed first).
+
+    Returns the case's content digest (sha256 of its arrays), also stored in the JSON: the manifest lists it, so
+    a changed image or label changes the manifest and reruns what depends on it, while a touched but unchanged
+    raw file does not."""
     files = case_files(folder, case_id)
     files["properties"].parent.mkdir(parents=True, exist_ok=True)
     files["properties"].unlink(missing_ok=True)
@@ -307,7 +312,9 @@ def save_case(
             start += len(coords)
         if parts:
             stacked = np.concatenate(parts)
-    _atomic_save_npy(files["data"], data.astype(np.float32, copy=False))
+    data = data.astype(np.float32, copy=False)
+    digest = case_digest(data, seg)
+    _atomic_save_npy(files["data"], data)
     _atomic_save_npy(files["seg"], seg)
     _atomic_save_npy(files["locations"], stacked)
     record = {
@@ -316,9 +323,21 @@ def save_case(
         "class_locations": ranges,
         "shape": list(data.shape),
         "seg_dtype": str(seg.dtype),
+        "sha256": digest,
         "signature": dict(signature) if signature is not None else None,
     }
     jsonio.write_json(files["properties"], record)
+    return digest
+
+
+def case_digest(data: np.ndarray, seg: np.ndarray) -> str:
+    """sha256 of a preprocessed case's arrays (dtype, shape and bytes of data and segmentation)."""
+    digest = hashlib.sha256()
+    for array in (data, seg):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=8192)
@@ -455,7 +474,7 @@ def case_is_current(folder: str | os.PathLike, case_id: str, signature: Mapping[
         record = jsonio.read_json(files["properties"])
     except (OSError, ValueError):
         return False
-    return record.get("signature") == jsonio.to_builtin(signature)
+    return record.get("sha256") is not None and record.get("signature") == jsonio.to_builtin(signature)
 
 
 def _preprocess_and_save(
@@ -472,12 +491,12 @@ def _preprocess_and_save(
     try:
         with _single_threaded_blas():
             data, seg, properties = preprocess_case(image_paths, seg_path, plans, configuration, dataset_json)
-            save_case(out_dir, case_id, data, seg, properties, signature)
+            digest = save_case(out_dir, case_id, data, seg, properties, signature)
     except Exception as exc:
         _remove_case(Path(out_dir), case_id)
         files = ", ".join([*image_paths, *([seg_path] if seg_path else [])])
         raise PreprocessingError(f"case {case_id!r} ({files}): {type(exc).__name__}: {exc}") from None
-    return {"shape": list(data.shape), "seg_dtype": str(seg.dtype)}
+    return {"shape": list(data.shape), "seg_dtype": str(seg.dtype), "sha256": digest}
 
 
 class _single_threaded_blas:
@@ -556,7 +575,8 @@ def preprocess_dataset(
         signature = case_signature(images, seg, plan)
         if case_is_current(out, case_id, signature):
             record = jsonio.read_json(case_files(out, case_id)["properties"])
-            manifest_cases[case_id] = {"shape": record["shape"], "seg_dtype": record["seg_dtype"]}
+            manifest_cases[case_id] = {"shape": record["shape"], "seg_dtype": record["seg_dtype"],
+                                       "sha256": record["sha256"]}
         else:
             jobs.append((case_id, images, seg, dict(plans), configuration, dict(dataset_json), str(out), signature))
     log.info("%s: %d case(s) to preprocess, %d unchanged", configuration, len(jobs), len(selected) - len(jobs))

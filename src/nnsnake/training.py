@@ -242,6 +242,7 @@ _SIGNATURE_MEANING = {
     "labels_sha256": "labels / channel_names / regions_class_order in dataset.json",
     "fold": "the fold",
     "cases_sha256": "the fold's training/validation cases (splits.json)",
+    "data_sha256": "the preprocessed images/labels of the fold's cases",
 }
 
 
@@ -254,6 +255,7 @@ def training_signature(
     val_ids: Sequence[str],
     settings: TrainingSettings,
     num_workers: int,
+    data_sha256: str | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: everything that defines the run's trajectory.
 
@@ -268,6 +270,7 @@ def training_signature(
         "labels_sha256": _sha256(labels),
         "fold": str(fold),
         "cases_sha256": _sha256({"train": list(train_ids), "val": list(val_ids)}),
+        "data_sha256": data_sha256,
         "epochs": int(settings.epochs),
         "iterations_per_epoch": int(settings.iterations_per_epoch),
         "val_iterations": int(settings.val_iterations),
@@ -279,6 +282,17 @@ def training_signature(
         "seed": int(settings.seed) if settings.deterministic else None,
         "num_workers": int(num_workers) if settings.deterministic else None,
     }
+
+
+def preprocessed_data_digest(preprocessed_dir: str | os.PathLike, case_ids: Sequence[str]) -> str:
+    """One digest of the stored content digests of these cases: retraining follows a changed image or label."""
+    from .preprocessing import case_files
+
+    digests = {}
+    for case_id in sorted(case_ids):
+        record = read_json(case_files(preprocessed_dir, case_id)["properties"])
+        digests[case_id] = record.get("sha256")
+    return _sha256(digests)
 
 
 def signature_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -326,11 +340,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive ``fcntl`` lock on ``path``; fail at once, naming the holder, if another process has it.
+def exclusive_lock(path: str | os.PathLike, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path``; if another process has it, fail at once naming the holder,
+    or with ``wait`` log the holder and block until it is gone.
 
     POSIX record locks are released by the kernel when the holder dies (no stale locks after kill -9) and work
-    on NFSv4, where two submissions of one fold on different nodes would otherwise collide.
+    on NFSv4, where two submissions of one fold on different nodes would otherwise collide. Waiting is what a
+    rerun needs after snakemake itself was killed: its training jobs live on and finish (or die) first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -342,10 +358,15 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
             if err.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
-            raise TrainingLockedError(
-                f"{path}: this fold is already being trained by {holder}; wait for it to finish or stop it "
-                "(two copies would overwrite each other's checkpoints)"
-            ) from None
+            if wait:
+                log.warning("%s: this fold is already being trained by %s (left running by a killed snakemake?); "
+                            "waiting for it to finish", path, holder)
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            else:
+                raise TrainingLockedError(
+                    f"{path}: this fold is already being trained by {holder}; wait for it to finish or stop it "
+                    "(two copies would overwrite each other's checkpoints)"
+                ) from None
         os.ftruncate(fd, 0)
         job = os.environ.get("SLURM_JOB_ID")
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}{f' (SLURM job {job})' if job else ''}\n".encode(), 0)
@@ -652,7 +673,8 @@ class _Trainer:
         self.previous_stage_dir = previous_stage_dir
         self.patch_size = [int(p) for p in config["patch_size"]]
         self.signature = training_signature(configuration, config, dataset_json, fold, train_ids, val_ids, settings,
-                                            runtime.num_workers)
+                                            runtime.num_workers, preprocessed_data_digest(preprocessed_dir,
+                                                                                          train_ids + val_ids))
 
         self.num_input_channels = len(dataset_json["channel_names"]) + (
             len(self.labels.foreground_labels) if self.is_cascaded else 0)
@@ -1146,7 +1168,7 @@ def train_fold(
             )
     state_dir.mkdir(parents=True, exist_ok=True)
     stop = _StopRequest()
-    with exclusive_lock(state_dir / LOCK_FILE), _handle_signals(stop), _workers_die_with_trainer(), \
+    with exclusive_lock(state_dir / LOCK_FILE, wait=True), _handle_signals(stop), _workers_die_with_trainer(), \
             contextlib.ExitStack() as stack:
         if settings.device != "cpu":
             stack.enter_context(claim_gpu(settings.gpu_lock_dir))
