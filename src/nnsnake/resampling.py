@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -319,36 +320,27 @@ def _score_contested(
         tap_labels.append(labels[coords])
         tap_weights.append(w)
     candidates = np.unique(np.stack(tap_labels))
-    best = np.zeros(n)
-    winner = np.full(n, candidates[0], dtype=labels.dtype)
-    nn_label = nearest[contested]
-    nn_score = np.zeros(n)
-    for label in candidates:
-        score = np.zeros(n)
-        for lab, w in zip(tap_labels, tap_weights, strict=True):
-            score += np.where(lab == label, w, 0.0)
-        better = score > best
-        winner[better] = label
-        np.maximum(best, score, out=best)
-        is_nn = nn_label == label
-        nn_score[is_nn] = score[is_nn]
-    nn_wins = (nn_score == best) & (nn_score > 0)
-    winner[nn_wins] = nn_label[nn_wins]
-    out[contested] = winner
+
+    def tap_scores() -> Iterator[tuple[Any, np.ndarray]]:
+        for label in candidates:
+            score = np.zeros(n)
+            for lab, w in zip(tap_labels, tap_weights, strict=True):
+                score += np.where(lab == label, w, 0.0)
+            yield label, score
+
+    out[contested] = _highest_scoring_label(tap_scores(), nearest[contested], labels.dtype)
     return out
 
 
-def _resize_labels_by_score(labels: np.ndarray, new_shape: Sequence[int], axes: Sequence[int], order: int) -> np.ndarray:
-    """Per-label resize for spline orders other than 1: argmax of clipped scores, nearest-neighbour tie-break."""
-    values = np.unique(labels)
-    if values.size == 1:
-        return np.full(new_shape, values[0], dtype=labels.dtype)
-    nearest = _resize_axes(labels, new_shape, axes, 0)
+def _highest_scoring_label(
+    scores: Iterable[tuple[Any, np.ndarray]], nearest: np.ndarray, dtype: np.dtype
+) -> np.ndarray:
+    """Per voxel, the label with the highest (non-negative) score; a tie that includes the nearest-neighbour
+    label goes to it, other ties to the label that came first (ascending). This is batchgenerators' rule."""
     best = winner = nn_score = None
-    for value in values:
-        score = np.clip(_resize_axes((labels == value).astype(np.float64), new_shape, axes, order), 0.0, 1.0)
+    for value, score in scores:
         if best is None:
-            best, winner, nn_score = score, np.full(score.shape, value, labels.dtype), np.zeros(score.shape)
+            best, winner, nn_score = score, np.full(score.shape, value, dtype), np.zeros(score.shape)
         else:
             better = score > best
             winner[better] = value
@@ -358,6 +350,19 @@ def _resize_labels_by_score(labels: np.ndarray, new_shape: Sequence[int], axes: 
     nn_wins = (nn_score == best) & (nn_score > 0)
     winner[nn_wins] = nearest[nn_wins]
     return winner
+
+
+def _resize_labels_by_score(labels: np.ndarray, new_shape: Sequence[int], axes: Sequence[int], order: int) -> np.ndarray:
+    """Per-label resize for spline orders other than 1: argmax of clipped scores, nearest-neighbour tie-break."""
+    values = np.unique(labels)
+    if values.size == 1:
+        return np.full(new_shape, values[0], dtype=labels.dtype)
+    nearest = _resize_axes(labels, new_shape, axes, 0)
+    scores = (
+        (value, np.clip(_resize_axes((labels == value).astype(np.float64), new_shape, axes, order), 0.0, 1.0))
+        for value in values
+    )
+    return _highest_scoring_label(scores, nearest, labels.dtype)
 
 
 def _resize_labels(labels: np.ndarray, new_shape: Sequence[int], axes: Sequence[int], order: int) -> np.ndarray:
