@@ -188,7 +188,7 @@ def validate_fold(
     device: str = "auto",
     mirroring: bool = True,
     save_probabilities: bool = True,
-    previous_stage_dir: PathLike | None = None,
+    previous_stage_dir: PathLike | Sequence[PathLike] | None = None,
     num_threads: int | None = None,
     next_stage_preprocessed_dir: PathLike | None = None,
     next_stage_output_dir: PathLike | None = None,
@@ -204,8 +204,8 @@ def validate_fold(
     are not in this fold's validation set are removed, so the pooled cross-validation never sees stale cases.
 
     ``preprocessed_dir``: this configuration's preprocessed cases (the cascade uses 3d_fullres's).
-    ``previous_stage_dir`` (3d_cascade_fullres only): the 3d_lowres out-of-fold predictions ``<case>.npy`` at the
-    fullres preprocessed shape, as used in training. ``next_stage_preprocessed_dir`` + ``next_stage_output_dir``
+    ``previous_stage_dir`` (3d_cascade_fullres only): the folder(s) of the 3d_lowres out-of-fold predictions
+    ``<case>.npy`` at the fullres preprocessed shape, as used in training. ``next_stage_preprocessed_dir`` + ``next_stage_output_dir``
     (3d_lowres only): also write ``<case>.npy`` for the cascade (§5.8) into ``next_stage_output_dir``; pass the
     same folder for all five folds so it ends up holding every training case out-of-fold.
     """
@@ -213,6 +213,7 @@ def validate_fold(
     from .metrics import write_summary
     from .preprocessing import stored_case_ids
     from .splits import fold_cases
+    from .training import previous_stage_files
 
     start = time.perf_counter()
     output_dir = Path(output_dir)
@@ -235,13 +236,13 @@ def validate_fold(
         if previous_stage_dir is None:
             raise EvaluationError(f"{configuration} is a cascade stage: pass previous_stage_dir, the folder of the "
                                   f"{config['previous_stage']} predictions <case>.npy")
-        absent = [c for c in val_ids if not (Path(previous_stage_dir) / f"{c}.npy").is_file()]
-        if absent:
-            raise EvaluationError(f"{previous_stage_dir}: previous-stage prediction(s) missing for "
-                                  f"{', '.join(absent[:5])}; validate {config['previous_stage']} fold {fold} first")
+        try:
+            previous_files = previous_stage_files(previous_stage_dir, val_ids)
+        except (FileNotFoundError, ValueError) as err:
+            raise EvaluationError(f"{err} (validate {config['previous_stage']} fold {fold} first)") from err
 
         def previous_stage_segs(case_id: str) -> np.ndarray:
-            return np.load(Path(previous_stage_dir) / f"{case_id}.npy", allow_pickle=False)
+            return np.load(previous_files[case_id], allow_pickle=False)
 
     next_stage = None
     if (next_stage_preprocessed_dir is None) != (next_stage_output_dir is None):

@@ -243,6 +243,7 @@ _SIGNATURE_MEANING = {
     "fold": "the fold",
     "cases_sha256": "the fold's training/validation cases (splits.json)",
     "data_sha256": "the preprocessed images/labels of the fold's cases",
+    "previous_stage_sha256": "the previous stage's (3d_lowres) predictions of the fold's cases",
 }
 
 
@@ -256,6 +257,7 @@ def training_signature(
     settings: TrainingSettings,
     num_workers: int,
     data_sha256: str | None = None,
+    previous_stage_sha256: str | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: everything that defines the run's trajectory.
 
@@ -271,6 +273,7 @@ def training_signature(
         "fold": str(fold),
         "cases_sha256": _sha256({"train": list(train_ids), "val": list(val_ids)}),
         "data_sha256": data_sha256,
+        **({"previous_stage_sha256": previous_stage_sha256} if previous_stage_sha256 else {}),
         "epochs": int(settings.epochs),
         "iterations_per_epoch": int(settings.iterations_per_epoch),
         "val_iterations": int(settings.val_iterations),
@@ -292,6 +295,18 @@ def preprocessed_data_digest(preprocessed_dir: str | os.PathLike, case_ids: Sequ
     for case_id in sorted(case_ids):
         record = read_json(case_files(preprocessed_dir, case_id)["properties"])
         digests[case_id] = record.get("sha256")
+    return _sha256(digests)
+
+
+def previous_stage_digest(files: Mapping[str, Path]) -> str:
+    """One digest of the previous-stage predictions' contents: a cascade run restarts when lowres changed."""
+    digests = {}
+    for case_id in sorted(files):
+        sha = hashlib.sha256()
+        with open(files[case_id], "rb") as fh:
+            for block in iter(functools.partial(fh.read, 1 << 20), b""):
+                sha.update(block)
+        digests[case_id] = sha.hexdigest()
     return _sha256(digests)
 
 
@@ -509,6 +524,7 @@ def plot_progress(history: Sequence[Mapping[str, Any]], path: str | os.PathLike)
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     epochs = [e["epoch"] for e in history]
@@ -536,6 +552,7 @@ def plot_progress(history: Sequence[Mapping[str, Any]], path: str | os.PathLike)
     ax_time.plot(epochs, series("epoch_time_s"), color="tab:purple")
     ax_time.set_ylabel("epoch time [s]")
     ax_time.set_xlabel("epoch")
+    ax_time.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     for axis in (ax_loss, ax_dice, ax_lr, ax_time):
         axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -617,9 +634,41 @@ def _seed_everything(seed: int) -> None:
 # the trainer
 
 
-def _load_previous_stage(folder: str, case_id: str) -> np.ndarray:
+def previous_stage_files(
+    folders: str | os.PathLike | Sequence[str | os.PathLike], case_ids: Sequence[str]
+) -> dict[str, Path]:
+    """Where each case's previous-stage prediction ``<case>.npy`` is, searched in one folder or several.
+
+    The workflow keeps the 3d_lowres out-of-fold predictions one folder per fold (each a declared output of that
+    fold's validation), so the cascade looks a case up in all of them; a case found in two folders is an error
+    (two folds claim to have held it out). Raises ``FileNotFoundError`` naming the missing cases.
+    """
+    if isinstance(folders, (str, os.PathLike)):
+        folders = [folders]
+    found: dict[str, Path] = {}
+    wanted = set(case_ids)
+    for folder in map(Path, folders):
+        for path in sorted(folder.glob("*.npy")) if folder.is_dir() else []:
+            case_id = path.name[: -len(".npy")]
+            if case_id not in wanted:
+                continue
+            if case_id in found:
+                raise ValueError(f"previous-stage prediction of {case_id} is in both {found[case_id].parent} and "
+                                 f"{folder}: the folds' validation sets overlap; recreate splits.json")
+            found[case_id] = path
+    missing = [c for c in case_ids if c not in found]
+    if missing:
+        names = ", ".join(str(f) for f in folders)
+        raise FileNotFoundError(
+            f"previous-stage predictions missing for {len(missing)} case(s) (e.g. {', '.join(missing[:5])}) in "
+            f"{names}; every fold of the previous stage must be trained and validated first"
+        )
+    return found
+
+
+def _load_previous_stage(files: Mapping[str, Path], case_id: str) -> np.ndarray:
     """A cascade input: the 3d_lowres out-of-fold prediction of a case at the fullres preprocessed shape."""
-    return np.load(Path(folder) / f"{case_id}.npy", mmap_mode="r", allow_pickle=False)
+    return np.load(files[case_id], mmap_mode="r", allow_pickle=False)
 
 
 def _as_numpy(counts: Any) -> np.ndarray:
@@ -651,7 +700,7 @@ class _Trainer:
         settings: TrainingSettings,
         runtime: _Runtime,
         config: dict[str, Any],
-        previous_stage_dir: Path | None,
+        previous_stage_dir: str | os.PathLike | Sequence[str | os.PathLike] | None,
         epoch_callback: Callable[[dict[str, Any]], None] | None,
         stop: _StopRequest,
     ) -> None:
@@ -670,11 +719,13 @@ class _Trainer:
         self.device = runtime.device
         self.labels = _labels(dataset_json)
         self.is_cascaded = bool(config.get("previous_stage"))
-        self.previous_stage_dir = previous_stage_dir
+        self.previous_stage_files = (
+            previous_stage_files(previous_stage_dir, train_ids + val_ids) if self.is_cascaded else None)
         self.patch_size = [int(p) for p in config["patch_size"]]
-        self.signature = training_signature(configuration, config, dataset_json, fold, train_ids, val_ids, settings,
-                                            runtime.num_workers, preprocessed_data_digest(preprocessed_dir,
-                                                                                          train_ids + val_ids))
+        self.signature = training_signature(
+            configuration, config, dataset_json, fold, train_ids, val_ids, settings, runtime.num_workers,
+            preprocessed_data_digest(preprocessed_dir, train_ids + val_ids),
+            previous_stage_digest(self.previous_stage_files) if self.previous_stage_files else None)
 
         self.num_input_channels = len(dataset_json["channel_names"]) + (
             len(self.labels.foreground_labels) if self.is_cascaded else 0)
@@ -744,7 +795,7 @@ class _Trainer:
 
         load_previous = None
         if self.is_cascaded:
-            load_previous = functools.partial(_load_previous_stage, str(self.previous_stage_dir))
+            load_previous = functools.partial(_load_previous_stage, self.previous_stage_files)
         return make_data_iterators(
             self.train_ids, self.val_ids, functools.partial(load_case, str(self.preprocessed_dir), mmap=True),
             self.patch_size, int(self.config["batch_size"]), self.ds_scales, self.runtime.num_workers,
@@ -1123,13 +1174,14 @@ def train_fold(
     output_dir: str | os.PathLike,
     state_dir: str | os.PathLike,
     settings: TrainingSettings | None = None,
-    previous_stage_dir: str | os.PathLike | None = None,
+    previous_stage_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     epoch_callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train one fold of one configuration (method §5), resuming from ``state_dir`` if a checkpoint is there.
 
     ``preprocessed_dir`` holds this configuration's preprocessed cases; ``previous_stage_dir`` (cascade only)
-    the 3d_lowres out-of-fold predictions ``<case>.npy`` at this configuration's preprocessed shape.
+    the folder(s) of the 3d_lowres out-of-fold predictions ``<case>.npy`` at this configuration's preprocessed
+    shape (the workflow passes one folder per lowres fold).
     ``epoch_callback`` is called with each finished epoch's log entry after its checkpoint was written.
     Returns a summary (best/final EMA, output paths, the runtime used). Raises :class:`TrainingInterrupted`
     (a ``SystemExit`` with status 128 + signal) after SIGTERM/SIGINT/SIGUSR1 once the state is saved.
@@ -1159,13 +1211,7 @@ def train_fold(
                 f"{configuration} is a cascade stage (previous_stage {config['previous_stage']!r}): pass "
                 "previous_stage_dir, the folder of the previous stage's out-of-fold predictions"
             )
-        absent = [c for c in train_ids + val_ids if not (Path(previous_stage_dir) / f"{c}.npy").is_file()]
-        if absent:
-            raise FileNotFoundError(
-                f"{previous_stage_dir}: previous-stage predictions missing for {len(absent)} case(s) "
-                f"(e.g. {', '.join(absent[:5])}); all five {config['previous_stage']} folds must be trained "
-                "and validated first"
-            )
+        previous_stage_files(previous_stage_dir, train_ids + val_ids)  # fails early, naming what is missing
     state_dir.mkdir(parents=True, exist_ok=True)
     stop = _StopRequest()
     with exclusive_lock(state_dir / LOCK_FILE, wait=True), _handle_signals(stop), _workers_die_with_trainer(), \
@@ -1177,7 +1223,7 @@ def train_fold(
         stack.enter_context(_process_settings(runtime, settings))
         trainer = _Trainer(
             preprocessed_dir, plans, configuration, dataset_json, train_ids, val_ids, fold, output_dir, state_dir,
-            settings, runtime, config, Path(previous_stage_dir) if previous_stage_dir else None, epoch_callback, stop,
+            settings, runtime, config, previous_stage_dir, epoch_callback, stop,
         )
         resumed = trainer.load_state()
         if resumed and trainer.epoch >= settings.epochs:
@@ -1203,7 +1249,7 @@ def train_fold_from_files(
     output_dir: str | os.PathLike,
     state_dir: str | os.PathLike,
     settings: Mapping[str, Any] | TrainingSettings | None = None,
-    previous_stage_dir: str | os.PathLike | None = None,
+    previous_stage_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """:func:`train_fold` from file paths (what the workflow's train rule calls).
 

@@ -91,8 +91,36 @@ def training_settings(wildcards):
 
 
 def trained_configurations(wildcards):
-    """Planned configurations that nnsnake can train so far (the cascade follows the lowres stage, issue 6)."""
-    return [c for c in planned_configurations(wildcards) if c != "3d_cascade_fullres"]
+    """Configurations whose folds are trained and cross-validated: the planned ones, restricted by config."""
+    return planned_configurations(wildcards)
+
+
+def split_folds():
+    """Every fold of the splits: the cascade trains on the previous stage's predictions of all training cases,
+    each from the fold that held it out, so all of that stage's folds are needed whatever config 'folds' says."""
+    for path in user_splits_file(None):
+        try:
+            with open(path) as fh:
+                return list(range(len(json.load(fh))))
+        except (OSError, ValueError, TypeError):
+            pass  # the splits rule reports what is wrong with the file
+    return list(range(5))
+
+
+def previous_stage_predictions(configuration, folds):
+    """Folders of a cascade stage's previous-stage (3d_lowres) out-of-fold predictions, one per fold."""
+    if configuration != "3d_cascade_fullres":
+        return []
+    return [f"{RESULTS}/training/3d_lowres/fold_{fold}/predicted_next_stage" for fold in folds]
+
+
+def previous_stage_for_training(wildcards):
+    return previous_stage_predictions(wildcards.configuration, split_folds())
+
+
+def previous_stage_for_validation(wildcards):
+    """A fold's validation cases are the lowres fold's validation cases: only that fold's predictions."""
+    return previous_stage_predictions(wildcards.configuration, [wildcards.fold])
 
 
 CANDIDATE_ORDER = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
@@ -154,4 +182,5 @@ def final_outputs(wildcards):
         )
         + [f"{RESULTS}/selection.json", f"{RESULTS}/postprocessing.json"]
         + [f"{RESULTS}/predictions/{name}/prediction.json" for name in prediction_input_sets()]
+        + [f"{RESULTS}/report/crossval.html", f"{RESULTS}/report/postprocessing.html"]
     )

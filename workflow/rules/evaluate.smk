@@ -8,15 +8,50 @@ rule validate:
         splits=f"{RESULTS}/splits.json",
         preprocessed=preprocessed_manifest,
         dataset_json=str(DATASET_DIR / "dataset.json"),
+        previous_stage=previous_stage_for_validation,
     output:
-        f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/validation/summary.json",
+        summary=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/validation/summary.json",
     log:
         f"{LOGS}/validate_{{configuration}}_fold_{{fold}}.log",
     params:
+        configuration="{configuration}",
         dataset=dataset_folder_of_json,
         inference=config["inference"],
     wildcard_constraints:
-        configuration="2d|3d_fullres|3d_lowres",
+        configuration="2d|3d_fullres|3d_cascade_fullres",
+        fold=r"\d+",
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=120,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/validate.py"
+
+
+# The 3d_lowres validation also writes what the cascade trains on (method section 5.8): each validation case's
+# segmentation at the 3d_fullres preprocessed shape, as nnU-Net's predicted_next_stage/.
+rule validate_lowres:
+    input:
+        model=f"{RESULTS}/training/3d_lowres/fold_{{fold}}/model_final.pt",
+        plans=f"{RESULTS}/plans.json",
+        splits=f"{RESULTS}/splits.json",
+        preprocessed=f"{RESULTS}/preprocessed/3d_lowres/manifest.json",
+        next_stage_manifest=f"{RESULTS}/preprocessed/3d_fullres/manifest.json",
+        dataset_json=str(DATASET_DIR / "dataset.json"),
+        previous_stage=[],
+    output:
+        summary=f"{RESULTS}/training/3d_lowres/fold_{{fold}}/validation/summary.json",
+        next_stage=directory(f"{RESULTS}/training/3d_lowres/fold_{{fold}}/predicted_next_stage"),
+    log:
+        f"{LOGS}/validate_3d_lowres_fold_{{fold}}.log",
+    params:
+        configuration="3d_lowres",
+        dataset=dataset_folder_of_json,
+        inference=config["inference"],
+    wildcard_constraints:
         fold=r"\d+",
     threads: 4
     resources:
@@ -87,7 +122,12 @@ rule select:
     output:
         selection=f"{RESULTS}/selection.json",
         bootstrap=f"{RESULTS}/bootstrap.json",
-        plot=report(f"{RESULTS}/bootstrap.png", caption="../report/bootstrap.rst", category="Model selection"),
+        plot=report(
+            f"{RESULTS}/bootstrap.png",
+            caption="../report/bootstrap.rst",
+            category="Model selection",
+            labels={"item": "bootstrap selection plot"},
+        ),
     log:
         f"{LOGS}/select.log",
     params:
@@ -110,7 +150,12 @@ rule postprocess:
         selection=f"{RESULTS}/selection.json",
         dataset_json=str(DATASET_DIR / "dataset.json"),
     output:
-        report(f"{RESULTS}/postprocessing.json", caption="../report/postprocessing.rst", category="Model selection"),
+        report(
+            f"{RESULTS}/postprocessing.json",
+            caption="../report/postprocessing.rst",
+            category="Model selection",
+            labels={"item": "postprocessing decision (JSON)"},
+        ),
     log:
         f"{LOGS}/postprocess.log",
     params:

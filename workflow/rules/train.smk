@@ -2,6 +2,8 @@
 # The resumable state (checkpoint_latest.pt, a running log and plot) lives under work/, which is never a declared
 # output: Snakemake deletes outputs when a job starts or fails, never the state. The declared outputs are written
 # last, atomically, so a killed or timed-out job simply reruns and resumes where it stopped.
+# 3d_cascade_fullres (method section 5.8) also takes the 3d_lowres out-of-fold predictions of every training case
+# (written by validate_lowres, one folder per lowres fold) as extra one-hot input channels.
 
 
 rule train:
@@ -10,6 +12,7 @@ rule train:
         splits=f"{RESULTS}/splits.json",
         preprocessed=preprocessed_manifest,
         dataset_json=str(DATASET_DIR / "dataset.json"),
+        previous_stage=previous_stage_for_training,
     output:
         model=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/model_final.pt",
         log=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/log.json",
@@ -27,7 +30,7 @@ rule train:
         gpu_lock_dir=f"{config['work']}/gpu_locks",
         settings=training_settings,
     wildcard_constraints:
-        configuration="2d|3d_fullres|3d_lowres",
+        configuration="2d|3d_fullres|3d_lowres|3d_cascade_fullres",
         fold=r"\d+|all",
     threads: 4
     resources:

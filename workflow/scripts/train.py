@@ -15,4 +15,5 @@ train_fold_from_files(
     Path(snakemake.output.model).parent,
     snakemake.params.state_dir,
     settings,
+    previous_stage_dir=list(snakemake.input.previous_stage) or None,
 )

@@ -1,0 +1,50 @@
+# Readable tables for `snakemake --report report.html`: the report shows images and HTML pages, but JSON and CSV
+# files only as downloads, so the selection's numbers are rendered as small HTML pages (nnsnake.reporting).
+
+
+rule crossval_table:
+    input:
+        unpack(candidate_summaries),
+        bootstrap=f"{RESULTS}/bootstrap.json",
+        dataset_json=str(DATASET_DIR / "dataset.json"),
+    output:
+        html=report(
+            f"{RESULTS}/report/crossval.html",
+            caption="../report/crossval.rst",
+            category="Model selection",
+            labels={"item": "cross-validation table"},
+        ),
+        csv=f"{RESULTS}/report/crossval.csv",
+    log:
+        f"{LOGS}/crossval_table.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/crossval_table.py"
+
+
+rule postprocessing_table:
+    input:
+        decision=f"{RESULTS}/postprocessing.json",
+        dataset_json=str(DATASET_DIR / "dataset.json"),
+    output:
+        report(
+            f"{RESULTS}/report/postprocessing.html",
+            caption="../report/postprocessing_table.rst",
+            category="Model selection",
+            labels={"item": "postprocessing decision"},
+        ),
+    log:
+        f"{LOGS}/postprocessing_table.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/postprocessing_table.py"
