@@ -48,6 +48,22 @@ def test_predict_segments_a_folder(finished, tmp_path, capsys):
     assert "0 of 2 case(s)" in capsys.readouterr().out
 
 
+def test_predict_bf16_agrees_with_full_precision(finished, tmp_path, capsys):
+    """--bf16 runs the forward passes under bfloat16 autocast on the CPU; the labels barely change."""
+    dataset, results = finished
+    outputs = {}
+    for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
+        out = tmp_path / name
+        assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "-m", str(results), "--device",
+                     "cpu", "--no-mirroring", "--threads", "1", "--quiet", "-f", "0", *extra]) == 0
+        outputs[name] = out
+    assert read_json(outputs["bf16"] / "prediction.json")["autocast"] is True
+    assert read_json(outputs["fp32"] / "prediction.json")["autocast"] is None
+    for j in range(2):
+        full, half = (sitk.GetArrayFromImage(sitk.ReadImage(str(o / f"new_{j}.nii.gz"))) for o in outputs.values())
+        assert full.shape == half.shape and np.mean(full == half) > 0.95
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [

@@ -51,6 +51,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="do not apply the postprocessing decided on cross-validation")
     predict.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, a fraction of the "
                          "patch (default 0.5, nnU-Net's)")
+    predict.add_argument("--bf16", action="store_true", help="bfloat16 autocast also on the CPU (about 2-5x faster "
+                         "on CPUs with bf16 support, logits at bf16 precision; CUDA always uses fp16 autocast)")
     predict.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
     predict.add_argument("--processes", type=int, default=1, help="processes for checking the input (default 1)")
     predict.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
@@ -75,6 +77,7 @@ def _predict(args: argparse.Namespace) -> int:
         device=args.device, save_probabilities=args.save_probabilities,
         continue_prediction=args.continue_prediction, num_threads=args.threads, step_size=args.step_size,
         postprocess=not args.no_postprocessing, num_processes=args.processes, progress=not args.quiet,
+        autocast=True if args.bf16 else None,
     )
     print(f"{result['n_predicted']} of {result['n_cases']} case(s) segmented with {result['selected']} into "
           f"{result['output_dir']} ({result['seconds']:.1f} s)")

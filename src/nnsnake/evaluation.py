@@ -195,6 +195,7 @@ def validate_fold(
     step_size: float = 0.5,
     num_processes: int = 1,
     progress: bool = True,
+    autocast: bool | None = None,
 ) -> dict[str, Any]:
     """Predict a fold's validation cases from their preprocessed data with ``model_final.pt`` and score them.
 
@@ -270,7 +271,7 @@ def validate_fold(
             preprocessed_dir, val_ids, output_dir, network, plans, configuration, dataset_json,
             mirror_axes=mirror_axes, step_size=step_size, device=torch_device,
             save_probabilities=save_probabilities, previous_stage_segs=previous_stage_segs,
-            next_stage=next_stage, progress=progress,
+            next_stage=next_stage, progress=progress, autocast=autocast,
         )
     predictions = {c: output_dir / f"{c}{ending}" for c in val_ids}
     summary = _score_cases(predictions, references, dataset_json, num_processes)
@@ -824,6 +825,7 @@ def predict_folder(
     postprocess: bool = True,
     num_processes: int = 1,
     progress: bool = True,
+    autocast: bool | None = None,
 ) -> dict[str, Any]:
     """Segment every case of ``input_dir`` with the selected model or ensemble of ``results_dir`` (§9).
 
@@ -834,7 +836,8 @@ def predict_folder(
     ensemble's members' probabilities are averaged, the postprocessing decision is applied and
     ``<case><file_ending>`` is written into ``output_dir`` with the input's exact geometry (with
     ``save_probabilities`` also ``<case>.npz`` + ``<case>.json``). ``continue_prediction`` skips cases whose
-    outputs exist. Intermediate files live in ``output_dir/.nnsnake_work`` and are removed at the end;
+    outputs exist. ``autocast``: None = fp16 on CUDA, full precision on CPU; True = also bfloat16 on CPU.
+    Intermediate files live in ``output_dir/.nnsnake_work`` and are removed at the end;
     ``prediction.json`` (what was run) is written last.
     """
     from .inference import predict_from_raw, prediction_paths
@@ -886,6 +889,7 @@ def predict_folder(
                     step_size=step_size, device=torch_device,
                     save_probabilities=stage in members and (ensemble or save_probabilities),
                     previous_stage_dir=work / previous if previous else None, progress=progress,
+                    autocast=autocast,
                 )
             for case_id in sorted(todo):
                 _finish_case([work / m / f"{case_id}{ending}" for m in members],
@@ -901,6 +905,7 @@ def predict_folder(
         "folds": fold_names,
         "mirroring": bool(mirroring),
         "step_size": float(step_size),
+        "autocast": autocast,
         "device": device_used,
         "postprocessing_steps": decision["steps"] if decision is not None else None,
         "results_dir": str(results_path),

@@ -14,4 +14,5 @@ predict_folder(
     step_size=snakemake.params.inference["step_size"],
     save_probabilities=snakemake.params.prediction["save_probabilities"],
     num_threads=snakemake.threads,
+    autocast=snakemake.params.inference["autocast"],
 )

@@ -18,6 +18,7 @@ validate_fold(
     mirroring=snakemake.params.inference["mirroring"],
     step_size=snakemake.params.inference["step_size"],
     num_threads=snakemake.threads,
+    autocast=snakemake.params.inference["autocast"],
     previous_stage_dir=list(inputs["previous_stage"]) or None,
     # validate_lowres also writes the cascade's input (at the 3d_fullres preprocessed shape)
     next_stage_preprocessed_dir=Path(inputs["next_stage_manifest"]).parent if "next_stage_manifest" in inputs else None,
