@@ -1,7 +1,8 @@
 """Shared pytest fixtures.
 
 ``shared_data`` points at the real datasets in ``../shared/data`` (override with ``NNSNAKE_SHARED``) and skips
-the test cleanly when they are absent. ``REPO`` is the repository root.
+the test cleanly when they are absent. ``REPO`` is the repository root. ``finished_demo`` is one run of the
+README's main command on the embedded demo, shared by the tests that inspect its outputs (run once per session).
 """
 
 from __future__ import annotations
@@ -39,3 +40,13 @@ def _few_threads() -> None:
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
+
+
+@pytest.fixture(scope="session")
+def finished_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private workflow copy in which the demo's main job (all 5 folds) has run to completion."""
+    from .test_workflow import DEMO, snakemake, workflow_copy
+
+    wd = workflow_copy(tmp_path_factory.mktemp("demo"))
+    snakemake(wd, "--resources", "gpu=1", "--config", f"dataset={DEMO}")
+    return wd

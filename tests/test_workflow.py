@@ -108,15 +108,14 @@ def test_broken_dataset_stops_before_fingerprint(tmp_path: Path) -> None:
     assert not (wd / "results" / "Dataset906_Broken" / "verification.json").exists()
 
 
-def test_demo_main_job_runs_and_reruns_nothing(tmp_path: Path) -> None:
+def test_demo_main_job_runs_and_reruns_nothing(finished_demo: Path) -> None:
     """The README's main command on the embedded demo, end to end; a second run has nothing to do."""
     import SimpleITK as sitk
     import torch
 
     from nnsnake.preprocessing import load_case
 
-    wd = workflow_copy(tmp_path)
-    snakemake(wd, "--resources", "gpu=1", "--config", f"dataset={DEMO}")
+    wd = finished_demo
     results = wd / "results" / DEMO.name
     for configuration in ("2d", "3d_fullres"):
         manifest = json.loads((results / "preprocessed" / configuration / "manifest.json").read_text())
