@@ -60,7 +60,9 @@ def test_all_four_configurations_and_prediction_with_the_cascade(tmp_path: Path)
 
     wd = workflow_copy(tmp_path)
     config = ("--config", f"dataset={DEMO}", *FORCED_LOWRES)
-    run = snakemake(wd, "--resources", "gpu=1", *config)
+    # 63 short jobs: two at a time (one core each; "gpu" is only a scheduling token on CPU)
+    parallel = ("--resources", "gpu=2", "--set-threads", "train=1", "validate=1", "validate_lowres=1", "predict=1")
+    run = snakemake(wd, *parallel, *config, timeout=2400)
     counts = job_counts(run.stdout + run.stderr)
     assert counts["train"] == 20 and counts["validate"] == 15 and counts["validate_lowres"] == 5
     assert counts["crossval"] == 4 and counts["ensemble_crossval"] == 6
@@ -91,7 +93,7 @@ def test_all_four_configurations_and_prediction_with_the_cascade(tmp_path: Path)
     assert (results / "crossval" / "ensemble_3d_lowres+3d_cascade_fullres" / "summary.json").is_file()
 
     # only the cascade as candidate: select reruns, prediction runs 3d_lowres then the cascade; no training reruns
-    cascade_only = snakemake(wd, "--resources", "gpu=1", *config, "configurations=[3d_cascade_fullres]")
+    cascade_only = snakemake(wd, *parallel, *config, "configurations=[3d_cascade_fullres]")
     assert set(job_counts(cascade_only.stdout + cascade_only.stderr)) <= {"select", "postprocess", "predict", "all"}
     selection = json.loads((results / "selection.json").read_text())
     assert selection["selected"] == "3d_cascade_fullres"

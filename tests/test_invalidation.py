@@ -33,8 +33,10 @@ pytestmark = pytest.mark.slow
 
 NAME = "Dataset910_Invalidation"
 CONFIGURATIONS = ("2d", "3d_fullres")
-DOWNSTREAM_OF_ALL_TRAININGS = {"crossval": 2, "ensemble_crossval": 1, "select": 1, "postprocess": 1,
-                               "predict": 1, "all": 1}
+# what follows the trainings: pooling, selection, postprocessing, the report's tables, prediction
+SELECTION_AND_AFTER = {"select": 1, "postprocess": 1, "crossval_table": 1, "postprocessing_table": 1, "predict": 1,
+                       "all": 1}
+DOWNSTREAM_OF_ALL_TRAININGS = {"crossval": 2, "ensemble_crossval": 1, **SELECTION_AND_AFTER}
 
 
 def config_args(*changes: str) -> tuple[str, ...]:
@@ -121,8 +123,7 @@ def test_training_parameter_of_one_configuration_reruns_only_its_trainings(compl
     (their validations, its cross-validation, the ensemble with the other configuration, selection,
     postprocessing, prediction); the other configuration's trainings, validations and cross-validation stay."""
     counts, output = dry_run(completed, "training_per_configuration={3d_fullres: {epochs: 2}}")
-    assert counts == {"train": 2, "validate": 2, "crossval": 1, "ensemble_crossval": 1, "select": 1,
-                      "postprocess": 1, "predict": 1, "all": 1}
+    assert counts == {"train": 2, "validate": 2, "crossval": 1, "ensemble_crossval": 1, **SELECTION_AND_AFTER}
     jobs = executed_jobs(output).values()
     assert sorted(outputs[0] for rule, outputs in jobs if rule == "train") == [
         f"results/{NAME}/training/3d_fullres/fold_{fold}/model_final.pt" for fold in (0, 1)]

@@ -30,9 +30,9 @@ def workflow_copy(tmp_path: Path) -> Path:
     return wd
 
 
-def snakemake(wd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(wd: Path, *args: str, check: bool = True, timeout: float = 1200) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
-    result = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
