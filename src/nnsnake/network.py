@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812 (the usual name)
 
 # conv_op strings nnU-Net writes into plans (and the short forms people type by hand) -> spatial dimensions.
 _CONV_DIMS = {
@@ -27,9 +28,39 @@ _CONV_DIMS = {
 _NONLINS = {"torch.nn.LeakyReLU", "torch.nn.modules.activation.LeakyReLU", "LeakyReLU"}
 
 
+class InstanceNorm(nn.Module):
+    """Instance norm: per-sample, per-channel statistics, one affine scale/shift per channel (2D or 3D).
+
+    The same function and parameters (``weight``, ``bias``: state dicts load both ways with nnU-Net's
+    ``InstanceNorm3d``), computed on the CPU as a group norm with one channel per group: PyTorch's instance norm
+    reshapes through batch norm, which copies channels-last tensors back and forth, while its group-norm kernel
+    works on them directly. Measured (Hippocampus 3d_fullres, batch 9, one core): a training step took 8.9-9.4 s
+    CPU time with this + channels-last + out-of-place leaky ReLU against 11.3-12.0 s for nnU-Net's layers.
+    On CUDA the instance-norm kernel is used, as in nnU-Net.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.affine = int(num_features), float(eps), bool(affine)
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(self.num_features))
+            self.bias = nn.Parameter(torch.zeros(self.num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+        return F.instance_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+
+
 def _norm_layer(dim: int, channels: int, eps: float, affine: bool) -> nn.Module:
-    """Instance norm: per-sample, per-channel statistics, one affine scale/shift per channel."""
-    return (nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d)(channels, eps=eps, affine=affine)
+    """Instance norm for 2D and 3D feature maps alike (:class:`InstanceNorm`)."""
+    return InstanceNorm(channels, eps=eps, affine=affine)
 
 
 class ConvNormAct(nn.Sequential):
@@ -63,7 +94,9 @@ class ConvNormAct(nn.Sequential):
         if dropout_p > 0:
             layers.append((nn.Dropout3d if dim == 3 else nn.Dropout2d)(dropout_p, inplace=True))
         layers.append(_norm_layer(dim, out_channels, norm_eps, norm_affine))
-        layers.append(nn.LeakyReLU(negative_slope, inplace=True))
+        # out of place: in place on the norm's output makes autograd copy the whole map back (CopySlices),
+        # about 7 % of a CPU training step; the values are identical
+        layers.append(nn.LeakyReLU(negative_slope, inplace=False))
         super().__init__(*layers)
 
 
