@@ -30,7 +30,7 @@ def workflow_copy(tmp_path: Path) -> Path:
     return wd
 
 
-def snakemake(wd: Path, *args: str, check: bool = True, timeout: float = 1200) -> subprocess.CompletedProcess:
+def snakemake(wd: Path, *args: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
     result = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
