@@ -107,7 +107,7 @@ def ensure_preprocessed(work: Path, anchor_pre: Path, configuration: str) -> Pat
 
 
 def run_nnsnake(inputs: dict, configuration: str, iterations: int, workers: int, threads: int, *,
-                device: str = "cpu", epochs: int = 1, amp: str = "off", channels_last: bool = False,
+                device: str = "cpu", epochs: int = 1, amp: str = "off", channels_last: bool | None = None,
                 compile: bool = False) -> dict:
     """One short nnsnake training in a child process; seconds per iteration of its last epoch."""
     spec = dict(inputs, configuration=configuration, iterations=iterations, workers=workers, threads=threads,
@@ -218,7 +218,7 @@ def main() -> None:
         rows.append((configuration, "nnsnake", ours, theirs))
         print_row(*rows[-1])
         for variant in args.variants:
-            kwargs: dict = {"amp": "off", "channels_last": False}
+            kwargs: dict = {"amp": "off", "channels_last": None}
             workers = args.workers
             if variant == "bf16":
                 kwargs["amp"] = "bf16"
