@@ -17,16 +17,18 @@ Needs the anchor venv (/tmp/venv-nnunet, ../shared/anchor/setup_anchor_env.sh) a
 (``--anchor-pre``, default /tmp/nnsnake_anchor/pre); nnsnake's own preprocessed copy is made under ``--work``.
 ``--gpu`` times nnsnake alone on CUDA (iterations/s and the share of time spent waiting for batches).
 
-Measured 2026-11-22 on the 2-core development machine (shared with other jobs, load 2-11: expect 10-25 % noise),
-5 iterations, seconds per iteration (wall), x = nnunetv2 / nnsnake:
+Measured 2026-11-22 on the idle 2-core development machine (AMD EPYC with avx512_bf16), 5 iterations, seconds
+per iteration (wall), x = nnunetv2 / nnsnake, both with the same number of augmentation workers:
 
-    config      nnunetv2 (0 workers)   nnsnake 0 workers   nnsnake 1 worker + 1 thread   nnsnake bf16
-    3d_fullres  13.89                  14.85 (x0.94)       11.22 (x1.24)                 10.51 (x1.32)
-    2d          18.65                  16.94 (x1.10)       16.80 (x1.11)                 14.03 (x1.33)
+    config      workers  nnunetv2  nnsnake (fp32, defaults)  nnsnake bf16
+    3d_fullres  1        6.04      4.33 (x1.40)              3.93 (x1.54)
+    2d          1        6.82      4.51 (x1.51)              5.59 (x1.22)
+    3d_fullres  0        5.76      4.15 (x1.39)
 
-On an idle pair of cores (the GPU machine's CPU, taskset 0,1) one 3d_fullres step (batch 9) took 8.8-10.2 s in
-fp32 and 3.9 s with bf16 autocast. On an H100 with 12 workers: 3d_fullres 48 it/s (fp16, compiled; 51 without
-channels-last, 41 uncompiled), 2d 35 it/s (31 uncompiled), under 1 % of the time waiting for data.
+The gain comes from the network's CPU layout: channels-last tensors, instance norm computed as a one-channel-per-
+group group norm (native on channels-last), out-of-place leaky ReLU (no autograd copy of every map), and every
+core for the network. On an H100 with 12 workers (session 1, uncompiled, fp16): 3d_fullres 38.4 vs 42.2 it/s
+(x0.91), 2d 33.5 vs 16.1 it/s (x2.08; nnunetv2 waits for data 58.5 % of the time, nnsnake 9.3 %).
 """
 
 from __future__ import annotations
