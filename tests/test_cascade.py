@@ -94,7 +94,8 @@ def test_all_four_configurations_and_prediction_with_the_cascade(tmp_path: Path)
 
     # only the cascade as candidate: select reruns, prediction runs 3d_lowres then the cascade; no training reruns
     cascade_only = snakemake(wd, *parallel, *config, "configurations=[3d_cascade_fullres]")
-    assert set(job_counts(cascade_only.stdout + cascade_only.stderr)) <= {"select", "postprocess", "predict", "all"}
+    assert set(job_counts(cascade_only.stdout + cascade_only.stderr)) <= {
+        "select", "postprocess", "crossval_table", "postprocessing_table", "predict", "all"}
     selection = json.loads((results / "selection.json").read_text())
     assert selection["selected"] == "3d_cascade_fullres"
     record = json.loads((results / "predictions" / "imagesTs" / "prediction.json").read_text())
