@@ -62,6 +62,8 @@ def test_all_four_configurations_and_prediction_with_the_cascade(tmp_path: Path)
     config = ("--config", f"dataset={DEMO}", *FORCED_LOWRES)
     # 63 short jobs: two at a time (one core each; "gpu" is only a scheduling token on CPU)
     parallel = ("--resources", "gpu=2", "--set-threads", "train=1", "validate=1", "validate_lowres=1", "predict=1")
+    # the plan first: before the checkpoint has run, Snakemake's job table cannot list what the plan decides
+    snakemake(wd, *config, "--", f"results/{DEMO.name}/plans.json")
     run = snakemake(wd, *parallel, *config, timeout=2400)
     counts = job_counts(run.stdout + run.stderr)
     assert counts["train"] == 20 and counts["validate"] == 15 and counts["validate_lowres"] == 5
