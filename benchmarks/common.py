@@ -57,6 +57,20 @@ def anchor_bin(name: str) -> str:
     return str(path)
 
 
+def install_anchor_trainer(source: Path) -> None:
+    """Copy a benchmark trainer class file to the top level of the anchor's nnunetv2/training/nnUNetTrainer/,
+    where nnunetv2 finds trainers by class name (skipped when an identical copy is there)."""
+    import filecmp
+    import shutil
+
+    folder = subprocess.run(
+        [anchor_bin("python"), "-c", "import nnunetv2, os; print(os.path.join(os.path.dirname(nnunetv2.__file__), "
+         "'training', 'nnUNetTrainer'))"], capture_output=True, text=True, check=True).stdout.strip()
+    target = Path(folder) / source.name
+    if not target.exists() or not filecmp.cmp(source, target, shallow=False):
+        shutil.copy(source, target)
+
+
 def nnunet_env(root: Path, threads: int = 1) -> dict[str, str]:
     """Environment for nnunetv2 CLIs with raw/preprocessed/results under ``root``."""
     env = dict(os.environ)

@@ -31,19 +31,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "src"))
-from common import SHARED, anchor_bin, nnunet_env  # noqa: E402
+from common import SHARED, anchor_bin, install_anchor_trainer, nnunet_env  # noqa: E402
 
 DATASET = "Dataset004_Hippocampus"
 TRAINER = "nnUNetTrainer_nnsnakeQuality"
 CONFIGURATION = "3d_fullres"
-
-
-def install_trainer() -> None:
-    python = anchor_bin("python")
-    folder = subprocess.run(
-        [python, "-c", "import nnunetv2, os; print(os.path.join(os.path.dirname(nnunetv2.__file__), "
-         "'training', 'nnUNetTrainer'))"], capture_output=True, text=True, check=True).stdout.strip()
-    shutil.copy(REPO / "benchmarks" / f"{TRAINER}.py", Path(folder) / f"{TRAINER}.py")
 
 
 def start_nnunet(work: Path, anchor_pre: Path, args: argparse.Namespace, threads: int) -> tuple[subprocess.Popen, Path]:
@@ -125,7 +117,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not (anchor_pre / "nnUNetPlans.json").is_file():
         sys.exit(f"{anchor_pre}/nnUNetPlans.json not found: run tests/fixtures/make_nnunetv2_reference.sh first")
-    install_trainer()
+    install_anchor_trainer(REPO / "benchmarks" / f"{TRAINER}.py")
     threads = 1 if args.parallel else len(os.sched_getaffinity(0))
     print(f"Hippocampus {CONFIGURATION} fold 0: {args.epochs} epochs x {args.iterations} iterations "
           f"(+{args.val_iterations} validation), {'bf16 autocast' if args.bf16 else 'fp32'}, {threads} thread(s) each, "

@@ -34,7 +34,6 @@ core for the network. On an H100 with 12 workers (session 1, uncompiled, fp16): 
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import os
 import shutil
@@ -47,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "src"))  # this checkout's nnsnake, whatever is installed
-from common import SHARED, anchor_bin, nnunet_env  # noqa: E402
+from common import SHARED, anchor_bin, install_anchor_trainer, nnunet_env  # noqa: E402
 
 DATASET = "Dataset004_Hippocampus"
 TRAINER = "nnUNetTrainer_nnsnakeBench"
@@ -61,17 +60,6 @@ def per_iteration(starts: list[float]) -> float | None:
 
 # ---------------------------------------------------------------------------------------------------------
 # nnunetv2
-
-
-def install_trainer() -> None:
-    python = anchor_bin("python")
-    folder = subprocess.run(
-        [python, "-c", "import nnunetv2, os; print(os.path.join(os.path.dirname(nnunetv2.__file__), "
-         "'training', 'nnUNetTrainer'))"], capture_output=True, text=True, check=True).stdout.strip()
-    source = REPO / "benchmarks" / f"{TRAINER}.py"
-    target = Path(folder) / source.name
-    if not target.exists() or not filecmp.cmp(source, target, shallow=False):
-        shutil.copy(source, target)
 
 
 def run_nnunet(work: Path, anchor_pre: Path, configuration: str, iterations: int, workers: int, threads: int) -> dict:
@@ -206,7 +194,7 @@ def main() -> None:
         return
     if not (anchor_pre / "nnUNetPlans.json").is_file():
         sys.exit(f"{anchor_pre}/nnUNetPlans.json not found: run tests/fixtures/make_nnunetv2_reference.sh first")
-    install_trainer()
+    install_anchor_trainer(REPO / "benchmarks" / f"{TRAINER}.py")
     rows = []
     print(f"Hippocampus fold 0, {args.iterations} iterations, {args.workers} augmentation workers, "
           f"{args.threads} threads, {os.cpu_count()} CPUs; seconds per iteration (median)", flush=True)
