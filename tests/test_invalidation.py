@@ -131,17 +131,24 @@ def test_training_parameter_of_one_configuration_reruns_only_its_trainings(compl
     assert "Params have changed" in output
 
 
+def replan(completed: Path, tmp_path: Path, change: str) -> tuple[Path, Path, bytes]:
+    """A copy of the finished run, the plan-level ``change`` applied and only the plan rerun (the checkpoint
+    hides everything after it until then); returns the copy, its plans.json and that file's earlier bytes."""
+    workflow = copy_workflow(completed, tmp_path / "wf")
+    plans = workflow / "results" / NAME / "plans.json"
+    plans_before = plans.read_bytes()
+    assert dry_run(workflow, change)[0] == {"plan": 1, "all": 1}
+    run = snakemake(workflow, *config_args(change), "--", str(plans.relative_to(workflow)))
+    assert job_counts(run.stdout + run.stderr) == {"plan": 1}
+    return workflow, plans, plans_before
+
+
 def test_plan_change_that_leaves_plans_identical_reruns_nothing_downstream(completed: Path, tmp_path: Path) -> None:
     """gpu_memory_target_gb 8 -> 10 on images this small gives the same plan: the plan job reruns (its param
     changed), writes a byte-identical plans.json (deterministic JSON), and Snakemake's checksum of it keeps
     every later job: not one preprocessing or training reruns."""
-    workflow = copy_workflow(completed, tmp_path / "wf")
-    plans = workflow / "results" / NAME / "plans.json"
-    plans_before = plans.read_bytes()
     change = "planning={gpu_memory_target_gb: 10}"
-    assert dry_run(workflow, change)[0] == {"plan": 1, "all": 1}
-    run = snakemake(workflow, *config_args(change), "--", str(plans.relative_to(workflow)))
-    assert job_counts(run.stdout + run.stderr) == {"plan": 1}
+    workflow, plans, plans_before = replan(completed, tmp_path, change)
     assert plans.read_bytes() == plans_before
     counts, output = dry_run(workflow, change)
     assert counts == {} and "Nothing to be done" in output
@@ -151,13 +158,8 @@ def test_plan_change_reruns_from_preprocessing_on(completed: Path, tmp_path: Pat
     """overwrite_target_spacing changes the plan (both configurations use the new spacing): once the plan has
     run, everything from preprocessing on is invalidated, and only that: verification, fingerprint and splits
     stay."""
-    workflow = copy_workflow(completed, tmp_path / "wf")
-    plans = workflow / "results" / NAME / "plans.json"
-    plans_before = plans.read_bytes()
     change = "planning={overwrite_target_spacing: [1.5, 1.5, 1.5]}"
-    assert dry_run(workflow, change)[0] == {"plan": 1, "all": 1}
-    run = snakemake(workflow, *config_args(change), "--", str(plans.relative_to(workflow)))
-    assert job_counts(run.stdout + run.stderr) == {"plan": 1}
+    workflow, plans, plans_before = replan(completed, tmp_path, change)
     assert plans.read_bytes() != plans_before
     assert json.loads(plans.read_bytes())["configurations"]["3d_fullres"]["spacing"] == [1.5, 1.5, 1.5]
     counts, _ = dry_run(workflow, change)

@@ -702,7 +702,7 @@ class _Trainer:
         settings: TrainingSettings,
         runtime: _Runtime,
         config: dict[str, Any],
-        previous_stage_dir: str | os.PathLike | Sequence[str | os.PathLike] | None,
+        previous_stage: Mapping[str, Path] | None,
         epoch_callback: Callable[[dict[str, Any]], None] | None,
         stop: _StopRequest,
     ) -> None:
@@ -721,8 +721,7 @@ class _Trainer:
         self.device = runtime.device
         self.labels = _labels(dataset_json)
         self.is_cascaded = bool(config.get("previous_stage"))
-        self.previous_stage_files = (
-            previous_stage_files(previous_stage_dir, train_ids + val_ids) if self.is_cascaded else None)
+        self.previous_stage_files = dict(previous_stage) if self.is_cascaded and previous_stage else None
         self.patch_size = [int(p) for p in config["patch_size"]]
         self.signature = training_signature(
             configuration, config, dataset_json, fold, train_ids, val_ids, settings, runtime.num_workers,
@@ -1207,13 +1206,15 @@ def train_fold(
             f"{preprocessed_dir}: {len(missing)} case(s) of fold {fold} are not preprocessed "
             f"(e.g. {', '.join(missing[:5])}); rerun preprocessing for {configuration}"
         )
+    previous_stage = None
     if config.get("previous_stage"):
         if previous_stage_dir is None:
             raise ValueError(
                 f"{configuration} is a cascade stage (previous_stage {config['previous_stage']!r}): pass "
                 "previous_stage_dir, the folder of the previous stage's out-of-fold predictions"
             )
-        previous_stage_files(previous_stage_dir, train_ids + val_ids)  # fails early, naming what is missing
+        # found once, before anything starts (a missing case is reported here)
+        previous_stage = previous_stage_files(previous_stage_dir, train_ids + val_ids)
     state_dir.mkdir(parents=True, exist_ok=True)
     stop = _StopRequest()
     with exclusive_lock(state_dir / LOCK_FILE, wait=True), _handle_signals(stop), _workers_die_with_trainer(), \
@@ -1225,7 +1226,7 @@ def train_fold(
         stack.enter_context(_process_settings(runtime, settings))
         trainer = _Trainer(
             preprocessed_dir, plans, configuration, dataset_json, train_ids, val_ids, fold, output_dir, state_dir,
-            settings, runtime, config, previous_stage_dir, epoch_callback, stop,
+            settings, runtime, config, previous_stage, epoch_callback, stop,
         )
         resumed = trainer.load_state()
         if resumed and trainer.epoch >= settings.epochs:
