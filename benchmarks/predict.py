@@ -40,6 +40,10 @@ Measured 2026-11-22 on the 2-core development machine (AMD EPYC with avx512_bf16
 Segmentations of the two CLIs (same weights): identical geometry, 99.86 % of voxels equal, Dice 0.997 per label;
 the differing voxels are where the Gaussian weight is below 1e-6 (padding corners; fp16 accumulators are coarse
 there in both tools). With random weights the classes are close everywhere, so this is a pessimistic figure.
+On the lent H100 (``--device cuda``, run by ``benchmarks/gpu/predict_bench.sh``; results in
+``benchmarks/gpu_bench.md``), with 200 cases: 0.05 s/case for nnsnake against 0.29 for nnUNetv2_predict (x6.1).
+Over the whole run the times were 15.0 s and 87.4 s.
+
 Before the CPU passes ran side by side in threads (one pass at a time with 2 OpenMP threads), the same CLI
 comparison gave 38.5 s/case vs 52.8 s/case (x1.37) under heavier load.
 """
@@ -120,9 +124,13 @@ def prepare_inputs(work: Path, n_cases: int) -> tuple[Path, Path]:
 # commands
 
 
+DEVICE = "cpu"  # set from --device in main()
+
+
 def pinned(cmd: list[str], threads: int) -> list[str]:
-    """Restrict to ``threads`` cores when the machine has more (nnUNetv2_predict uses them all otherwise)."""
-    if (os.cpu_count() or 1) > threads and shutil.which("taskset"):
+    """On the CPU, restrict to ``threads`` cores when the machine has more (nnUNetv2_predict -device cpu uses them
+    all otherwise). With a GPU both tools get the whole machine, as a user would run them."""
+    if DEVICE == "cpu" and (os.cpu_count() or 1) > threads and shutil.which("taskset"):
         return ["taskset", "-c", f"0-{threads - 1}", *cmd]
     return cmd
 
@@ -130,13 +138,13 @@ def pinned(cmd: list[str], threads: int) -> list[str]:
 def nnunet_cmd(inp: Path, out: Path, processes: int) -> list[str]:
     return [anchor_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(out), "-d", DATASET, "-c", CONFIGURATION,
             "-tr", NNUNET_TRAINER, "-p", "nnUNetPlans", "-f", *[str(k) for k in range(N_FOLDS)],
-            "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", str(processes), "-nps", str(processes),
+            "-chk", "checkpoint_final.pth", "-device", DEVICE, "-npp", str(processes), "-nps", str(processes),
             "--disable_progress_bar"]
 
 
 def nnsnake_cmd(inp: Path, out: Path, results: Path, threads: int) -> list[str]:
     return [sys.executable, "-m", "nnsnake.cli", "predict", "-i", str(inp), "-o", str(out), "-m", str(results),
-            "--device", "cpu", "--threads", str(threads), "--quiet"]
+            "--device", DEVICE, "--threads", str(threads), "--quiet"]
 
 
 def children_cpu_seconds() -> float:
@@ -197,7 +205,7 @@ def agreement(folder_a: Path, folder_b: Path) -> dict[str, float]:
 
 def api_nnunet(work: Path, images: list[Path], threads: int) -> dict[str, list[float]]:
     cmd = pinned([anchor_bin("python"), str(REPO / "benchmarks" / "predict_api_nnunet.py"),
-                  str(nnunet_model_dir(work)), str(N_FOLDS), str(threads), *map(str, images)], threads)
+                  str(nnunet_model_dir(work)), str(N_FOLDS), str(threads), DEVICE, *map(str, images)], threads)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     if proc.returncode != 0:
         sys.exit(f"nnunetv2 in-process timing failed:\n{proc.stderr[-4000:]}")
@@ -206,7 +214,7 @@ def api_nnunet(work: Path, images: list[Path], threads: int) -> dict[str, list[f
 
 def api_nnsnake(results: Path, images: list[Path], threads: int) -> dict[str, dict[str, list[float]]]:
     """Run :func:`api_child` in a fresh process (imports and memory start equal)."""
-    spec = {"results": str(results), "images": [str(i) for i in images], "threads": threads}
+    spec = {"results": str(results), "images": [str(i) for i in images], "threads": threads, "device": DEVICE}
     cmd = pinned([sys.executable, __file__, "--api-child", json.dumps(spec)], threads)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     if proc.returncode != 0:
@@ -216,7 +224,8 @@ def api_nnsnake(results: Path, images: list[Path], threads: int) -> dict[str, di
 
 def api_child(spec: dict) -> None:
     """nnsnake's equivalent of ``predict_single_npy_array``: preprocess, sliding window over the 5 folds with
-    mirroring, back to raw geometry (argmax), per case; in fp32 (the default) and with CPU bfloat16 autocast."""
+    mirroring, back to raw geometry (argmax), per case. On the CPU in fp32 (the default) and with bfloat16
+    autocast; on a GPU with fp16 autocast (the default, as nnunetv2) and in fp32."""
     import torch
 
     sys.path.insert(0, str(REPO / "src"))
@@ -231,17 +240,20 @@ def api_child(spec: dict) -> None:
     dataset_json = json.loads((results / "selection.json").read_text())["dataset_json"]
     config = resolve_configuration(plans, CONFIGURATION)
     checkpoints = [results / "training" / CONFIGURATION / f"fold_{k}" / "model_final.pt" for k in range(N_FOLDS)]
-    networks, mirror_axes = load_fold_networks(checkpoints, plans, CONFIGURATION, dataset_json)
+    device = torch.device(spec["device"])
+    networks, mirror_axes = load_fold_networks(checkpoints, plans, CONFIGURATION, dataset_json, device)
     cases = [read_images([image]) for image in spec["images"]]
     out: dict[str, dict[str, list[float]]] = {}
     segmentations: dict[str, list[np.ndarray]] = {}
-    for variant, autocast in (("fp32", False), ("bf16 autocast", True)):
+    variants = (("fp32", False), ("bf16 autocast", True)) if device.type == "cpu" else (
+        ("fp16 autocast", None), ("fp32", False))
+    for variant, autocast in variants:
         wall, cpu = [], []
         for image, properties in cases:
             start_wall, start_cpu = time.perf_counter(), time.process_time()
             data, _, props = preprocess_arrays(image, None, properties, plans, CONFIGURATION, dataset_json,
                                                class_locations=False)
-            logits = predict_sliding_window(networks, data, config["patch_size"], mirror_axes, device="cpu",
+            logits = predict_sliding_window(networks, data, config["patch_size"], mirror_axes, device=device,
                                             autocast=autocast)
             seg, _ = convert_logits_to_raw_geometry(logits, props, plans, config, dataset_json)
             wall.append(time.perf_counter() - start_wall)
@@ -250,7 +262,8 @@ def api_child(spec: dict) -> None:
         out[variant] = {"seconds": wall, "cpu_seconds": cpu}
     same = sum(int((a == b).sum()) for a, b in zip(*segmentations.values(), strict=True))
     total = sum(a.size for a in segmentations["fp32"])
-    out["bf16 autocast"]["voxel_agreement_with_fp32"] = [same / total]
+    other = next(name for name, _ in variants if name != "fp32")
+    out[other]["voxel_agreement_with_fp32"] = [same / total]
     print(json.dumps(out))
 
 
@@ -287,16 +300,21 @@ def main() -> None:
     parser.add_argument("--api", type=int, default=0, metavar="N",
                         help="also time N cases in process (nnunetv2's predictor vs nnsnake fp32 and bf16)")
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI comparison (with --api)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: -device of nnUNetv2_predict and "
+                        "--device of nnsnake predict; with cuda neither tool is pinned to --threads cores")
     parser.add_argument("--work", type=Path, default=Path("/tmp/nnsnake_predict_bench"))
     parser.add_argument("--anchor-pre", type=Path, default=Path("/tmp/nnsnake_anchor/pre"))
     parser.add_argument("--rebuild-models", action="store_true")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     if args.cases < 2:
         parser.error("--cases must be at least 2 (the per-case cost is T(N) - T(1))")
 
     work = args.work.resolve()
     results = prepare_models(work, args.anchor_pre, args.rebuild_models)
-    print(f"{DATASET} {CONFIGURATION}, {N_FOLDS} folds, mirroring on, {args.threads} threads, work {work}",
+    print(f"{DATASET} {CONFIGURATION}, {N_FOLDS} folds, mirroring on, device {DEVICE}, {args.threads} threads, "
+          f"work {work}",
           flush=True)
     if not args.no_cli:
         cli_comparison(args, work, results)

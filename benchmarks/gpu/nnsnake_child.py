@@ -28,6 +28,22 @@ def timed_step(self, batch):
 
 
 training._Trainer.train_step = timed_step
+if os.environ.get("GPUBENCH_CUDNN_BENCHMARK") == "0":  # nnsnake's default on a GPU is cudnn.benchmark on
+    _settings = training._process_settings
+
+    def settings_without_cudnn_benchmark(*args, **kwargs):
+        import contextlib
+
+        import torch
+
+        @contextlib.contextmanager
+        def inner():
+            with _settings(*args, **kwargs):
+                torch.backends.cudnn.benchmark = False
+                yield
+        return inner()
+
+    training._process_settings = settings_without_cudnn_benchmark
 run = Path("/tmp/gpubench_nnsnake_run") / cfg
 shutil.rmtree(run, ignore_errors=True)
 settings = training.TrainingSettings(epochs=2, iterations_per_epoch=iters, val_iterations=1, device=device,

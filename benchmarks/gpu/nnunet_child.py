@@ -14,6 +14,8 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 cfg, iters, device, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if os.environ.get("GPUBENCH_CUDNN_BENCHMARK") == "1":  # what nnUNetv2_train (run_training.py) sets on a GPU
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
 
 
 class nnUNetTrainer_gpuBench(nnUNetTrainer):  # noqa: N801
