@@ -116,9 +116,12 @@ def test_forward_equals_nnunet_with_identical_weights(reference, forward_referen
         # the same function: nnunetv2's float32 output is the float64 result up to float32 rounding, which grows
         # in the deep heads (small maps, ill-conditioned norms with these synthetic weights)
         np.testing.assert_allclose(precise, expected, rtol=0, atol=1e-2 * scale)
-        # and nnsnake's float32 output is at least as close to it as nnunetv2's (2x margin)
+        # and nnsnake's float32 output is about as close to it as nnunetv2's. The reference was computed on the
+        # development CPU (nnsnake's error there is at most 2x nnunetv2's); another CPU's float32 kernels round
+        # differently: on the H100 machine's CPU up to 2.2x in the deepest Spleen head and 8e-6 of the scale in the
+        # first, hence a 4x margin and a 1e-5 floor
         reference_error = np.abs(expected - precise).max()
-        assert np.abs(out - precise).max() <= 2 * reference_error + 1e-6 * scale, k
+        assert np.abs(out - precise).max() <= 4 * reference_error + 1e-5 * scale, k
 
 
 def test_deep_supervision_toggle_returns_full_resolution_head(reference):
