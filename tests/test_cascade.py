@@ -59,19 +59,25 @@ def test_all_four_configurations_and_prediction_with_the_cascade(tmp_path: Path)
     import SimpleITK as sitk
 
     wd = workflow_copy(tmp_path)
-    config = ("--config", f"dataset={DEMO}", *FORCED_LOWRES)
-    # 63 short jobs: two at a time (one core each; "gpu" is only a scheduling token on CPU)
+    # three folds from a user splits file (the workflow's 5-fold default is the demo test's): every case is still
+    # validated once, and the cascade gathers its training inputs from a fold count other than 5
+    case_ids = sorted(p.name.removesuffix(".nii.gz") for p in (DEMO / "labelsTr").glob("*.nii.gz"))
+    splits = [{"train": [c for c in case_ids if c not in case_ids[k::3]], "val": case_ids[k::3]} for k in range(3)]
+    (tmp_path / "splits_3folds.json").write_text(json.dumps(splits))
+    config = ("--config", f"dataset={DEMO}", *FORCED_LOWRES, f"splits_file={tmp_path / 'splits_3folds.json'}",
+              "folds=[0,1,2]")
+    # 40 short jobs: two at a time (one core each; "gpu" is only a scheduling token on CPU)
     parallel = ("--resources", "gpu=2", "--set-threads", "train=1", "validate=1", "validate_lowres=1", "predict=1")
     # the plan first: before the checkpoint has run, Snakemake's job table cannot list what the plan decides
     snakemake(wd, *config, "--", f"results/{DEMO.name}/plans.json")
     run = snakemake(wd, *parallel, *config, timeout=2400)
     counts = job_counts(run.stdout + run.stderr)
-    assert counts["train"] == 20 and counts["validate"] == 15 and counts["validate_lowres"] == 5
+    assert counts["train"] == 12 and counts["validate"] == 9 and counts["validate_lowres"] == 3
     assert counts["crossval"] == 4 and counts["ensemble_crossval"] == 6
     results = wd / "results" / DEMO.name
     plans = json.loads((results / "plans.json").read_text())
     assert set(plans["configurations"]) == {"2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"}
-    splits = json.loads((results / "splits.json").read_text())
+    assert json.loads((results / "splits.json").read_text()) == splits
 
     # every training case has exactly one out-of-fold lowres prediction, at the 3d_fullres preprocessed shape
     from nnsnake.preprocessing import load_case
