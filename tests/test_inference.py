@@ -380,6 +380,15 @@ def test_load_fold_networks_roundtrip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(networks[1](x), trained(x))
         assert not torch.allclose(networks[0](x), trained(x))
+    # on the CPU the weights are channels-last (faster oneDNN kernels); the sliding window hands the tiles over in
+    # that layout and the result is the contiguous network's
+    conv_weight = next(p for p in networks[1].parameters() if p.dim() == 5 and p.shape[1] > 1)
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv_weight.is_contiguous()
+    data = torch.randn((1, 20, 18, 23))
+    torch.testing.assert_close(
+        predict_sliding_window(networks[1], data, (16, 16, 16), (0, 1, 2), accumulation_dtype=torch.float32),
+        predict_sliding_window(trained, data, (16, 16, 16), (0, 1, 2), accumulation_dtype=torch.float32),
+        rtol=1e-4, atol=1e-4)
     bad = tmp_path / "bad.pt"
     torch.save({"state": {}}, bad)
     with pytest.raises(ValueError, match="network_weights"):
