@@ -25,27 +25,32 @@ plans (``--anchor-pre``, default /tmp/nnsnake_anchor/pre).
 ``predict_single_npy_array`` with the 5 folds (``predict_api_nnunet.py``) against nnsnake's preprocess → sliding
 window → raw geometry, in fp32 (default) and with CPU bfloat16 autocast (``autocast=True``, opt-in).
 
-Measured 2026-11-22 on the 2-core development machine (AMD EPYC with avx512_bf16, shared with other jobs, load
-3-5: expect 10-30 % noise), ``python benchmarks/predict.py --cases 5 --api 3`` (about 12 minutes):
+Measured 2026-11-22 on the idle 2-core development machine (AMD EPYC with avx512_bf16, nothing else running),
+``python benchmarks/predict.py --cases 5 --api 4`` (about 12 minutes), with nnsnake's CPU networks in channels-last:
 
     CLI                           T(1) s  T(5) s  s/case  start-up s  CPU s/case  peak MB  x (s/case)  x (CPU)  x (T(5))
-    nnUNetv2_predict -npp/-nps 3  66.4    216.0   37.39   29.0        38.89       6204     2.25        2.32     2.52
-    nnsnake predict               19.4    85.8    16.60   2.8         16.79       1385     1.00        1.00     1.00
+    nnUNetv2_predict -npp/-nps 3  25.7    64.2    9.61    16.1        18.99       6706     1.58        1.70     1.84
+    nnsnake predict               10.5    34.8    6.07    4.4         11.17       1277     1.00        1.00     1.00
 
     in process                         s/case  CPU s/case  x (wall)  x (CPU)
-    nnunetv2 predict_single_npy_array  31.85   34.14       1.00      1.00
-    nnsnake (fp32)                     15.10   17.05       2.11      2.00
-    nnsnake (bf16 autocast)             6.42    6.82       4.96      5.00   voxel agreement with fp32 0.993
+    nnunetv2 predict_single_npy_array   7.28   14.43       1.00      1.00
+    nnsnake (fp32)                      5.92   11.47       1.23      1.26
+    nnsnake (bf16 autocast)             2.78    5.15       2.62      2.80   voxel agreement with fp32 0.993
 
 Segmentations of the two CLIs (same weights): identical geometry, 99.86 % of voxels equal, Dice 0.997 per label;
 the differing voxels are where the Gaussian weight is below 1e-6 (padding corners; fp16 accumulators are coarse
-there in both tools). With random weights the classes are close everywhere, so this is a pessimistic figure.
+there in both tools). With random weights the classes are close everywhere, so this is a pessimistic figure (with
+the trained fold of ``quality.py``, bf16 and fp32 agree on 99.995 % of the voxels of its 52 validation cases, and
+the foreground-mean Dice is 0.84134 vs 0.84133).
+
+History, same machine:
+- Before channels-last (idle machine), the CLI was only x1.17 (8.55 vs 10.04 s/case), and in process 0.96.
+- An earlier run under load 3-5 from other jobs gave x2.25 (16.6 vs 37.4 s/case). nnUNetv2_predict's six worker
+  processes suffer most from a busy machine, so that figure overstated the gain.
+
 On the lent H100 (``--device cuda``, run by ``benchmarks/gpu/predict_bench.sh``; results in
 ``benchmarks/gpu_bench.md``), with 200 cases: 0.05 s/case for nnsnake against 0.29 for nnUNetv2_predict (x6.1).
 Over the whole run the times were 15.0 s and 87.4 s.
-
-Before the CPU passes ran side by side in threads (one pass at a time with 2 OpenMP threads), the same CLI
-comparison gave 38.5 s/case vs 52.8 s/case (x1.37) under heavier load.
 """
 
 from __future__ import annotations
