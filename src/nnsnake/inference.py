@@ -45,6 +45,7 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from .jsonio import write_json
+from .network import channels_last_format
 
 DEFAULT_STEP_SIZE = 0.5
 GAUSSIAN_SIGMA_SCALE = 1.0 / 8
@@ -197,13 +198,15 @@ def _forward_tiles(
     combos_per_pass = math.ceil(len(combos) / n_passes)  # balanced: 8 flips in budget 5 -> 4 + 4, not 5 + 3
     groups = [combos[start : start + combos_per_pass] for start in range(0, len(combos), combos_per_pass)]
     passes = [(network, group) for network in networks for group in groups]
+    # the layout each network's weights are stored in (channels-last on the CPU), looked up once, not per pass
+    input_formats = {id(network): _input_memory_format(network, tiles.dim()) if tiles.dim() in (4, 5)
+                     else torch.contiguous_format for network in networks}
 
     def run_pass(item: tuple[nn.Module, list[tuple[int, ...]]]) -> torch.Tensor:
         network, group = item
         inputs = [torch.flip(tiles, [a + spatial_offset for a in axes]) if axes else tiles for axes in group]
         batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
-        if tiles.dim() in (4, 5):
-            batch = batch.contiguous(memory_format=_input_memory_format(network, tiles.dim()))
+        batch = batch.contiguous(memory_format=input_formats[id(network)])
         # both contexts are thread-local, so they are entered here, in the thread that runs the pass
         with torch.inference_mode(), _autocast_context(autocast_device, autocast_device is not None):
             out = network(batch)
@@ -494,18 +497,14 @@ def network_from_checkpoint(
     if torch.device(device).type == "cpu":
         # oneDNN's convolutions and nnsnake's CPU instance norm are faster on channels-last (Hippocampus
         # 3d_fullres forward, 2 threads: 137 vs 150 ms per tile); the inputs follow in _forward_tiles
-        network.to(memory_format=_channels_last_format(len(config["patch_size"])))
+        network.to(memory_format=channels_last_format(len(config["patch_size"])))
     return network, init
-
-
-def _channels_last_format(spatial_dims: int) -> torch.memory_format:
-    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
 
 
 def _input_memory_format(network: nn.Module, dims: int) -> torch.memory_format:
     """channels-last when the network's convolution weights are stored that way, else contiguous (weights whose
     two layouts coincide, such as a first convolution with one input channel, do not tell)."""
-    fmt = _channels_last_format(dims - 2)
+    fmt = channels_last_format(dims - 2)
     for parameter in network.parameters():
         if parameter.dim() == dims and parameter.is_contiguous() != parameter.is_contiguous(memory_format=fmt):
             return fmt if parameter.is_contiguous(memory_format=fmt) else torch.contiguous_format

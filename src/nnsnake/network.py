@@ -226,6 +226,11 @@ class PlainConvUNet(nn.Module):
         return outputs
 
 
+def channels_last_format(spatial_dims: int) -> torch.memory_format:
+    """The channels-last memory format for a network with ``spatial_dims`` (2 or 3) spatial axes."""
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
 def _kaiming_init(module: nn.Module) -> None:
     """He-normal init with the leaky-ReLU slope 0.01 on conv / transposed-conv weights, zero biases (§5.2)."""
     if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):

@@ -53,6 +53,7 @@ import torch
 
 from . import __version__
 from .jsonio import atomic_open, dumps, read_json, write_json
+from .network import channels_last_format
 
 log = logging.getLogger("nnsnake")
 
@@ -776,7 +777,7 @@ class _Trainer:
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def _memory_format(self) -> torch.memory_format:
-        return torch.channels_last_3d if len(self.patch_size) == 3 else torch.channels_last
+        return channels_last_format(len(self.patch_size))
 
     def _regions_kwargs(self) -> dict[str, Any]:
         return {"regions": self.labels.regions} if self.labels.regions is not None else {}
