@@ -64,8 +64,16 @@ def install_anchor_trainer(source: Path) -> None:
     import shutil
 
     folder = subprocess.run(
-        [anchor_bin("python"), "-c", "import nnunetv2, os; print(os.path.join(os.path.dirname(nnunetv2.__file__), "
-         "'training', 'nnUNetTrainer'))"], capture_output=True, text=True, check=True).stdout.strip()
+        [
+            anchor_bin("python"),
+            "-c",
+            "import nnunetv2, os; print(os.path.join(os.path.dirname(nnunetv2.__file__), "
+            "'training', 'nnUNetTrainer'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     target = Path(folder) / source.name
     if not target.exists() or not filecmp.cmp(source, target, shallow=False):
         shutil.copy(source, target)
@@ -74,8 +82,12 @@ def install_anchor_trainer(source: Path) -> None:
 def nnunet_env(root: Path, threads: int = 1) -> dict[str, str]:
     """Environment for nnunetv2 CLIs with raw/preprocessed/results under ``root``."""
     env = dict(os.environ)
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
-               nnUNet_results=str(root / "res"), OMP_NUM_THREADS=str(threads))
+    env.update(
+        nnUNet_raw=str(root / "raw"),
+        nnUNet_preprocessed=str(root / "pre"),
+        nnUNet_results=str(root / "res"),
+        OMP_NUM_THREADS=str(threads),
+    )
     for sub in ("raw", "pre", "res"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     return env

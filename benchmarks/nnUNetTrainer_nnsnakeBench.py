@@ -19,8 +19,14 @@ _DEFAULT_DEVICE = torch.device("cuda")  # nnUNetTrainer's default
 
 
 class nnUNetTrainer_nnsnakeBench(nnUNetTrainer):  # noqa: N801 (nnunetv2 finds trainers by this name)
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = _DEFAULT_DEVICE):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = _DEFAULT_DEVICE,
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 1
         self.num_iterations_per_epoch = int(os.environ.get("NNSNAKE_BENCH_ITERS", 5))
@@ -41,6 +47,13 @@ class nnUNetTrainer_nnsnakeBench(nnUNetTrainer):  # noqa: N801 (nnunetv2 finds t
 
     def _write(self):
         with open(os.path.join(self.output_folder, "nnsnake_bench.json"), "w") as f:
-            json.dump({"wall_starts": self._wall, "cpu_starts": self._cpu, "batch_size": self.batch_size,
-                       "torch_threads": torch.get_num_threads(),
-                       "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA")}, f)
+            json.dump(
+                {
+                    "wall_starts": self._wall,
+                    "cpu_starts": self._cpu,
+                    "batch_size": self.batch_size,
+                    "torch_threads": torch.get_num_threads(),
+                    "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),
+                },
+                f,
+            )

@@ -18,8 +18,14 @@ _DEFAULT_DEVICE = torch.device("cuda")  # nnUNetTrainer's default
 
 
 class nnUNetTrainer_nnsnakeQuality(nnUNetTrainer):  # noqa: N801 (nnunetv2 finds trainers by this name)
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = _DEFAULT_DEVICE):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = _DEFAULT_DEVICE,
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = int(os.environ["NNSNAKE_QUALITY_EPOCHS"])
         self.num_iterations_per_epoch = int(os.environ["NNSNAKE_QUALITY_ITERS"])

@@ -26,7 +26,9 @@ steps.plan(out + "/fingerprint.json", raw, out + "/plans.json")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", type=Path, default=SHARED / "data" / "Dataset004_Hippocampus")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
@@ -38,21 +40,38 @@ def main() -> None:
         env = nnunet_env(root / "nnunet")
         link_raw(root / "nnunet", ds)
         for rep in range(args.repeats):
-            fp = measure([anchor_bin("nnUNetv2_extract_fingerprint"), "-d", dataset_id(ds), "-np",
-                          str(args.processes), "--clean"], env=env)
+            fp = measure(
+                [
+                    anchor_bin("nnUNetv2_extract_fingerprint"),
+                    "-d",
+                    dataset_id(ds),
+                    "-np",
+                    str(args.processes),
+                    "--clean",
+                ],
+                env=env,
+            )
             pl = measure([anchor_bin("nnUNetv2_plan_experiment"), "-d", dataset_id(ds)], env=env)
             if fp.returncode or pl.returncode:
                 sys.exit(f"nnunetv2 failed:\n{fp.output[-3000:]}\n{pl.output[-3000:]}")
             out = root / f"nnsnake{rep}"
             out.mkdir()
-            ours = measure([sys.executable, "-c", NNSNAKE_SNIPPET, str(ds), str(out), str(args.processes)],
-                           env=env)
+            ours = measure(
+                [sys.executable, "-c", NNSNAKE_SNIPPET, str(ds), str(out), str(args.processes)], env=env
+            )
             if ours.returncode:
                 sys.exit(f"nnsnake failed:\n{ours.output[-3000:]}")
             theirs = fp.wall_s + pl.wall_s
-            rows.append((f"{ds.name} #{rep}", f"{theirs:.2f} ({fp.wall_s:.2f}+{pl.wall_s:.2f})",
-                         f"{ours.wall_s:.2f}", f"{theirs / ours.wall_s:.2f}x",
-                         f"{max(fp.peak_rss_mb, pl.peak_rss_mb):.0f}", f"{ours.peak_rss_mb:.0f}"))
+            rows.append(
+                (
+                    f"{ds.name} #{rep}",
+                    f"{theirs:.2f} ({fp.wall_s:.2f}+{pl.wall_s:.2f})",
+                    f"{ours.wall_s:.2f}",
+                    f"{theirs / ours.wall_s:.2f}x",
+                    f"{max(fp.peak_rss_mb, pl.peak_rss_mb):.0f}",
+                    f"{ours.peak_rss_mb:.0f}",
+                )
+            )
     print(f"fingerprint + plan, {args.processes} processes (ratio = nnunetv2 time / nnsnake time)")
     print_table(rows)
 

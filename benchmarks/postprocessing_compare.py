@@ -35,11 +35,19 @@ def nnunet_child(predictions: str, references: str, plans: str, dataset_json: st
 
     printed = io.StringIO()
     with redirect_stdout(printed):
-        functions, kwargs = determine_postprocessing(predictions, references, plans, dataset_json,
-                                                     num_processes=processes, keep_postprocessed_files=False)
+        functions, kwargs = determine_postprocessing(
+            predictions,
+            references,
+            plans,
+            dataset_json,
+            num_processes=processes,
+            keep_postprocessed_files=False,
+        )
     record = json.loads((Path(predictions) / "postprocessing.json").read_text())
-    steps = [{"function": f.__name__, "labels_or_regions": k["labels_or_regions"]} for f, k in
-             zip(functions, kwargs, strict=True)]
+    steps = [
+        {"function": f.__name__, "labels_or_regions": k["labels_or_regions"]}
+        for f, k in zip(functions, kwargs, strict=True)
+    ]
     print(json.dumps({"steps": steps, "record": record, "printed": printed.getvalue().splitlines()}))
 
 
@@ -50,10 +58,16 @@ def run_nnunet(predictions: Path, references: Path, anchor_pre: Path, processes:
     with tempfile.TemporaryDirectory(prefix="nnunet_pp_") as tmp:
         copy = Path(tmp) / "predictions"
         shutil.copytree(predictions, copy, ignore=shutil.ignore_patterns("*.json", "*.pkl", "*.npz"))
-        spec = [str(copy), str(references), str(anchor_pre / DATASET / "nnUNetPlans.json"),
-                str(anchor_pre / DATASET / "dataset.json"), str(processes)]
-        proc = subprocess.run([anchor_bin("python"), __file__, "--nnunet-child", *spec], capture_output=True,
-                              text=True)
+        spec = [
+            str(copy),
+            str(references),
+            str(anchor_pre / DATASET / "nnUNetPlans.json"),
+            str(anchor_pre / DATASET / "dataset.json"),
+            str(processes),
+        ]
+        proc = subprocess.run(
+            [anchor_bin("python"), __file__, "--nnunet-child", *spec], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             sys.exit(f"nnunetv2 determine_postprocessing failed on {predictions}:\n{proc.stderr[-4000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -65,8 +79,14 @@ def run_nnsnake(predictions: Path, references: Path, dataset_json: dict, process
 
     labels = [v for k, v in dataset_json["labels"].items() if k != "background"]
     messages: list[str] = []
-    decision = determine_postprocessing(predictions, references, labels, dataset_json["file_ending"],
-                                        num_processes=processes, log=messages.append)
+    decision = determine_postprocessing(
+        predictions,
+        references,
+        labels,
+        dataset_json["file_ending"],
+        num_processes=processes,
+        log=messages.append,
+    )
     decision["printed"] = messages
     return decision
 
@@ -77,8 +97,12 @@ def compare(predictions: Path, references: Path, anchor_pre: Path, processes: in
     dataset_json = json.loads((anchor_pre / DATASET / "dataset.json").read_text())
     theirs = run_nnunet(predictions, references, anchor_pre, processes)
     ours = run_nnsnake(predictions, references, dataset_json, processes)
-    their_steps = [sorted(s["labels_or_regions"]) if isinstance(s["labels_or_regions"], list)
-                   else [s["labels_or_regions"]] for s in theirs["steps"]]
+    their_steps = [
+        sorted(s["labels_or_regions"])
+        if isinstance(s["labels_or_regions"], list)
+        else [s["labels_or_regions"]]
+        for s in theirs["steps"]
+    ]
     our_steps = [sorted(s["labels"]) for s in ours["steps"]]
     print(f"\n{predictions} ({ours['n_cases']} cases)")
     for line in theirs["printed"]:
@@ -88,8 +112,13 @@ def compare(predictions: Path, references: Path, anchor_pre: Path, processes: in
     rows = [("Dice", "nnunetv2", "nnsnake", "|diff|")]
     largest = 0.0
     for stage in ("input_folder", "postprocessed"):
-        pairs = [("foreground mean", theirs["record"][stage]["foreground_mean"]["Dice"],
-                  ours[stage]["foreground_mean"]["Dice"])]
+        pairs = [
+            (
+                "foreground mean",
+                theirs["record"][stage]["foreground_mean"]["Dice"],
+                ours[stage]["foreground_mean"]["Dice"],
+            )
+        ]
         for key, value in theirs["record"][stage]["mean"].items():
             pairs.append((f"label {key}", value["Dice"], ours[stage]["mean"][str(key)]["Dice"]))
         for name, a, b in pairs:
@@ -97,8 +126,10 @@ def compare(predictions: Path, references: Path, anchor_pre: Path, processes: in
             rows.append((f"{stage}: {name}", f"{a:.6f}", f"{b:.6f}", f"{abs(a - b):.1e}"))
     print_table(rows)
     same = their_steps == our_steps
-    print(f"  steps: nnunetv2 {their_steps}, nnsnake {our_steps} -> {'same' if same else 'DIFFERENT'}; "
-          f"largest Dice difference {largest:.1e}")
+    print(
+        f"  steps: nnunetv2 {their_steps}, nnsnake {our_steps} -> {'same' if same else 'DIFFERENT'}; "
+        f"largest Dice difference {largest:.1e}"
+    )
     return same and largest < 1e-6
 
 

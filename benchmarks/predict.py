@@ -92,20 +92,42 @@ def prepare_models(work: Path, anchor_pre: Path, rebuild: bool) -> Path:
     plans, dataset_json = pre / "nnUNetPlans.json", pre / "dataset.json"
     for path in (plans, dataset_json):
         if not path.is_file():
-            sys.exit(f"{path} missing: run tests/fixtures/make_nnunetv2_reference.sh (anchor preprocessing) first")
+            sys.exit(
+                f"{path} missing: run tests/fixtures/make_nnunetv2_reference.sh (anchor preprocessing) first"
+            )
     results = work / "nnsnake_results"
     done = [nnunet_model_dir(work) / f"fold_{k}" / "checkpoint_final.pth" for k in range(N_FOLDS)] + [
-        results / "training" / CONFIGURATION / f"fold_{k}" / "model_final.pt" for k in range(N_FOLDS)]
+        results / "training" / CONFIGURATION / f"fold_{k}" / "model_final.pt" for k in range(N_FOLDS)
+    ]
     if rebuild or not all(p.is_file() for p in done):
-        subprocess.run([anchor_bin("python"), str(REPO / "benchmarks" / "predict_make_models.py"), str(plans),
-                        str(dataset_json), CONFIGURATION, str(nnunet_model_dir(work)), str(results), str(N_FOLDS)],
-                       check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        subprocess.run(
+            [
+                anchor_bin("python"),
+                str(REPO / "benchmarks" / "predict_make_models.py"),
+                str(plans),
+                str(dataset_json),
+                CONFIGURATION,
+                str(nnunet_model_dir(work)),
+                str(results),
+                str(N_FOLDS),
+            ],
+            check=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
     shutil.copy(plans, results / "plans.json")
     dataset = json.loads(dataset_json.read_text())
     # the fields nnsnake.evaluation.predict_folder reads from a results folder (written by the select rule)
-    (results / "selection.json").write_text(json.dumps({
-        "selected": CONFIGURATION, "members": [CONFIGURATION], "folds": [str(k) for k in range(N_FOLDS)],
-        "dataset_json": dataset}, indent=1))
+    (results / "selection.json").write_text(
+        json.dumps(
+            {
+                "selected": CONFIGURATION,
+                "members": [CONFIGURATION],
+                "folds": [str(k) for k in range(N_FOLDS)],
+                "dataset_json": dataset,
+            },
+            indent=1,
+        )
+    )
     (results / "postprocessing.json").write_text(json.dumps({"steps": []}))
     return results
 
@@ -141,15 +163,52 @@ def pinned(cmd: list[str], threads: int) -> list[str]:
 
 
 def nnunet_cmd(inp: Path, out: Path, processes: int) -> list[str]:
-    return [anchor_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(out), "-d", DATASET, "-c", CONFIGURATION,
-            "-tr", NNUNET_TRAINER, "-p", "nnUNetPlans", "-f", *[str(k) for k in range(N_FOLDS)],
-            "-chk", "checkpoint_final.pth", "-device", DEVICE, "-npp", str(processes), "-nps", str(processes),
-            "--disable_progress_bar"]
+    return [
+        anchor_bin("nnUNetv2_predict"),
+        "-i",
+        str(inp),
+        "-o",
+        str(out),
+        "-d",
+        DATASET,
+        "-c",
+        CONFIGURATION,
+        "-tr",
+        NNUNET_TRAINER,
+        "-p",
+        "nnUNetPlans",
+        "-f",
+        *[str(k) for k in range(N_FOLDS)],
+        "-chk",
+        "checkpoint_final.pth",
+        "-device",
+        DEVICE,
+        "-npp",
+        str(processes),
+        "-nps",
+        str(processes),
+        "--disable_progress_bar",
+    ]
 
 
 def nnsnake_cmd(inp: Path, out: Path, results: Path, threads: int) -> list[str]:
-    return [sys.executable, "-m", "nnsnake.cli", "predict", "-i", str(inp), "-o", str(out), "-m", str(results),
-            "--device", DEVICE, "--threads", str(threads), "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "nnsnake.cli",
+        "predict",
+        "-i",
+        str(inp),
+        "-o",
+        str(out),
+        "-m",
+        str(results),
+        "--device",
+        DEVICE,
+        "--threads",
+        str(threads),
+        "--quiet",
+    ]
 
 
 def children_cpu_seconds() -> float:
@@ -166,7 +225,10 @@ def run(cmd: list[str], env: dict[str, str], out: Path, label: str) -> tuple[flo
     cpu = children_cpu_seconds() - cpu_before
     if result.returncode != 0:
         sys.exit(f"{label} failed ({' '.join(cmd)}):\n{result.output[-4000:]}")
-    print(f"  {label}: {result.wall_s:.1f} s wall, {cpu:.1f} s CPU, peak {result.peak_rss_mb:.0f} MB", flush=True)
+    print(
+        f"  {label}: {result.wall_s:.1f} s wall, {cpu:.1f} s CPU, peak {result.peak_rss_mb:.0f} MB",
+        flush=True,
+    )
     return result.wall_s, cpu, result.peak_rss_mb
 
 
@@ -187,9 +249,12 @@ def agreement(folder_a: Path, folder_b: Path) -> dict[str, float]:
     geometry_ok = True
     for name in names:
         a, b = sitk.ReadImage(str(folder_a / name)), sitk.ReadImage(str(folder_b / name))
-        geometry_ok &= (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
-                        and np.allclose(a.GetOrigin(), b.GetOrigin())
-                        and np.allclose(a.GetDirection(), b.GetDirection()))
+        geometry_ok &= (
+            a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing())
+            and np.allclose(a.GetOrigin(), b.GetOrigin())
+            and np.allclose(a.GetDirection(), b.GetDirection())
+        )
         xa, xb = sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)
         equal += int((xa == xb).sum())
         total += xa.size
@@ -209,9 +274,21 @@ def agreement(folder_a: Path, folder_b: Path) -> dict[str, float]:
 
 
 def api_nnunet(work: Path, images: list[Path], threads: int) -> dict[str, list[float]]:
-    cmd = pinned([anchor_bin("python"), str(REPO / "benchmarks" / "predict_api_nnunet.py"),
-                  str(nnunet_model_dir(work)), str(N_FOLDS), str(threads), DEVICE, *map(str, images)], threads)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    cmd = pinned(
+        [
+            anchor_bin("python"),
+            str(REPO / "benchmarks" / "predict_api_nnunet.py"),
+            str(nnunet_model_dir(work)),
+            str(N_FOLDS),
+            str(threads),
+            DEVICE,
+            *map(str, images),
+        ],
+        threads,
+    )
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads))
+    )
     if proc.returncode != 0:
         sys.exit(f"nnunetv2 in-process timing failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -221,7 +298,9 @@ def api_nnsnake(results: Path, images: list[Path], threads: int) -> dict[str, di
     """Run :func:`api_child` in a fresh process (imports and memory start equal)."""
     spec = {"results": str(results), "images": [str(i) for i in images], "threads": threads, "device": DEVICE}
     cmd = pinned([sys.executable, __file__, "--api-child", json.dumps(spec)], threads)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads))
+    )
     if proc.returncode != 0:
         sys.exit(f"nnsnake in-process timing failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -244,22 +323,29 @@ def api_child(spec: dict) -> None:
     plans = json.loads((results / "plans.json").read_text())
     dataset_json = json.loads((results / "selection.json").read_text())["dataset_json"]
     config = resolve_configuration(plans, CONFIGURATION)
-    checkpoints = [results / "training" / CONFIGURATION / f"fold_{k}" / "model_final.pt" for k in range(N_FOLDS)]
+    checkpoints = [
+        results / "training" / CONFIGURATION / f"fold_{k}" / "model_final.pt" for k in range(N_FOLDS)
+    ]
     device = torch.device(spec["device"])
     networks, mirror_axes = load_fold_networks(checkpoints, plans, CONFIGURATION, dataset_json, device)
     cases = [read_images([image]) for image in spec["images"]]
     out: dict[str, dict[str, list[float]]] = {}
     segmentations: dict[str, list[np.ndarray]] = {}
-    variants = (("fp32", False), ("bf16 autocast", True)) if device.type == "cpu" else (
-        ("fp16 autocast", None), ("fp32", False))
+    variants = (
+        (("fp32", False), ("bf16 autocast", True))
+        if device.type == "cpu"
+        else (("fp16 autocast", None), ("fp32", False))
+    )
     for variant, autocast in variants:
         wall, cpu = [], []
         for image, properties in cases:
             start_wall, start_cpu = time.perf_counter(), time.process_time()
-            data, _, props = preprocess_arrays(image, None, properties, plans, CONFIGURATION, dataset_json,
-                                               class_locations=False)
-            logits = predict_sliding_window(networks, data, config["patch_size"], mirror_axes, device=device,
-                                            autocast=autocast)
+            data, _, props = preprocess_arrays(
+                image, None, properties, plans, CONFIGURATION, dataset_json, class_locations=False
+            )
+            logits = predict_sliding_window(
+                networks, data, config["patch_size"], mirror_axes, device=device, autocast=autocast
+            )
             seg, _ = convert_logits_to_raw_geometry(logits, props, plans, config, dataset_json)
             wall.append(time.perf_counter() - start_wall)
             cpu.append(time.process_time() - start_cpu)
@@ -283,9 +369,14 @@ def api_rows(work: Path, results: Path, images: list[Path], threads: int) -> lis
     for name, values in timings.items():
         wall = statistics.median(values["seconds"][1:])
         cpu = statistics.median(values["cpu_seconds"][1:])
-        note = (f"voxel agreement with fp32 {values['voxel_agreement_with_fp32'][0]:.5f}"
-                if "voxel_agreement_with_fp32" in values else "")
-        rows.append((name, f"{wall:.2f}", f"{cpu:.2f}", f"{reference / wall:.2f}", f"{reference_cpu / cpu:.2f}", note))
+        note = (
+            f"voxel agreement with fp32 {values['voxel_agreement_with_fp32'][0]:.5f}"
+            if "voxel_agreement_with_fp32" in values
+            else ""
+        )
+        rows.append(
+            (name, f"{wall:.2f}", f"{cpu:.2f}", f"{reference / wall:.2f}", f"{reference_cpu / cpu:.2f}", note)
+        )
     return rows
 
 
@@ -299,14 +390,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=5, help="N cases for T(N) (default 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads per tool (default 2)")
-    parser.add_argument("--nnunet-np", type=int, nargs="+", default=[3],
-                        help="nnUNetv2_predict -npp/-nps values to time (3 = its default, 0 = sequential)")
-    parser.add_argument("--repeats", type=int, default=1, help="repeat every CLI measurement, keep the fastest")
-    parser.add_argument("--api", type=int, default=0, metavar="N",
-                        help="also time N cases in process (nnunetv2's predictor vs nnsnake fp32 and bf16)")
+    parser.add_argument(
+        "--nnunet-np",
+        type=int,
+        nargs="+",
+        default=[3],
+        help="nnUNetv2_predict -npp/-nps values to time (3 = its default, 0 = sequential)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="repeat every CLI measurement, keep the fastest"
+    )
+    parser.add_argument(
+        "--api",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N cases in process (nnunetv2's predictor vs nnsnake fp32 and bf16)",
+    )
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI comparison (with --api)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: -device of nnUNetv2_predict and "
-                        "--device of nnsnake predict; with cuda neither tool is pinned to --threads cores")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda: -device of nnUNetv2_predict and "
+        "--device of nnsnake predict; with cuda neither tool is pinned to --threads cores",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/nnsnake_predict_bench"))
     parser.add_argument("--anchor-pre", type=Path, default=Path("/tmp/nnsnake_anchor/pre"))
     parser.add_argument("--rebuild-models", action="store_true")
@@ -318,9 +425,11 @@ def main() -> None:
 
     work = args.work.resolve()
     results = prepare_models(work, args.anchor_pre, args.rebuild_models)
-    print(f"{DATASET} {CONFIGURATION}, {N_FOLDS} folds, mirroring on, device {DEVICE}, {args.threads} threads, "
-          f"work {work}",
-          flush=True)
+    print(
+        f"{DATASET} {CONFIGURATION}, {N_FOLDS} folds, mirroring on, device {DEVICE}, {args.threads} threads, "
+        f"work {work}",
+        flush=True,
+    )
     if not args.no_cli:
         cli_comparison(args, work, results)
     if args.api:
@@ -333,12 +442,22 @@ def main() -> None:
 def cli_comparison(args: argparse.Namespace, work: Path, results: Path) -> None:
     in_one, in_all = prepare_inputs(work, args.cases)
     env_nnunet = nnunet_env(work / "nnunet", args.threads)
-    env_nnsnake = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
-    tools = {f"nnUNetv2_predict -npp/-nps {p}": (lambda i, o, p=p: pinned(nnunet_cmd(i, o, p), args.threads),
-                                                 env_nnunet) for p in args.nnunet_np}
-    tools["nnsnake predict"] = (lambda i, o: pinned(nnsnake_cmd(i, o, results, args.threads), args.threads),
-                                env_nnsnake)
+    env_nnsnake = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+    )
+    tools = {
+        f"nnUNetv2_predict -npp/-nps {p}": (
+            lambda i, o, p=p: pinned(nnunet_cmd(i, o, p), args.threads),
+            env_nnunet,
+        )
+        for p in args.nnunet_np
+    }
+    tools["nnsnake predict"] = (
+        lambda i, o: pinned(nnsnake_cmd(i, o, results, args.threads), args.threads),
+        env_nnsnake,
+    )
     times: dict[str, dict[str, list[tuple[float, float, float]]]] = {t: {"one": [], "all": []} for t in tools}
     print(f"CLI end to end, T(1) and T({args.cases}):", flush=True)
     for _ in range(args.repeats):
@@ -352,19 +471,49 @@ def cli_comparison(args: argparse.Namespace, work: Path, results: Path) -> None:
     for tool in tools:
         t1, c1, m1 = min(times[tool]["one"])
         tn, cn, mn = min(times[tool]["all"])
-        summary[tool] = {"t1": t1, "tn": tn, "per_case": (tn - t1) / (n - 1), "cpu_per_case": (cn - c1) / (n - 1),
-                         "peak": max(m1, mn)}
+        summary[tool] = {
+            "t1": t1,
+            "tn": tn,
+            "per_case": (tn - t1) / (n - 1),
+            "cpu_per_case": (cn - c1) / (n - 1),
+            "peak": max(m1, mn),
+        }
     ours = summary["nnsnake predict"]
-    rows = [("CLI", "T(1) s", f"T({n}) s", "s/case", "start-up s", "CPU s/case", "peak MB", "x (s/case)",
-             "x (CPU s/case)", f"x (T({n}))")]
+    rows = [
+        (
+            "CLI",
+            "T(1) s",
+            f"T({n}) s",
+            "s/case",
+            "start-up s",
+            "CPU s/case",
+            "peak MB",
+            "x (s/case)",
+            "x (CPU s/case)",
+            f"x (T({n}))",
+        )
+    ]
     for tool, s in summary.items():
-        rows.append((tool, f"{s['t1']:.1f}", f"{s['tn']:.1f}", f"{s['per_case']:.2f}", f"{s['t1'] - s['per_case']:.1f}",
-                     f"{s['cpu_per_case']:.2f}", f"{s['peak']:.0f}", f"{s['per_case'] / ours['per_case']:.2f}",
-                     f"{s['cpu_per_case'] / ours['cpu_per_case']:.2f}", f"{s['tn'] / ours['tn']:.2f}"))
+        rows.append(
+            (
+                tool,
+                f"{s['t1']:.1f}",
+                f"{s['tn']:.1f}",
+                f"{s['per_case']:.2f}",
+                f"{s['t1'] - s['per_case']:.1f}",
+                f"{s['cpu_per_case']:.2f}",
+                f"{s['peak']:.0f}",
+                f"{s['per_case'] / ours['per_case']:.2f}",
+                f"{s['cpu_per_case'] / ours['cpu_per_case']:.2f}",
+                f"{s['tn'] / ours['tn']:.2f}",
+            )
+        )
     print()
     print_table(rows)
     print("(x = this tool's time / nnsnake's; > 1 means nnsnake is faster)")
-    print(f"\nagreement of the segmentations (nnunetv2 -npp/-nps {args.nnunet_np[0]} vs nnsnake, same weights):")
+    print(
+        f"\nagreement of the segmentations (nnunetv2 -npp/-nps {args.nnunet_np[0]} vs nnsnake, same weights):"
+    )
     for key, value in agreement(work / "out_0_all", work / f"out_{len(tools) - 1}_all").items():
         print(f"  {key}: {value:.6g}")
 

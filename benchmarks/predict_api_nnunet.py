@@ -21,15 +21,28 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 
 def main() -> None:
-    model_dir, n_folds, threads, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), torch.device(sys.argv[4])
+    model_dir, n_folds, threads, device = (
+        sys.argv[1],
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        torch.device(sys.argv[4]),
+    )
     files = sys.argv[5:]
     torch.set_num_threads(threads)
     cases = [SimpleITKIO().read_images([f]) for f in files]
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                                perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(model_dir, use_folds=tuple(range(n_folds)),
-                                                   checkpoint_name="checkpoint_final.pth")
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=True,
+        perform_everything_on_device=device.type == "cuda",
+        device=device,
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
+    predictor.initialize_from_trained_model_folder(
+        model_dir, use_folds=tuple(range(n_folds)), checkpoint_name="checkpoint_final.pth"
+    )
     wall, cpu = [], []
     for image, properties in cases:
         start_wall, start_cpu = time.perf_counter(), time.process_time()

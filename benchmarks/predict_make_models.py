@@ -71,22 +71,47 @@ def main() -> None:
     shutil.copy(dataset_json_path, nnunet_dir / "dataset.json")
     for fold in range(n_folds):
         torch.manual_seed(fold)
-        network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"],
-                                         arch["_kw_requires_import"], n_in, n_out, allow_init=True,
-                                         deep_supervision=True)
+        network = get_network_from_plans(
+            arch["network_class_name"],
+            arch["arch_kwargs"],
+            arch["_kw_requires_import"],
+            n_in,
+            n_out,
+            allow_init=True,
+            deep_supervision=True,
+        )
         weights = network.state_dict()  # aliases share storage, saved once as in a trained checkpoint
         (nnunet_dir / f"fold_{fold}").mkdir(exist_ok=True)
-        torch.save({"network_weights": weights, "trainer_name": "nnUNetTrainer",
-                    "init_args": {"plans": plans, "configuration": configuration, "fold": fold,
-                                  "dataset_json": dataset_json},
-                    "inference_allowed_mirroring_axes": mirror_axes, "current_epoch": 0},
-                   nnunet_dir / f"fold_{fold}" / "checkpoint_final.pth")
+        torch.save(
+            {
+                "network_weights": weights,
+                "trainer_name": "nnUNetTrainer",
+                "init_args": {
+                    "plans": plans,
+                    "configuration": configuration,
+                    "fold": fold,
+                    "dataset_json": dataset_json,
+                },
+                "inference_allowed_mirroring_axes": mirror_axes,
+                "current_epoch": 0,
+            },
+            nnunet_dir / f"fold_{fold}" / "checkpoint_final.pth",
+        )
         target = nnsnake_dir / "training" / configuration / f"fold_{fold}"
         target.mkdir(parents=True, exist_ok=True)
-        torch.save({"network_weights": nnsnake_state_dict(weights),
-                    "init": {"configuration": configuration, "fold": str(fold), "num_input_channels": n_in,
-                             "num_outputs": n_out, "inference_allowed_mirroring_axes": list(mirror_axes)}},
-                   target / "model_final.pt")
+        torch.save(
+            {
+                "network_weights": nnsnake_state_dict(weights),
+                "init": {
+                    "configuration": configuration,
+                    "fold": str(fold),
+                    "num_input_channels": n_in,
+                    "num_outputs": n_out,
+                    "inference_allowed_mirroring_axes": list(mirror_axes),
+                },
+            },
+            target / "model_final.pt",
+        )
     print(f"wrote {n_folds} folds of {configuration} to {nnunet_dir} and {nnsnake_dir}")
 
 

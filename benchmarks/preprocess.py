@@ -38,8 +38,9 @@ steps.preprocess(raw, out + "/plans.json", "3d_fullres", out + "/preprocessed/3d
 """
 
 
-def patch_reads_per_second(open_case: Callable[[str], tuple], case_ids: list[str], patch: list[int],
-                           n_reads: int, seed: int = 0) -> float:
+def patch_reads_per_second(
+    open_case: Callable[[str], tuple], case_ids: list[str], patch: list[int], n_reads: int, seed: int = 0
+) -> float:
     """Random patches (all channels + seg, copied into memory) per second, opening the case for every read."""
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
@@ -53,7 +54,9 @@ def patch_reads_per_second(open_case: Callable[[str], tuple], case_ids: list[str
     return n_reads / (time.perf_counter() - start)
 
 
-def compare_reads(nnunet_folder: Path, nnsnake_folder: Path, patch: list[int], n_reads: int) -> tuple[float, float]:
+def compare_reads(
+    nnunet_folder: Path, nnsnake_folder: Path, patch: list[int], n_reads: int
+) -> tuple[float, float]:
     import blosc2
 
     from nnsnake.preprocessing import load_case, stored_case_ids
@@ -63,8 +66,10 @@ def compare_reads(nnunet_folder: Path, nnsnake_folder: Path, patch: list[int], n
 
     def open_nnunet(case_id: str) -> tuple:
         params = {"nthreads": 1}
-        return (blosc2.open(str(nnunet_folder / f"{case_id}.b2nd"), mode="r", dparams=params, mmap_mode="r"),
-                blosc2.open(str(nnunet_folder / f"{case_id}_seg.b2nd"), mode="r", dparams=params, mmap_mode="r"))
+        return (
+            blosc2.open(str(nnunet_folder / f"{case_id}.b2nd"), mode="r", dparams=params, mmap_mode="r"),
+            blosc2.open(str(nnunet_folder / f"{case_id}_seg.b2nd"), mode="r", dparams=params, mmap_mode="r"),
+        )
 
     def open_nnsnake(case_id: str) -> tuple:
         data, seg, _ = load_case(nnsnake_folder, case_id, mmap=True)
@@ -80,27 +85,50 @@ def compare_reads(nnunet_folder: Path, nnsnake_folder: Path, patch: list[int], n
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", type=Path, action="append",
-                        help="raw dataset folder (repeatable); default Hippocampus and Dataset303")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        action="append",
+        help="raw dataset folder (repeatable); default Hippocampus and Dataset303",
+    )
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--reads", type=int, default=200, help="patches per read-speed round")
     args = parser.parse_args()
-    datasets = args.dataset or [SHARED / "data" / "Dataset004_Hippocampus",
-                                SHARED / "data" / "Dataset303_BraTSVariedSpacing"]
+    datasets = args.dataset or [
+        SHARED / "data" / "Dataset004_Hippocampus",
+        SHARED / "data" / "Dataset303_BraTSVariedSpacing",
+    ]
     rows = [("dataset", "", "nnunetv2", "nnsnake", "ratio")]
     with tempfile.TemporaryDirectory() as tmp:
         for ds in (d.resolve() for d in datasets):
             root = Path(tmp) / ds.name
             env = nnunet_env(root / "nnunet")
             link_raw(root / "nnunet", ds)
-            theirs = measure([anchor_bin("nnUNetv2_plan_and_preprocess"), "-d", dataset_id(ds), "-c", "3d_fullres",
-                              "-np", str(args.processes), "-npfp", str(args.processes), "--clean"], env=env)
+            theirs = measure(
+                [
+                    anchor_bin("nnUNetv2_plan_and_preprocess"),
+                    "-d",
+                    dataset_id(ds),
+                    "-c",
+                    "3d_fullres",
+                    "-np",
+                    str(args.processes),
+                    "-npfp",
+                    str(args.processes),
+                    "--clean",
+                ],
+                env=env,
+            )
             if theirs.returncode:
                 sys.exit(f"nnunetv2 failed on {ds.name}:\n{theirs.output[-3000:]}")
             out = root / "nnsnake"
             out.mkdir()
-            ours = measure([sys.executable, "-c", NNSNAKE_SNIPPET, str(ds), str(out), str(args.processes)], env=env)
+            ours = measure(
+                [sys.executable, "-c", NNSNAKE_SNIPPET, str(ds), str(out), str(args.processes)], env=env
+            )
             if ours.returncode:
                 sys.exit(f"nnsnake failed on {ds.name}:\n{ours.output[-3000:]}")
             nnunet_store = root / "nnunet" / "pre" / ds.name / "nnUNetPlans_3d_fullres"
@@ -112,14 +140,34 @@ def main() -> None:
             disk_theirs, disk_ours = folder_size_mb(nnunet_store), folder_size_mb(nnsnake_store)
             name = ds.name
             rows += [
-                (name, "wall time s (fingerprint+plan+preprocess)", f"{theirs.wall_s:.1f}", f"{ours.wall_s:.1f}",
-                 f"{theirs.wall_s / ours.wall_s:.2f}x faster"),
-                (name, "peak memory MB (process tree)", f"{theirs.peak_rss_mb:.0f}", f"{ours.peak_rss_mb:.0f}",
-                 f"{ours.peak_rss_mb / theirs.peak_rss_mb:.2f}x of nnunetv2"),
-                (name, "disk MB (3d_fullres store)", f"{disk_theirs:.1f}", f"{disk_ours:.1f}",
-                 f"{disk_ours / disk_theirs:.2f}x of nnunetv2"),
-                (name, f"patch reads/s ({'x'.join(map(str, patch))})", f"{reads_theirs:.1f}", f"{reads_ours:.1f}",
-                 f"{reads_ours / reads_theirs:.2f}x faster"),
+                (
+                    name,
+                    "wall time s (fingerprint+plan+preprocess)",
+                    f"{theirs.wall_s:.1f}",
+                    f"{ours.wall_s:.1f}",
+                    f"{theirs.wall_s / ours.wall_s:.2f}x faster",
+                ),
+                (
+                    name,
+                    "peak memory MB (process tree)",
+                    f"{theirs.peak_rss_mb:.0f}",
+                    f"{ours.peak_rss_mb:.0f}",
+                    f"{ours.peak_rss_mb / theirs.peak_rss_mb:.2f}x of nnunetv2",
+                ),
+                (
+                    name,
+                    "disk MB (3d_fullres store)",
+                    f"{disk_theirs:.1f}",
+                    f"{disk_ours:.1f}",
+                    f"{disk_ours / disk_theirs:.2f}x of nnunetv2",
+                ),
+                (
+                    name,
+                    f"patch reads/s ({'x'.join(map(str, patch))})",
+                    f"{reads_theirs:.1f}",
+                    f"{reads_ours:.1f}",
+                    f"{reads_ours / reads_theirs:.2f}x faster",
+                ),
             ]
     print(f"raw -> preprocessed 3d_fullres, {args.processes} processes each, OMP_NUM_THREADS=1")
     print_table(rows)

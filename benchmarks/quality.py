@@ -38,26 +38,52 @@ TRAINER = "nnUNetTrainer_nnsnakeQuality"
 CONFIGURATION = "3d_fullres"
 
 
-def start_nnunet(work: Path, anchor_pre: Path, args: argparse.Namespace, threads: int) -> tuple[subprocess.Popen, Path]:
+def start_nnunet(
+    work: Path, anchor_pre: Path, args: argparse.Namespace, threads: int
+) -> tuple[subprocess.Popen, Path]:
     env = nnunet_env(work / "nnunet", threads)
-    env.update(nnUNet_preprocessed=str(anchor_pre.parent), NNSNAKE_QUALITY_EPOCHS=str(args.epochs),
-               NNSNAKE_QUALITY_ITERS=str(args.iterations), NNSNAKE_QUALITY_VAL_ITERS=str(args.val_iterations),
-               nnUNet_n_proc_DA="0", nnUNet_compile="f", nnUNet_def_n_proc=str(threads),
-               NNSNAKE_QUALITY_BF16="1" if args.bf16 else "0")
+    env.update(
+        nnUNet_preprocessed=str(anchor_pre.parent),
+        NNSNAKE_QUALITY_EPOCHS=str(args.epochs),
+        NNSNAKE_QUALITY_ITERS=str(args.iterations),
+        NNSNAKE_QUALITY_VAL_ITERS=str(args.val_iterations),
+        nnUNet_n_proc_DA="0",
+        nnUNet_compile="f",
+        nnUNet_def_n_proc=str(threads),
+        NNSNAKE_QUALITY_BF16="1" if args.bf16 else "0",
+    )
     fold_dir = work / "nnunet" / "res" / DATASET / f"{TRAINER}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
     shutil.rmtree(fold_dir, ignore_errors=True)
     log = open(work / "nnunet.log", "w")  # noqa: SIM115 (closed when the process ends)
-    proc = subprocess.Popen([anchor_bin("nnUNetv2_train"), DATASET, CONFIGURATION, "0", "-device", "cpu", "-tr",
-                             TRAINER], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [anchor_bin("nnUNetv2_train"), DATASET, CONFIGURATION, "0", "-device", "cpu", "-tr", TRAINER],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     return proc, fold_dir / "validation" / "summary.json"
 
 
-def start_nnsnake(work: Path, anchor_pre: Path, args: argparse.Namespace, threads: int) -> tuple[subprocess.Popen, Path]:
-    spec = {"work": str(work), "anchor_pre": str(anchor_pre), "epochs": args.epochs, "iterations": args.iterations,
-            "val_iterations": args.val_iterations, "threads": threads, "seed": args.seed, "bf16": args.bf16}
+def start_nnsnake(
+    work: Path, anchor_pre: Path, args: argparse.Namespace, threads: int
+) -> tuple[subprocess.Popen, Path]:
+    spec = {
+        "work": str(work),
+        "anchor_pre": str(anchor_pre),
+        "epochs": args.epochs,
+        "iterations": args.iterations,
+        "val_iterations": args.val_iterations,
+        "threads": threads,
+        "seed": args.seed,
+        "bf16": args.bf16,
+    }
     log = open(work / "nnsnake.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=log,
-                            stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+    )
     return proc, work / "nnsnake" / "validation" / "summary.json"
 
 
@@ -75,38 +101,80 @@ def child(spec: dict) -> None:
     raw = SHARED / "data" / DATASET
     plans_path, splits_path = anchor_pre / "nnUNetPlans.json", anchor_pre / "splits_final.json"
     pre = work / "pre" / CONFIGURATION
-    preprocess_dataset(raw, load_dataset_json(raw), read_json(plans_path), CONFIGURATION, pre,
-                       num_processes=spec["threads"], progress=False)
+    preprocess_dataset(
+        raw,
+        load_dataset_json(raw),
+        read_json(plans_path),
+        CONFIGURATION,
+        pre,
+        num_processes=spec["threads"],
+        progress=False,
+    )
     out = work / "nnsnake"
     shutil.rmtree(out, ignore_errors=True)
     settings = training.TrainingSettings(
-        epochs=spec["epochs"], iterations_per_epoch=spec["iterations"], val_iterations=spec["val_iterations"],
-        device="cpu", threads=spec["threads"], num_workers=0, amp="bf16" if spec["bf16"] else "off", seed=spec["seed"])
+        epochs=spec["epochs"],
+        iterations_per_epoch=spec["iterations"],
+        val_iterations=spec["val_iterations"],
+        device="cpu",
+        threads=spec["threads"],
+        num_workers=0,
+        amp="bf16" if spec["bf16"] else "off",
+        seed=spec["seed"],
+    )
     start = time.perf_counter()
-    training.train_fold(pre, read_json(plans_path), CONFIGURATION, load_dataset_json(raw), read_json(splits_path), 0,
-                        out / "train", out / "state", settings)
+    training.train_fold(
+        pre,
+        read_json(plans_path),
+        CONFIGURATION,
+        load_dataset_json(raw),
+        read_json(splits_path),
+        0,
+        out / "train",
+        out / "state",
+        settings,
+    )
     trained = time.perf_counter()
-    validate_fold(pre, plans_path, CONFIGURATION, raw, splits_path, 0, out / "train" / "model_final.pt",
-                  out / "validation", device="cpu", mirroring=True, save_probabilities=False,
-                  num_threads=spec["threads"], progress=False)
-    logging.info("nnsnake: training %.0f s, validation %.0f s", trained - start, time.perf_counter() - trained)
+    validate_fold(
+        pre,
+        plans_path,
+        CONFIGURATION,
+        raw,
+        splits_path,
+        0,
+        out / "train" / "model_final.pt",
+        out / "validation",
+        device="cpu",
+        mirroring=True,
+        save_probabilities=False,
+        num_threads=spec["threads"],
+        progress=False,
+    )
+    logging.info(
+        "nnsnake: training %.0f s, validation %.0f s", trained - start, time.perf_counter() - trained
+    )
 
 
 def class_dice(summary_path: Path) -> dict[str, float]:
     summary = json.loads(summary_path.read_text())
     return {label: values["Dice"] for label, values in sorted(summary["mean"].items())} | {
-        "foreground mean": summary["foreground_mean"]["Dice"]}
+        "foreground mean": summary["foreground_mean"]["Dice"]
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=15)
     parser.add_argument("--val-iterations", type=int, default=2)
     parser.add_argument("--seed", type=int, default=12345, help="nnsnake's seed (nnunetv2 is not seeded)")
     parser.add_argument("--bf16", action="store_true", help="both train under CPU bfloat16 autocast")
     parser.add_argument("--parallel", action="store_true", help="both at once, one thread each")
-    parser.add_argument("--anchor-pre", default=os.environ.get("NNSNAKE_ANCHOR_PRE", "/tmp/nnsnake_anchor/pre"))
+    parser.add_argument(
+        "--anchor-pre", default=os.environ.get("NNSNAKE_ANCHOR_PRE", "/tmp/nnsnake_anchor/pre")
+    )
     parser.add_argument("--work", default="/tmp/nnsnake_quality_bench")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,17 +184,24 @@ def main() -> None:
     work, anchor_pre = Path(args.work), Path(args.anchor_pre) / DATASET
     work.mkdir(parents=True, exist_ok=True)
     if not (anchor_pre / "nnUNetPlans.json").is_file():
-        sys.exit(f"{anchor_pre}/nnUNetPlans.json not found: run tests/fixtures/make_nnunetv2_reference.sh first")
+        sys.exit(
+            f"{anchor_pre}/nnUNetPlans.json not found: run tests/fixtures/make_nnunetv2_reference.sh first"
+        )
     install_anchor_trainer(REPO / "benchmarks" / f"{TRAINER}.py")
     threads = 1 if args.parallel else len(os.sched_getaffinity(0))
-    print(f"Hippocampus {CONFIGURATION} fold 0: {args.epochs} epochs x {args.iterations} iterations "
-          f"(+{args.val_iterations} validation), {'bf16 autocast' if args.bf16 else 'fp32'}, {threads} thread(s) each, "
-          f"{'in parallel' if args.parallel else 'one after the other'}", flush=True)
+    print(
+        f"Hippocampus {CONFIGURATION} fold 0: {args.epochs} epochs x {args.iterations} iterations "
+        f"(+{args.val_iterations} validation), {'bf16 autocast' if args.bf16 else 'fp32'}, {threads} thread(s) each, "
+        f"{'in parallel' if args.parallel else 'one after the other'}",
+        flush=True,
+    )
     results, times = {}, {}
     starters = {"nnunetv2": start_nnunet, "nnsnake": start_nnsnake}
     if args.parallel:
-        running = {name: (start(work, anchor_pre, args, threads), time.perf_counter())
-                   for name, start in starters.items()}
+        running = {
+            name: (start(work, anchor_pre, args, threads), time.perf_counter())
+            for name, start in starters.items()
+        }
         for name, ((proc, summary), started) in running.items():
             if proc.wait() != 0:
                 sys.exit(f"{name} failed, see {work / (name + '.log')}")

@@ -62,21 +62,36 @@ def per_iteration(starts: list[float]) -> float | None:
 # nnunetv2
 
 
-def run_nnunet(work: Path, anchor_pre: Path, configuration: str, iterations: int, workers: int, threads: int) -> dict:
+def run_nnunet(
+    work: Path, anchor_pre: Path, configuration: str, iterations: int, workers: int, threads: int
+) -> dict:
     env = nnunet_env(work / "nnunet", threads)
-    env.update(nnUNet_preprocessed=str(anchor_pre.parent), NNSNAKE_BENCH_ITERS=str(iterations),
-               nnUNet_n_proc_DA=str(workers), nnUNet_compile="f")
+    env.update(
+        nnUNet_preprocessed=str(anchor_pre.parent),
+        NNSNAKE_BENCH_ITERS=str(iterations),
+        nnUNet_n_proc_DA=str(workers),
+        nnUNet_compile="f",
+    )
     fold_dir = work / "nnunet" / "res" / DATASET / f"{TRAINER}__nnUNetPlans__{configuration}" / "fold_0"
     shutil.rmtree(fold_dir, ignore_errors=True)
     start = time.perf_counter()
-    proc = subprocess.run([anchor_bin("nnUNetv2_train"), DATASET, configuration, "0", "-device", "cpu", "-tr", TRAINER],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [anchor_bin("nnUNetv2_train"), DATASET, configuration, "0", "-device", "cpu", "-tr", TRAINER],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     total = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"nnUNetv2_train {configuration} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     bench = json.loads((fold_dir / "nnsnake_bench.json").read_text())
-    return {"wall_s_per_it": per_iteration(bench["wall_starts"]), "cpu_s_per_it": per_iteration(bench["cpu_starts"]),
-            "total_s": total, "batch_size": bench["batch_size"], "torch_threads": bench["torch_threads"]}
+    return {
+        "wall_s_per_it": per_iteration(bench["wall_starts"]),
+        "cpu_s_per_it": per_iteration(bench["cpu_starts"]),
+        "total_s": total,
+        "batch_size": bench["batch_size"],
+        "torch_threads": bench["torch_threads"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,22 +106,53 @@ def ensure_preprocessed(work: Path, anchor_pre: Path, configuration: str) -> Pat
 
     raw = SHARED / "data" / DATASET
     out = work / "pre" / configuration
-    preprocess_dataset(raw, load_dataset_json(raw), read_json(anchor_pre / "nnUNetPlans.json"), configuration, out,
-                       num_processes=2, progress=False)
+    preprocess_dataset(
+        raw,
+        load_dataset_json(raw),
+        read_json(anchor_pre / "nnUNetPlans.json"),
+        configuration,
+        out,
+        num_processes=2,
+        progress=False,
+    )
     return out
 
 
-def run_nnsnake(inputs: dict, configuration: str, iterations: int, workers: int, threads: int, *,
-                device: str = "cpu", epochs: int = 1, amp: str = "off", channels_last: bool | None = None,
-                compile: bool = False) -> dict:
+def run_nnsnake(
+    inputs: dict,
+    configuration: str,
+    iterations: int,
+    workers: int,
+    threads: int,
+    *,
+    device: str = "cpu",
+    epochs: int = 1,
+    amp: str = "off",
+    channels_last: bool | None = None,
+    compile: bool = False,
+) -> dict:
     """One short nnsnake training in a child process; seconds per iteration of its last epoch."""
-    spec = dict(inputs, configuration=configuration, iterations=iterations, workers=workers, threads=threads,
-                device=device, epochs=epochs, amp=amp, channels_last=channels_last, compile=compile)
+    spec = dict(
+        inputs,
+        configuration=configuration,
+        iterations=iterations,
+        workers=workers,
+        threads=threads,
+        device=device,
+        epochs=epochs,
+        amp=amp,
+        channels_last=channels_last,
+        compile=compile,
+    )
     result = Path(inputs["work"]) / "nnsnake_result.json"
     result.unlink(missing_ok=True)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+    )
     total = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"nnsnake training {configuration} failed:\n{proc.stderr[-4000:]}")
@@ -137,40 +183,75 @@ def child(spec: dict) -> None:
     run_dir = work / "nnsnake_run"
     shutil.rmtree(run_dir, ignore_errors=True)
     settings = training.TrainingSettings(
-        epochs=spec["epochs"], iterations_per_epoch=spec["iterations"], val_iterations=1, device=spec["device"],
-        threads=spec["threads"], num_workers=spec["workers"], amp=spec["amp"], channels_last=spec["channels_last"],
-        compile=spec["compile"])
-    training.train_fold(Path(spec["pre"]) / spec["configuration"], read_json(spec["plans"]), spec["configuration"],
-                        read_json(spec["dataset_json"]), read_json(spec["splits"]), 0, run_dir / "out",
-                        run_dir / "state", settings)
+        epochs=spec["epochs"],
+        iterations_per_epoch=spec["iterations"],
+        val_iterations=1,
+        device=spec["device"],
+        threads=spec["threads"],
+        num_workers=spec["workers"],
+        amp=spec["amp"],
+        channels_last=spec["channels_last"],
+        compile=spec["compile"],
+    )
+    training.train_fold(
+        Path(spec["pre"]) / spec["configuration"],
+        read_json(spec["plans"]),
+        spec["configuration"],
+        read_json(spec["dataset_json"]),
+        read_json(spec["splits"]),
+        0,
+        run_dir / "out",
+        run_dir / "state",
+        settings,
+    )
     entry = read_json(run_dir / "out" / "log.json")[-1]
-    last = spec["iterations"] * (spec["epochs"] - 1)  # timings of the last epoch only (earlier: warm-up, compile)
-    (work / "nnsnake_result.json").write_text(json.dumps({
-        "wall_s_per_it": per_iteration(wall[max(0, last - 1):]), "cpu_s_per_it": per_iteration(cpu[max(0, last - 1):]),
-        "data_wait_s_per_it": entry["data_wait_s"] / spec["iterations"],
-        "data_wait_share": entry["data_wait_s"] / entry["train_time_s"],
-        "last_epoch_it_per_s": spec["iterations"] / entry["train_time_s"],
-        "torch_threads": torch.get_num_threads(),
-    }))
+    last = spec["iterations"] * (
+        spec["epochs"] - 1
+    )  # timings of the last epoch only (earlier: warm-up, compile)
+    (work / "nnsnake_result.json").write_text(
+        json.dumps(
+            {
+                "wall_s_per_it": per_iteration(wall[max(0, last - 1) :]),
+                "cpu_s_per_it": per_iteration(cpu[max(0, last - 1) :]),
+                "data_wait_s_per_it": entry["data_wait_s"] / spec["iterations"],
+                "data_wait_share": entry["data_wait_s"] / entry["train_time_s"],
+                "last_epoch_it_per_s": spec["iterations"] / entry["train_time_s"],
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--configs", nargs="+", default=["2d", "3d_fullres"])
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--workers", type=int, default=0, help="augmentation worker processes, both trainers")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--variants", nargs="*", default=[], help="extra nnsnake runs: bf16, channels_last, workers=N")
-    parser.add_argument("--anchor-pre", default=os.environ.get("NNSNAKE_ANCHOR_PRE", "/tmp/nnsnake_anchor/pre"))
+    parser.add_argument(
+        "--variants", nargs="*", default=[], help="extra nnsnake runs: bf16, channels_last, workers=N"
+    )
+    parser.add_argument(
+        "--anchor-pre", default=os.environ.get("NNSNAKE_ANCHOR_PRE", "/tmp/nnsnake_anchor/pre")
+    )
     parser.add_argument("--work", default="/tmp/nnsnake_train_bench")
-    parser.add_argument("--gpu", action="store_true",
-                        help="nnsnake alone on CUDA (2 epochs, the second timed): default (fp16, compile, "
-                             "channels-last) and without compile / channels-last; uses --pre/--plans/--splits")
-    parser.add_argument("--gpu-variants", nargs="+", default=["default", "nocompile", "nocl"],
-                        choices=["default", "nocompile", "nocl"])
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="nnsnake alone on CUDA (2 epochs, the second timed): default (fp16, compile, "
+        "channels-last) and without compile / channels-last; uses --pre/--plans/--splits",
+    )
+    parser.add_argument(
+        "--gpu-variants",
+        nargs="+",
+        default=["default", "nocompile", "nocl"],
+        choices=["default", "nocompile", "nocl"],
+    )
     parser.add_argument("--pre", help="nnsnake preprocessed root (<pre>/<config>/), default <work>/pre")
     parser.add_argument("--plans", help="plans.json, default the anchor's nnUNetPlans.json")
     parser.add_argument("--splits", help="splits.json, default the anchor's splits_final.json")
@@ -193,11 +274,16 @@ def main() -> None:
         gpu_main(args, inputs)
         return
     if not (anchor_pre / "nnUNetPlans.json").is_file():
-        sys.exit(f"{anchor_pre}/nnUNetPlans.json not found: run tests/fixtures/make_nnunetv2_reference.sh first")
+        sys.exit(
+            f"{anchor_pre}/nnUNetPlans.json not found: run tests/fixtures/make_nnunetv2_reference.sh first"
+        )
     install_anchor_trainer(REPO / "benchmarks" / f"{TRAINER}.py")
     rows = []
-    print(f"Hippocampus fold 0, {args.iterations} iterations, {args.workers} augmentation workers, "
-          f"{args.threads} threads, {os.cpu_count()} CPUs; seconds per iteration (median)", flush=True)
+    print(
+        f"Hippocampus fold 0, {args.iterations} iterations, {args.workers} augmentation workers, "
+        f"{args.threads} threads, {os.cpu_count()} CPUs; seconds per iteration (median)",
+        flush=True,
+    )
     for configuration in args.configs:
         if args.pre is None:
             ensure_preprocessed(work, anchor_pre, configuration)
@@ -228,19 +314,36 @@ def gpu_main(args: argparse.Namespace, inputs: dict) -> None:
     """nnsnake on the GPU: iterations/s of the second epoch and the share of it spent waiting for batches."""
     variants = {
         "default": ("fp16 + compile + channels-last", dict(amp="auto", compile=True, channels_last=True)),
-        "nocompile": ("fp16 + channels-last, no compile", dict(amp="auto", compile=False, channels_last=True)),
+        "nocompile": (
+            "fp16 + channels-last, no compile",
+            dict(amp="auto", compile=False, channels_last=True),
+        ),
         "nocl": ("fp16 + compile, no channels-last", dict(amp="auto", compile=True, channels_last=False)),
     }
-    print(f"nnsnake on CUDA, {args.workers} augmentation workers, {args.threads} threads, epochs of "
-          f"{args.iterations} iterations (second epoch timed)", flush=True)
+    print(
+        f"nnsnake on CUDA, {args.workers} augmentation workers, {args.threads} threads, epochs of "
+        f"{args.iterations} iterations (second epoch timed)",
+        flush=True,
+    )
     for configuration in args.configs:
         for key in args.gpu_variants:
             name, kwargs = variants[key]
-            result = run_nnsnake(inputs, configuration, args.iterations, args.workers, args.threads, device="cuda",
-                                 epochs=2, **kwargs)
-            print(f"{configuration:<11} {name:<34} {result['last_epoch_it_per_s']:6.2f} it/s  "
-                  f"step {result['wall_s_per_it'] * 1000:6.1f} ms  waiting for data "
-                  f"{100 * result['data_wait_share']:4.1f} %  run {result['total_s']:5.1f} s", flush=True)
+            result = run_nnsnake(
+                inputs,
+                configuration,
+                args.iterations,
+                args.workers,
+                args.threads,
+                device="cuda",
+                epochs=2,
+                **kwargs,
+            )
+            print(
+                f"{configuration:<11} {name:<34} {result['last_epoch_it_per_s']:6.2f} it/s  "
+                f"step {result['wall_s_per_it'] * 1000:6.1f} ms  waiting for data "
+                f"{100 * result['data_wait_share']:4.1f} %  run {result['total_s']:5.1f} s",
+                flush=True,
+            )
 
 
 def print_row(configuration: str, name: str, result: dict, reference: dict | None) -> None:
@@ -250,9 +353,12 @@ def print_row(configuration: str, name: str, result: dict, reference: dict | Non
         return f"{reference[key] / result[key]:5.2f}"
 
     extra = f"  data wait {result['data_wait_s_per_it']:.2f} s/it" if "data_wait_s_per_it" in result else ""
-    print(f"{configuration:<11} {name:<24} wall {result['wall_s_per_it']:7.2f} s/it (x{ratio('wall_s_per_it')})  "
-          f"cpu {result['cpu_s_per_it']:7.2f} s/it (x{ratio('cpu_s_per_it')})  run {result['total_s']:6.1f} s"
-          f"{extra}", flush=True)
+    print(
+        f"{configuration:<11} {name:<24} wall {result['wall_s_per_it']:7.2f} s/it (x{ratio('wall_s_per_it')})  "
+        f"cpu {result['cpu_s_per_it']:7.2f} s/it (x{ratio('cpu_s_per_it')})  run {result['total_s']:6.1f} s"
+        f"{extra}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

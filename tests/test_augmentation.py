@@ -43,20 +43,51 @@ def bg_range(value):
 
 # The §5.5 table, written out independently of the implementation: name, probability, attributes.
 INTENSITY_TABLE = [
-    ("GaussianNoiseTransform", 0.1, dict(noise_variance=(0, 0.1), p_per_channel=1, synchronize_channels=True)),
-    ("GaussianBlurTransform", 0.2,
-     dict(blur_sigma=(0.5, 1.0), synchronize_channels=False, synchronize_axes=False, p_per_channel=0.5)),
-    ("MultiplicativeBrightnessTransform", 0.15,
-     dict(multiplier_range=(0.75, 1.25), synchronize_channels=False, p_per_channel=1)),
-    ("ContrastTransform", 0.15,
-     dict(contrast_range=(0.75, 1.25), preserve_range=True, synchronize_channels=False, p_per_channel=1)),
-    ("SimulateLowResolutionTransform", 0.25,
-     dict(scale=(0.5, 1), synchronize_channels=False, synchronize_axes=True, allowed_channels=None,
-          p_per_channel=0.5)),
-    ("GammaTransform", 0.1,
-     dict(gamma=(0.7, 1.5), p_invert_image=1, synchronize_channels=False, p_per_channel=1, p_retain_stats=1)),
-    ("GammaTransform", 0.3,
-     dict(gamma=(0.7, 1.5), p_invert_image=0, synchronize_channels=False, p_per_channel=1, p_retain_stats=1)),
+    (
+        "GaussianNoiseTransform",
+        0.1,
+        dict(noise_variance=(0, 0.1), p_per_channel=1, synchronize_channels=True),
+    ),
+    (
+        "GaussianBlurTransform",
+        0.2,
+        dict(blur_sigma=(0.5, 1.0), synchronize_channels=False, synchronize_axes=False, p_per_channel=0.5),
+    ),
+    (
+        "MultiplicativeBrightnessTransform",
+        0.15,
+        dict(multiplier_range=(0.75, 1.25), synchronize_channels=False, p_per_channel=1),
+    ),
+    (
+        "ContrastTransform",
+        0.15,
+        dict(contrast_range=(0.75, 1.25), preserve_range=True, synchronize_channels=False, p_per_channel=1),
+    ),
+    (
+        "SimulateLowResolutionTransform",
+        0.25,
+        dict(
+            scale=(0.5, 1),
+            synchronize_channels=False,
+            synchronize_axes=True,
+            allowed_channels=None,
+            p_per_channel=0.5,
+        ),
+    ),
+    (
+        "GammaTransform",
+        0.1,
+        dict(
+            gamma=(0.7, 1.5), p_invert_image=1, synchronize_channels=False, p_per_channel=1, p_retain_stats=1
+        ),
+    ),
+    (
+        "GammaTransform",
+        0.3,
+        dict(
+            gamma=(0.7, 1.5), p_invert_image=0, synchronize_channels=False, p_per_channel=1, p_retain_stats=1
+        ),
+    ),
 ]
 
 
@@ -93,7 +124,10 @@ def test_training_pipeline_3d_matches_the_table():
     pipeline = steps(training_transforms(HIPPO_3D, ROT_30, ds, (0, 1, 2), False))
     names = [s[0] for s in pipeline]
     assert names == ["SpatialTransform"] + [row[0] for row in INTENSITY_TABLE] + [
-        "MirrorTransform", "RemoveLabelTransform", "DownsampleSegForDSTransform"]
+        "MirrorTransform",
+        "RemoveLabelTransform",
+        "DownsampleSegForDSTransform",
+    ]
     check_spatial(pipeline[0][2], HIPPO_3D, ROT_30)
     for (name, p, attrs), (got_name, got_p, transform) in zip(INTENSITY_TABLE, pipeline[1:8], strict=True):
         assert got_name == name and got_p == p
@@ -122,23 +156,45 @@ def test_training_pipeline_dummy_2d():
 
 
 def test_mask_cascade_and_region_steps_in_order():
-    pipeline = steps(training_transforms(
-        HIPPO_3D, ROT_30, [[1, 1, 1], [0.5, 0.5, 0.5]], (0, 1, 2), False, use_mask_for_norm=[True, False, True],
-        is_cascaded=True, foreground_labels=[1, 2], regions=[[1, 2], [2]], ignore_label=3))
+    pipeline = steps(
+        training_transforms(
+            HIPPO_3D,
+            ROT_30,
+            [[1, 1, 1], [0.5, 0.5, 0.5]],
+            (0, 1, 2),
+            False,
+            use_mask_for_norm=[True, False, True],
+            is_cascaded=True,
+            foreground_labels=[1, 2],
+            regions=[[1, 2], [2]],
+            ignore_label=3,
+        )
+    )
     names = [s[0] for s in pipeline]
-    assert names[8:] == ["MirrorTransform", "MaskImageTransform", "RemoveLabelTransform",
-                         "MoveSegAsOneHotToDataTransform", "ApplyRandomBinaryOperatorTransform",
-                         "RemoveRandomConnectedComponentTransform", "ConvertSegmentationToRegionsTransform",
-                         "DownsampleSegForDSTransform"]
+    assert names[8:] == [
+        "MirrorTransform",
+        "MaskImageTransform",
+        "RemoveLabelTransform",
+        "MoveSegAsOneHotToDataTransform",
+        "ApplyRandomBinaryOperatorTransform",
+        "RemoveRandomConnectedComponentTransform",
+        "ConvertSegmentationToRegionsTransform",
+        "DownsampleSegForDSTransform",
+    ]
     mask = pipeline[9][2]
     assert (mask.apply_to_channels, mask.channel_idx_in_seg, mask.set_outside_to) == ([0, 2], 0, 0)
     move = pipeline[11][2]
-    assert (move.source_channel_idx, list(move.all_labels), move.remove_channel_from_source) == (1, [1, 2], True)
+    assert (move.source_channel_idx, list(move.all_labels), move.remove_channel_from_source) == (
+        1,
+        [1, 2],
+        True,
+    )
     _, p_binary, binary = pipeline[12]
     assert p_binary == 0.4 and sorted(binary.channel_idx) == [-2, -1]
     assert tuple(binary.strel_size) == (1, 8) and binary.p_per_label == 0.5
     assert sorted(f.__name__ for f in binary.any_of_these) == sorted(
-        ["binary_dilation_torch", "binary_erosion_torch", "binary_closing_torch", "binary_opening_torch"])
+        ["binary_dilation_torch", "binary_erosion_torch", "binary_closing_torch", "binary_opening_torch"]
+    )
     _, p_remove, remove = pipeline[13]
     assert p_remove == 0.2 and remove.channel_idx == [-2, -1]
     assert remove.max_fraction == 0.15 and remove.p_per_channel == 0.5
@@ -150,10 +206,17 @@ def test_mask_cascade_and_region_steps_in_order():
 
 def test_validation_pipeline_contents():
     ds = [[1, 1], [0.5, 0.5]]
-    assert [s[0] for s in steps(validation_transforms(ds))] == ["RemoveLabelTransform", "DownsampleSegForDSTransform"]
+    assert [s[0] for s in steps(validation_transforms(ds))] == [
+        "RemoveLabelTransform",
+        "DownsampleSegForDSTransform",
+    ]
     names = [s[0] for s in steps(validation_transforms(ds, True, [1, 2], [[1, 2], [2]], 3))]
-    assert names == ["RemoveLabelTransform", "MoveSegAsOneHotToDataTransform",
-                     "ConvertSegmentationToRegionsTransform", "DownsampleSegForDSTransform"]
+    assert names == [
+        "RemoveLabelTransform",
+        "MoveSegAsOneHotToDataTransform",
+        "ConvertSegmentationToRegionsTransform",
+        "DownsampleSegForDSTransform",
+    ]
     with pytest.raises(ValueError, match="foreground_labels"):
         validation_transforms(None, is_cascaded=True)
     image = torch.randn(1, 6, 7, 8)
@@ -179,7 +242,9 @@ def test_training_pipeline_output_shapes_and_labels():
     np.random.seed(0)  # noqa: NPY002
     rotation, dummy = rotation_and_dummy_2d(HIPPO_3D)
     enlarged = initial_patch_size(HIPPO_3D, rotation, dummy)
-    pipeline = training_transforms(HIPPO_3D, rotation, deep_supervision_scales(HIPPO_STRIDES_3D), (0, 1, 2), dummy)
+    pipeline = training_transforms(
+        HIPPO_3D, rotation, deep_supervision_scales(HIPPO_STRIDES_3D), (0, 1, 2), dummy
+    )
     for _ in range(3):
         seg = torch.zeros((1, *enlarged), dtype=torch.int16)
         seg[0, 20:50, 20:60, 20:40] = 1
@@ -187,7 +252,11 @@ def test_training_pipeline_output_shapes_and_labels():
         seg[0, :3] = -1
         out = pipeline(image=torch.randn((2, *enlarged)), segmentation=seg)
         assert out["image"].shape == (2, *HIPPO_3D) and out["image"].dtype == torch.float32
-        assert [tuple(t.shape) for t in out["segmentation"]] == [(1, 40, 56, 40), (1, 20, 28, 20), (1, 10, 14, 10)]
+        assert [tuple(t.shape) for t in out["segmentation"]] == [
+            (1, 40, 56, 40),
+            (1, 20, 28, 20),
+            (1, 10, 14, 10),
+        ]
         for target in out["segmentation"]:
             assert set(torch.unique(target).tolist()) <= {0, 1, 2}
 
@@ -198,12 +267,21 @@ def test_pipeline_reproduces_nnunetv2_outputs_for_the_same_random_stream(fixture
     patch = tuple(int(v) for v in ref["patch"])
     rotation, dummy = rotation_and_dummy_2d(patch)
     assert initial_patch_size(patch, rotation, dummy) == ref["image"].shape[1:]
-    pipeline = training_transforms(patch, rotation, [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]], (0, 1, 2), dummy,
-                                   use_mask_for_norm=[False], time_blur_methods=False)
+    pipeline = training_transforms(
+        patch,
+        rotation,
+        [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]],
+        (0, 1, 2),
+        dummy,
+        use_mask_for_norm=[False],
+        time_blur_methods=False,
+    )
     for seed in ref["seeds"]:
         np.random.seed(seed)  # noqa: NPY002 (the transforms draw from the global streams)
         torch.manual_seed(seed)
-        out = pipeline(image=torch.from_numpy(ref["image"].copy()), segmentation=torch.from_numpy(ref["seg"].copy()))
+        out = pipeline(
+            image=torch.from_numpy(ref["image"].copy()), segmentation=torch.from_numpy(ref["seg"].copy())
+        )
         np.testing.assert_allclose(out["image"].numpy(), ref[f"image_{seed}"], rtol=1e-5, atol=1e-5)
         for level, target in enumerate(out["segmentation"]):
             np.testing.assert_array_equal(target.numpy(), ref[f"seg_{seed}_{level}"])
@@ -213,7 +291,9 @@ def test_spatial_step_pads_seg_with_minus_one_when_zooming_out():
     pipeline = training_transforms((16, 16, 16), ROT_30, None, (0, 1, 2), False)
     spatial = pipeline.transforms[0]
     spatial.p_scaling, spatial.scaling = 1.0, (1.4, 1.4)  # values > 1 zoom out: the view reaches past P0
-    out = spatial(image=torch.ones((1, 18, 18, 18)), segmentation=torch.ones((1, 18, 18, 18), dtype=torch.int16))
+    out = spatial(
+        image=torch.ones((1, 18, 18, 18)), segmentation=torch.ones((1, 18, 18, 18), dtype=torch.int16)
+    )
     assert out["segmentation"][0, 0, 0, 0] == -1 and out["image"][0, 0, 0, 0] == 0
     assert out["segmentation"][0, 8, 8, 8] == 1 and out["image"][0, 8, 8, 8] == pytest.approx(1)
 
@@ -229,7 +309,9 @@ def test_remove_random_connected_component_spares_large_components():
     for _ in range(20):
         out = transform(image=image.clone())["image"]
         assert out[1, :12, :12, :12].all() and torch.equal(out[0], image[0])
-        assert out[1].sum() == image[1].sum() - 8 or out[1].sum() == image[1].sum() - 1  # exactly one small one
+        assert (
+            out[1].sum() == image[1].sum() - 8 or out[1].sum() == image[1].sum() - 1
+        )  # exactly one small one
         removed.append(int(image[1].sum() - out[1].sum()))
     assert set(removed) == {1, 8}
 
@@ -256,12 +338,18 @@ def test_iterators_3d_shapes_and_seeded_determinism():
     ds = deep_supervision_scales(HIPPO_STRIDES_3D)
 
     def make(seed):
-        return make_data_iterators(ids[:3], ids[3:], cases.__getitem__, HIPPO_3D, 3, ds, num_workers=0, seed=seed)
+        return make_data_iterators(
+            ids[:3], ids[3:], cases.__getitem__, HIPPO_3D, 3, ds, num_workers=0, seed=seed
+        )
 
     (train_a, val_a), (train_b, _), (train_c, _) = make(7), make(7), make(8)
     batch = next(train_a)
     assert batch["data"].shape == (3, 1, 40, 56, 40) and batch["data"].dtype == torch.float32
-    assert [tuple(t.shape) for t in batch["target"]] == [(3, 1, 40, 56, 40), (3, 1, 20, 28, 20), (3, 1, 10, 14, 10)]
+    assert [tuple(t.shape) for t in batch["target"]] == [
+        (3, 1, 40, 56, 40),
+        (3, 1, 20, 28, 20),
+        (3, 1, 10, 14, 10),
+    ]
     assert (batch["target"][0][2] > 0).any()  # the forced sample
     other = next(train_b)
     assert batch["keys"] == other["keys"] and torch.equal(batch["data"], other["data"])
@@ -279,7 +367,9 @@ def test_iterators_3d_shapes_and_seeded_determinism():
 def test_iterators_2d_shapes():
     cases = synthetic_cases(n=2)
     ds = deep_supervision_scales([[1, 1], [2, 2], [2, 2]])
-    train, val = make_data_iterators(["case_0"], ["case_1"], cases.__getitem__, (56, 40), 12, ds, num_workers=0)
+    train, val = make_data_iterators(
+        ["case_0"], ["case_1"], cases.__getitem__, (56, 40), 12, ds, num_workers=0
+    )
     batch = next(train)
     assert batch["data"].shape == (12, 1, 56, 40)
     assert [tuple(t.shape) for t in batch["target"]] == [(12, 1, 56, 40), (12, 1, 28, 20)]
@@ -306,12 +396,31 @@ def test_cascade_iterator_appends_previous_stage_one_hot():
     cases = synthetic_cases(n=2, shape=(20, 24, 22))
     previous = {cid: (case[1][0] > 0).astype(np.uint8) * 2 for cid, case in cases.items()}
     train, val = make_data_iterators(
-        ["case_0"], ["case_1"], cases.__getitem__, (16, 16, 16), 2, None, num_workers=0, is_cascaded=True,
-        foreground_labels=[1, 2], load_previous_stage=previous.__getitem__, seed=0)
+        ["case_0"],
+        ["case_1"],
+        cases.__getitem__,
+        (16, 16, 16),
+        2,
+        None,
+        num_workers=0,
+        is_cascaded=True,
+        foreground_labels=[1, 2],
+        load_previous_stage=previous.__getitem__,
+        seed=0,
+    )
     for iterator in (train, val):
         batch = next(iterator)
         assert batch["data"].shape == (2, 3, 16, 16, 16) and batch["target"].shape == (2, 1, 16, 16, 16)
         assert set(torch.unique(batch["data"][:, 1:]).tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="load_previous_stage"):
-        make_data_iterators(["case_0"], ["case_1"], cases.__getitem__, (16, 16, 16), 2, None, num_workers=0,
-                            is_cascaded=True, foreground_labels=[1, 2])
+        make_data_iterators(
+            ["case_0"],
+            ["case_1"],
+            cases.__getitem__,
+            (16, 16, 16),
+            2,
+            None,
+            num_workers=0,
+            is_cascaded=True,
+            foreground_labels=[1, 2],
+        )

@@ -23,8 +23,11 @@ def test_previous_stage_files_are_found_across_fold_folders(tmp_path: Path) -> N
     _write_cases(tmp_path / "fold_0", ["a", "b"])
     _write_cases(tmp_path / "fold_1", ["c", "unused"])
     files = previous_stage_files([tmp_path / "fold_0", tmp_path / "fold_1"], ["a", "c", "b"])
-    assert files == {"a": tmp_path / "fold_0" / "a.npy", "b": tmp_path / "fold_0" / "b.npy",
-                     "c": tmp_path / "fold_1" / "c.npy"}
+    assert files == {
+        "a": tmp_path / "fold_0" / "a.npy",
+        "b": tmp_path / "fold_0" / "b.npy",
+        "c": tmp_path / "fold_1" / "c.npy",
+    }
     assert previous_stage_files(tmp_path / "fold_0", ["a"]) == {"a": tmp_path / "fold_0" / "a.npy"}
 
 
@@ -50,8 +53,10 @@ def test_previous_stage_digest_follows_the_content(tmp_path: Path) -> None:
 
 # A GPU memory target this small makes the demo's 3d_fullres patch cover < 25 % of the median image, so the plan
 # gets 3d_lowres + 3d_cascade_fullres (16x24x16 patches, batch 2): every configuration trains in seconds.
-FORCED_LOWRES = ("planning={gpu_memory_target_gb: 0.02}",
-                 "training={epochs: 1, iterations_per_epoch: 2, val_iterations: 1}")
+FORCED_LOWRES = (
+    "planning={gpu_memory_target_gb: 0.02}",
+    "training={epochs: 1, iterations_per_epoch: 2, val_iterations: 1}",
+)
 
 
 @pytest.mark.slow
@@ -62,12 +67,27 @@ def test_all_four_configurations_and_prediction_with_the_cascade(tmp_path: Path)
     # three folds from a user splits file (the workflow's 5-fold default is the demo test's): every case is still
     # validated once, and the cascade gathers its training inputs from a fold count other than 5
     case_ids = sorted(p.name.removesuffix(".nii.gz") for p in (DEMO / "labelsTr").glob("*.nii.gz"))
-    splits = [{"train": [c for c in case_ids if c not in case_ids[k::3]], "val": case_ids[k::3]} for k in range(3)]
+    splits = [
+        {"train": [c for c in case_ids if c not in case_ids[k::3]], "val": case_ids[k::3]} for k in range(3)
+    ]
     (tmp_path / "splits_3folds.json").write_text(json.dumps(splits))
-    config = ("--config", f"dataset={DEMO}", *FORCED_LOWRES, f"splits_file={tmp_path / 'splits_3folds.json'}",
-              "folds=[0,1,2]")
+    config = (
+        "--config",
+        f"dataset={DEMO}",
+        *FORCED_LOWRES,
+        f"splits_file={tmp_path / 'splits_3folds.json'}",
+        "folds=[0,1,2]",
+    )
     # 40 short jobs: two at a time (one core each; "gpu" is only a scheduling token on CPU)
-    parallel = ("--resources", "gpu=2", "--set-threads", "train=1", "validate=1", "validate_lowres=1", "predict=1")
+    parallel = (
+        "--resources",
+        "gpu=2",
+        "--set-threads",
+        "train=1",
+        "validate=1",
+        "validate_lowres=1",
+        "predict=1",
+    )
     # the plan first: before the checkpoint has run, Snakemake's job table cannot list what the plan decides
     snakemake(wd, *config, "--", f"results/{DEMO.name}/plans.json")
     run = snakemake(wd, *parallel, *config, timeout=2400)
@@ -92,9 +112,12 @@ def test_all_four_configurations_and_prediction_with_the_cascade(tmp_path: Path)
     assert "training 3d_cascade_fullres fold 0" in cascade_log
     import torch
 
-    weights = torch.load(results / "training" / "3d_cascade_fullres" / "fold_0" / "model_final.pt",
-                         weights_only=True)
-    first_conv = next(v for k, v in weights["network_weights"].items() if k.endswith("weight") and v.ndim == 5)
+    weights = torch.load(
+        results / "training" / "3d_cascade_fullres" / "fold_0" / "model_final.pt", weights_only=True
+    )
+    first_conv = next(
+        v for k, v in weights["network_weights"].items() if k.endswith("weight") and v.ndim == 5
+    )
     assert first_conv.shape[1] == 1 + 2  # the image + one-hot lowres labels 1 and 2
     crossval = json.loads((results / "crossval" / "3d_cascade_fullres" / "summary.json").read_text())
     assert len(crossval["metric_per_case"]) == 24
@@ -103,11 +126,19 @@ def test_all_four_configurations_and_prediction_with_the_cascade(tmp_path: Path)
     # only the cascade as candidate: select reruns, prediction runs 3d_lowres then the cascade; no training reruns
     cascade_only = snakemake(wd, *parallel, *config, "configurations=[3d_cascade_fullres]")
     assert set(job_counts(cascade_only.stdout + cascade_only.stderr)) <= {
-        "select", "postprocess", "crossval_table", "postprocessing_table", "predict", "all"}
+        "select",
+        "postprocess",
+        "crossval_table",
+        "postprocessing_table",
+        "predict",
+        "all",
+    }
     selection = json.loads((results / "selection.json").read_text())
     assert selection["selected"] == "3d_cascade_fullres"
     record = json.loads((results / "predictions" / "imagesTs" / "prediction.json").read_text())
     assert record["configurations_run"] == ["3d_lowres", "3d_cascade_fullres"]
     for image in sorted((DEMO / "imagesTs").iterdir()):
-        prediction = sitk.ReadImage(str(results / "predictions" / "imagesTs" / image.name.replace("_0000", "")))
+        prediction = sitk.ReadImage(
+            str(results / "predictions" / "imagesTs" / image.name.replace("_0000", ""))
+        )
         assert prediction.GetSize() == sitk.ReadImage(str(image)).GetSize()

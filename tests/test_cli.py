@@ -27,8 +27,27 @@ def finished(tmp_path_factory) -> tuple[Path, Path]:
 def test_predict_segments_a_folder(finished, tmp_path, capsys):
     dataset, results = finished
     out = tmp_path / "out"
-    status = main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "-m", str(results), "--device", "cpu",
-                   "--no-mirroring", "--threads", "1", "--save-probabilities", "--quiet", "-f", "0", "1"])
+    status = main(
+        [
+            "predict",
+            "-i",
+            str(dataset / "imagesTs"),
+            "-o",
+            str(out),
+            "-m",
+            str(results),
+            "--device",
+            "cpu",
+            "--no-mirroring",
+            "--threads",
+            "1",
+            "--save-probabilities",
+            "--quiet",
+            "-f",
+            "0",
+            "1",
+        ]
+    )
     assert status == 0
     assert "2 of 2 case(s) segmented with 3d_fullres" in capsys.readouterr().out
     for j in range(2):
@@ -43,8 +62,28 @@ def test_predict_segments_a_folder(finished, tmp_path, capsys):
     assert record["mirroring"] is False and record["folds"] == ["0", "1"] and record["device"] == "cpu"
     assert record["postprocessing_steps"][0]["operation"] == "keep_largest_component"
     # --continue finds everything done
-    assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "-m", str(results), "--device", "cpu",
-                 "--no-mirroring", "--threads", "1", "--save-probabilities", "--continue", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "-i",
+                str(dataset / "imagesTs"),
+                "-o",
+                str(out),
+                "-m",
+                str(results),
+                "--device",
+                "cpu",
+                "--no-mirroring",
+                "--threads",
+                "1",
+                "--save-probabilities",
+                "--continue",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "0 of 2 case(s)" in capsys.readouterr().out
 
 
@@ -54,13 +93,36 @@ def test_predict_bf16_agrees_with_full_precision(finished, tmp_path, capsys):
     outputs = {}
     for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
         out = tmp_path / name
-        assert main(["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "-m", str(results), "--device",
-                     "cpu", "--no-mirroring", "--threads", "1", "--quiet", "-f", "0", *extra]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "-i",
+                    str(dataset / "imagesTs"),
+                    "-o",
+                    str(out),
+                    "-m",
+                    str(results),
+                    "--device",
+                    "cpu",
+                    "--no-mirroring",
+                    "--threads",
+                    "1",
+                    "--quiet",
+                    "-f",
+                    "0",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         outputs[name] = out
     assert read_json(outputs["bf16"] / "prediction.json")["autocast"] is True
     assert read_json(outputs["fp32"] / "prediction.json")["autocast"] is None
     for j in range(2):
-        full, half = (sitk.GetArrayFromImage(sitk.ReadImage(str(o / f"new_{j}.nii.gz"))) for o in outputs.values())
+        full, half = (
+            sitk.GetArrayFromImage(sitk.ReadImage(str(o / f"new_{j}.nii.gz"))) for o in outputs.values()
+        )
         assert full.shape == half.shape and np.mean(full == half) > 0.95
 
 
@@ -108,11 +170,31 @@ def test_verify_reports_ok_and_problems(finished, tmp_path, capsys):
 
 def test_console_module_exit_codes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    missing = subprocess.run([sys.executable, "-m", "nnsnake.cli", "predict", "-i", str(tmp_path / "in"), "-o",
-                              str(tmp_path / "out"), "-m", str(tmp_path / "results")],
-                             capture_output=True, text=True, env=env, timeout=120)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nnsnake.cli",
+            "predict",
+            "-i",
+            str(tmp_path / "in"),
+            "-o",
+            str(tmp_path / "out"),
+            "-m",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert missing.returncode == 1
     assert "nnsnake predict: error:" in missing.stderr and "Traceback" not in missing.stderr
-    usage = subprocess.run([sys.executable, "-m", "nnsnake.cli", "predict", "-o", "x"], capture_output=True, text=True,
-                           env=env, timeout=120)
+    usage = subprocess.run(
+        [sys.executable, "-m", "nnsnake.cli", "predict", "-o", "x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert usage.returncode == 2 and "-i/--input" in usage.stderr

@@ -14,7 +14,9 @@ from nnsnake.dataset import DatasetError, discover_cases, load_dataset_json, tra
 SHAPE = (6, 8, 7)  # z, y, x
 
 
-def _write(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=None) -> None:
+def _write(
+    path: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=None
+) -> None:
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
@@ -30,7 +32,10 @@ def make_dataset(root: Path, n_cases: int = 3, n_channels: int = 2) -> Path:
     (root / "labelsTr").mkdir()
     for i in range(n_cases):
         for c in range(n_channels):
-            _write(root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz", rng.normal(size=SHAPE).astype(np.float32) + 5)
+            _write(
+                root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz",
+                rng.normal(size=SHAPE).astype(np.float32) + 5,
+            )
         seg = np.zeros(SHAPE, np.uint8)
         seg[2:4, 2:5, 2:4] = 1
         seg[4, 5, 5] = 2
@@ -216,7 +221,10 @@ def test_dataset_key_layout(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "Dataset902_Listed", n_cases=2, n_channels=1)
     dataset_json = json.loads((root / "dataset.json").read_text())
     dataset_json["dataset"] = {
-        f"case_{i:03d}": {"images": [f"imagesTr/case_{i:03d}_0000.nii.gz"], "label": f"labelsTr/case_{i:03d}.nii.gz"}
+        f"case_{i:03d}": {
+            "images": [f"imagesTr/case_{i:03d}_0000.nii.gz"],
+            "label": f"labelsTr/case_{i:03d}.nii.gz",
+        }
         for i in range(2)
     }
     cases, problems = discover_cases(root, dataset_json)
@@ -232,8 +240,16 @@ def test_png_dataset(tmp_path: Path) -> None:
     for i in range(2):
         Image.fromarray(np.full((12, 10), 100 + i, np.uint8)).save(root / "imagesTr" / f"im{i}_0000.png")
         Image.fromarray(np.eye(12, 10, dtype=np.uint8)).save(root / "labelsTr" / f"im{i}.png")
-    (root / "dataset.json").write_text(json.dumps(
-        {"channel_names": {"0": "EM"}, "labels": {"background": 0, "m": 1}, "numTraining": 2, "file_ending": ".png"}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "EM"},
+                "labels": {"background": 0, "m": 1},
+                "numTraining": 2,
+                "file_ending": ".png",
+            }
+        )
+    )
     assert verify_dataset(root).ok
 
 

@@ -61,4 +61,9 @@ def test_fingerprint_equals_nnunetv2(name: str, shared_data: Path, fixtures_dir:
         for key, value in ref_props[channel].items():
             # nnU-Net sums 1e8 float32 samples; its mean/std carry float32 rounding, order statistics are exact
             tolerance = 1e-6 if key in ("mean", "std") else 1e-7
-            assert math.isclose(props[key], value, rel_tol=tolerance, abs_tol=1e-9), (channel, key, props[key], value)
+            assert math.isclose(props[key], value, rel_tol=tolerance, abs_tol=1e-9), (
+                channel,
+                key,
+                props[key],
+                value,
+            )

@@ -72,7 +72,9 @@ def test_steps_match_nnunetv2(fixtures_dir):
     cases = json.loads((fixtures_dir / "inference" / "nnunetv2_steps.json").read_text())
     assert len(cases) == 9
     for case in cases:
-        assert sliding_window_steps(case["image_size"], case["patch_size"], case["step_size"]) == case["steps"]
+        assert (
+            sliding_window_steps(case["image_size"], case["patch_size"], case["step_size"]) == case["steps"]
+        )
 
 
 @pytest.mark.parametrize("dim", [3, 2])
@@ -83,18 +85,24 @@ def test_sliding_window_matches_nnunetv2_predictor(fixtures_dir, dim, accumulati
     networks = []
     for fold in range(2):
         conv = (nn.Conv3d if dim == 3 else nn.Conv2d)(1, 3, 3, padding=1)
-        conv.load_state_dict({"weight": torch.from_numpy(reference[f"{dim}d_fold{fold}_weight"]),
-                              "bias": torch.from_numpy(reference[f"{dim}d_fold{fold}_bias"])})
+        conv.load_state_dict(
+            {
+                "weight": torch.from_numpy(reference[f"{dim}d_fold{fold}_weight"]),
+                "bias": torch.from_numpy(reference[f"{dim}d_fold{fold}_bias"]),
+            }
+        )
         networks.append(conv)
     data, patch = reference[f"{dim}d_data"], [int(p) for p in reference[f"{dim}d_patch"]]
-    ours = predict_sliding_window(networks, data, patch, tuple(range(dim)), accumulation_dtype=accumulation_dtype)
+    ours = predict_sliding_window(
+        networks, data, patch, tuple(range(dim)), accumulation_dtype=accumulation_dtype
+    )
     error = (ours.float() - torch.from_numpy(reference[f"{dim}d_logits"]).float()).abs().amax(0)
     # total Gaussian weight per voxel: voxels reached only by tile corners have fp16-subnormal weights, where
     # nnU-Net's fp16 blending is coarse (its order of summation then decides); everywhere else fp16 precision
     spatial = data.shape[1:]
-    weight = torch.zeros(spatial[-len(patch):])
+    weight = torch.zeros(spatial[-len(patch) :])
     gaussian = compute_gaussian(patch, dtype=torch.float32)
-    for starts in itertools.product(*sliding_window_steps(spatial[-len(patch):], patch)):
+    for starts in itertools.product(*sliding_window_steps(spatial[-len(patch) :], patch)):
         weight[tuple(slice(s, s + p) for s, p in zip(starts, patch, strict=True))] += gaussian
     well_covered = (weight >= 1e-4).expand_as(error)
     assert float(well_covered.float().mean()) > 0.9
@@ -181,11 +189,13 @@ def test_identity_network_recovers_input(shape, patch):
     exact = predict_sliding_window(Identity(), data, patch, accumulation_dtype=torch.float32)
     assert exact.shape == data.shape and exact.dtype == torch.float32
     torch.testing.assert_close(exact, data, rtol=1e-6, atol=1e-6)
-    no_gaussian = predict_sliding_window(Identity(), data, patch, use_gaussian=False, batch_tiles=1,
-                                         accumulation_dtype=torch.float32)
+    no_gaussian = predict_sliding_window(
+        Identity(), data, patch, use_gaussian=False, batch_tiles=1, accumulation_dtype=torch.float32
+    )
     torch.testing.assert_close(no_gaussian, data, rtol=1e-6, atol=1e-6)
-    fp16 = predict_sliding_window(Identity(), data.numpy(), patch, mirror_axes=tuple(range(len(patch))),
-                                  use_gaussian=False)
+    fp16 = predict_sliding_window(
+        Identity(), data.numpy(), patch, mirror_axes=tuple(range(len(patch))), use_gaussian=False
+    )
     assert fp16.dtype == torch.float16
     torch.testing.assert_close(fp16.float(), data, rtol=2e-3, atol=2e-3)
     # nnU-Net's fp16 accumulators: where a voxel is covered only by tile corners its Gaussian weight is subnormal
@@ -199,7 +209,9 @@ def test_position_dependent_network_sees_padding_and_tiles():
     # AddRamp's output depends on where a voxel sits inside its tile, so a wrong tile offset, padding or crop-back
     # changes the result; with one tile and padding the expectation is easy to write down.
     data = torch.zeros((1, 6, 10))
-    out = predict_sliding_window(AddRamp(0), data, (8, 10), use_gaussian=False, accumulation_dtype=torch.float32)
+    out = predict_sliding_window(
+        AddRamp(0), data, (8, 10), use_gaussian=False, accumulation_dtype=torch.float32
+    )
     # 6 rows padded to 8: one row above (odd extra goes below), so row i of the image is row i + 1 of the tile
     expected = (torch.arange(6, dtype=torch.float32) + 1)[:, None].expand(6, 10)
     torch.testing.assert_close(out[0], expected)
@@ -210,12 +222,24 @@ def test_mirroring_flip_equivariant_network_unchanged():
     conv = nn.Conv3d(2, 3, 3, padding=1)
     with torch.no_grad():  # a kernel symmetric under every flip makes the conv flip-equivariant
         w = conv.weight
-        w.copy_((w + w.flip(2) + w.flip(3) + w.flip(4) + w.flip(2, 3) + w.flip(2, 4) + w.flip(3, 4)
-                 + w.flip(2, 3, 4)) / 8)
+        w.copy_(
+            (
+                w
+                + w.flip(2)
+                + w.flip(3)
+                + w.flip(4)
+                + w.flip(2, 3)
+                + w.flip(2, 4)
+                + w.flip(3, 4)
+                + w.flip(2, 3, 4)
+            )
+            / 8
+        )
     data = torch.randn((2, 20, 17, 13))
     plain = predict_sliding_window(conv, data, (12, 10, 8), accumulation_dtype=torch.float32)
-    mirrored = predict_sliding_window(conv, data, (12, 10, 8), mirror_axes=(0, 1, 2),
-                                      accumulation_dtype=torch.float32)
+    mirrored = predict_sliding_window(
+        conv, data, (12, 10, 8), mirror_axes=(0, 1, 2), accumulation_dtype=torch.float32
+    )
     torch.testing.assert_close(mirrored, plain, rtol=1e-5, atol=1e-5)
 
 
@@ -223,11 +247,18 @@ def test_mirroring_averages_every_flip_combination():
     data = torch.zeros((1, 8, 6, 4))
     # one tile; the ramp along axis 1 is flipped back for combinations containing axis 1 -> mean of ramp and
     # reversed ramp = (n - 1) / 2 everywhere, while mirroring only axes 0 and 2 leaves the ramp as it is
-    out = predict_sliding_window(AddRamp(1), data, (8, 6, 4), mirror_axes=(0, 1, 2), use_gaussian=False,
-                                 accumulation_dtype=torch.float32)
+    out = predict_sliding_window(
+        AddRamp(1),
+        data,
+        (8, 6, 4),
+        mirror_axes=(0, 1, 2),
+        use_gaussian=False,
+        accumulation_dtype=torch.float32,
+    )
     torch.testing.assert_close(out, torch.full_like(data, 2.5))
-    out = predict_sliding_window(AddRamp(1), data, (8, 6, 4), mirror_axes=(0, 2), use_gaussian=False,
-                                 accumulation_dtype=torch.float32)
+    out = predict_sliding_window(
+        AddRamp(1), data, (8, 6, 4), mirror_axes=(0, 2), use_gaussian=False, accumulation_dtype=torch.float32
+    )
     torch.testing.assert_close(out[0, 0, :, 0], torch.arange(6, dtype=torch.float32))
 
 
@@ -235,11 +266,13 @@ def test_mirroring_averages_every_flip_combination():
 def test_fold_average_and_batching_do_not_change_result(batch_tiles):
     data = torch.randn((1, 30, 20, 10), generator=torch.Generator().manual_seed(1))
     nets = [Scale(1.0), Scale(3.0), AddRamp(2)]
-    out = predict_sliding_window(nets, data, (16, 12, 8), mirror_axes=(1, 2), batch_tiles=batch_tiles,
-                                 accumulation_dtype=torch.float32)
+    out = predict_sliding_window(
+        nets, data, (16, 12, 8), mirror_axes=(1, 2), batch_tiles=batch_tiles, accumulation_dtype=torch.float32
+    )
     one_by_one = [
-        predict_sliding_window(n, data, (16, 12, 8), mirror_axes=(1, 2), batch_tiles=1,
-                               accumulation_dtype=torch.float32)
+        predict_sliding_window(
+            n, data, (16, 12, 8), mirror_axes=(1, 2), batch_tiles=1, accumulation_dtype=torch.float32
+        )
         for n in nets
     ]
     torch.testing.assert_close(out, sum(one_by_one) / 3, rtol=1e-5, atol=1e-5)
@@ -251,11 +284,14 @@ def test_fold_average_and_batching_do_not_change_result(batch_tiles):
 def test_2d_configuration_tiles_each_slice():
     net = RecordingIdentity()
     data = torch.randn((2, 5, 20, 9), generator=torch.Generator().manual_seed(2))
-    out = predict_sliding_window(net, data, (16, 8), mirror_axes=(0, 1), batch_tiles=4,
-                                 accumulation_dtype=torch.float32)
+    out = predict_sliding_window(
+        net, data, (16, 8), mirror_axes=(0, 1), batch_tiles=4, accumulation_dtype=torch.float32
+    )
     torch.testing.assert_close(out, data, rtol=1e-6, atol=1e-6)
     assert all(len(s) == 4 and s[1:] == (2, 16, 8) for s in net.input_shapes)  # (B, C, 16, 8): 2D patches
-    n_tiles = 5 * len(sliding_window_steps([20, 9], [16, 8])[0]) * len(sliding_window_steps([20, 9], [16, 8])[1])
+    n_tiles = (
+        5 * len(sliding_window_steps([20, 9], [16, 8])[0]) * len(sliding_window_steps([20, 9], [16, 8])[1])
+    )
     assert sum(s[0] for s in net.input_shapes) == n_tiles * 4  # every tile, each in 4 mirrorings
 
 
@@ -304,51 +340,91 @@ def test_bad_inputs_name_the_problem():
 TINY_ARCH = {
     "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
     "arch_kwargs": {
-        "n_stages": 2, "features_per_stage": [4, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3], [3, 3, 3]], "strides": [[1, 1, 1], [2, 2, 2]],
-        "n_conv_per_stage": [1, 1], "n_conv_per_stage_decoder": [1], "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+        "n_stages": 2,
+        "features_per_stage": [4, 8],
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[3, 3, 3], [3, 3, 3]],
+        "strides": [[1, 1, 1], [2, 2, 2]],
+        "n_conv_per_stage": [1, 1],
+        "n_conv_per_stage_decoder": [1],
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
         "nonlin_kwargs": {"inplace": True},
     },
     "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
 }
-DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 1,
-                "file_ending": ".nii.gz"}
+DATASET_JSON = {
+    "channel_names": {"0": "MRI"},
+    "labels": {"background": 0, "a": 1, "b": 2},
+    "numTraining": 1,
+    "file_ending": ".nii.gz",
+}
 
 
 def _config(spacing, patch, arch=TINY_ARCH):
     return {
-        "data_identifier": "nnsnakeTest", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-        "patch_size": list(patch), "median_image_size_in_voxels": list(patch), "spacing": list(spacing),
-        "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+        "data_identifier": "nnsnakeTest",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": 2,
+        "patch_size": list(patch),
+        "median_image_size_in_voxels": list(patch),
+        "spacing": list(spacing),
+        "normalization_schemes": ["ZScoreNormalization"],
+        "use_mask_for_norm": [False],
         "resampling_fn_data": "resample_data_or_seg_to_shape",
         "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
         "resampling_fn_seg": "resample_data_or_seg_to_shape",
         "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
         "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
-        "architecture": arch, "batch_dice": False,
+        "resampling_fn_probabilities_kwargs": {
+            "is_seg": False,
+            "order": 1,
+            "order_z": 0,
+            "force_separate_z": None,
+        },
+        "architecture": arch,
+        "batch_dice": False,
     }
 
 
 def _plans(transpose_forward=(2, 0, 1)):
     backward = [int(i) for i in np.argsort(transpose_forward)]
-    arch_2d = json.loads(json.dumps(TINY_ARCH).replace("Conv3d", "Conv2d").replace("InstanceNorm3d", "InstanceNorm2d")
-                         .replace("[3, 3, 3]", "[3, 3]").replace("[1, 1, 1]", "[1, 1]").replace("[2, 2, 2]", "[2, 2]"))
+    arch_2d = json.loads(
+        json.dumps(TINY_ARCH)
+        .replace("Conv3d", "Conv2d")
+        .replace("InstanceNorm3d", "InstanceNorm2d")
+        .replace("[3, 3, 3]", "[3, 3]")
+        .replace("[1, 1, 1]", "[1, 1]")
+        .replace("[2, 2, 2]", "[2, 2]")
+    )
     return {
-        "dataset_name": "Dataset999_Geometry", "plans_name": "nnUNetPlans", "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": list(transpose_forward), "transpose_backward": backward,
+        "dataset_name": "Dataset999_Geometry",
+        "plans_name": "nnUNetPlans",
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": list(transpose_forward),
+        "transpose_backward": backward,
         "original_median_spacing_after_transp": [2.5, 0.8, 0.9],
         "original_median_shape_after_transp": [30, 20, 24],
         "configurations": {
             "3d_fullres": _config([2.0, 1.0, 1.0], [16, 16, 16]),
             "2d": _config([1.0, 1.0], [16, 16], arch_2d),
         },
-        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {
-            "0": {"max": 2.0, "mean": 1.0, "median": 1.0, "min": 0.0, "percentile_00_5": 0.0,
-                  "percentile_99_5": 2.0, "std": 0.5}
+            "0": {
+                "max": 2.0,
+                "mean": 1.0,
+                "median": 1.0,
+                "min": 0.0,
+                "percentile_00_5": 0.0,
+                "percentile_99_5": 2.0,
+                "std": 0.5,
+            }
         },
     }
 
@@ -369,8 +445,13 @@ def test_load_fold_networks_roundtrip(tmp_path):
             p.data.add_(0.1 * fold)
         path = tmp_path / f"fold_{fold}" / "model_final.pt"
         path.parent.mkdir()
-        torch.save({"network_weights": {f"_orig_mod.{k}": v for k, v in trained.state_dict().items()},
-                    "init": {"inference_allowed_mirroring_axes": [0, 1, 2]}}, path)
+        torch.save(
+            {
+                "network_weights": {f"_orig_mod.{k}": v for k, v in trained.state_dict().items()},
+                "init": {"inference_allowed_mirroring_axes": [0, 1, 2]},
+            },
+            path,
+        )
         paths.append(path)
     networks, mirror_axes = load_fold_networks(paths, plans, "3d_fullres", DATASET_JSON)
     assert mirror_axes == (0, 1, 2) and len(networks) == 2
@@ -388,7 +469,9 @@ def test_load_fold_networks_roundtrip(tmp_path):
     torch.testing.assert_close(
         predict_sliding_window(networks[1], data, (16, 16, 16), (0, 1, 2), accumulation_dtype=torch.float32),
         predict_sliding_window(trained, data, (16, 16, 16), (0, 1, 2), accumulation_dtype=torch.float32),
-        rtol=1e-4, atol=1e-4)
+        rtol=1e-4,
+        atol=1e-4,
+    )
     bad = tmp_path / "bad.pt"
     torch.save({"state": {}}, bad)
     with pytest.raises(ValueError, match="network_weights"):
@@ -420,8 +503,11 @@ def _write_case(folder):
     seg = np.zeros(shape, np.uint8)
     seg[((zz - 9) / 5.0) ** 2 + ((yy - 11) / 6.0) ** 2 + ((xx - 10) / 4.0) ** 2 <= 1] = 1
     seg[((zz - 10) / 5.0) ** 2 + ((yy - 12) / 5.0) ** 2 + ((xx - 20) / 3.5) ** 2 <= 1] = 2
-    geometry = {"spacing": (2.5, 0.9, 0.8), "origin": (-12.5, 40.0, 7.25),
-                "direction": tuple(_rotation(0.35, 0.52).flatten())}
+    geometry = {
+        "spacing": (2.5, 0.9, 0.8),
+        "origin": (-12.5, 40.0, 7.25),
+        "direction": tuple(_rotation(0.35, 0.52).flatten()),
+    }
     paths = {}
     for name, array in (("case_0000.nii.gz", image), ("case_seg.nii.gz", seg)):
         img = sitk.GetImageFromArray(array)
@@ -455,15 +541,24 @@ def test_export_restores_raw_geometry_and_labels(tmp_path, configuration):
 
     image_path, seg_path, seg_raw = _write_case(tmp_path)
     plans = _plans()
-    data, seg, properties = preprocess_case([str(image_path)], str(seg_path), plans, configuration, DATASET_JSON)
+    data, seg, properties = preprocess_case(
+        [str(image_path)], str(seg_path), plans, configuration, DATASET_JSON
+    )
     assert list(properties["shape_before_cropping"]) == [30, 20, 24]  # transposed (x, z, y)
     if configuration == "3d_fullres":
         assert data.shape[1:] != tuple(properties["shape_after_cropping_and_before_resampling"])  # resampled
     labels = np.clip(np.asarray(seg[0]), 0, None)
     logits = torch.from_numpy(np.stack([(labels == k) for k in range(3)]).astype(np.float32) * 4 - 2).half()
     logits_before = logits.clone()
-    written = export_prediction(logits, properties, plans, configuration, DATASET_JSON, tmp_path / "out" / "case",
-                                save_probabilities=True)
+    written = export_prediction(
+        logits,
+        properties,
+        plans,
+        configuration,
+        DATASET_JSON,
+        tmp_path / "out" / "case",
+        save_probabilities=True,
+    )
     assert torch.equal(logits, logits_before)
     out = written["segmentation"]
     assert out.name == "case.nii.gz"
@@ -472,7 +567,11 @@ def test_export_restores_raw_geometry_and_labels(tmp_path, configuration):
     assert predicted.shape == seg_raw.shape
     assert np.mean(predicted == seg_raw) >= 0.99
     for label in (1, 2):
-        dice = 2 * np.sum((predicted == label) & (seg_raw == label)) / (np.sum(predicted == label) + np.sum(seg_raw == label))
+        dice = (
+            2
+            * np.sum((predicted == label) & (seg_raw == label))
+            / (np.sum(predicted == label) + np.sum(seg_raw == label))
+        )
         assert dice > 0.85, (label, dice)
     probabilities = np.load(written["probabilities"])["probabilities"]
     assert probabilities.shape == (3, *seg_raw.shape) and probabilities.dtype == np.float32
@@ -480,7 +579,9 @@ def test_export_restores_raw_geometry_and_labels(tmp_path, configuration):
     np.testing.assert_array_equal(probabilities.argmax(0), predicted)
     assert probabilities[0, 0, 0, 0] == 1.0  # outside the crop: background with probability 1
     saved_properties = json.loads(written["properties"].read_text())
-    assert saved_properties["bbox_used_for_cropping"] == [list(b) for b in properties["bbox_used_for_cropping"]]
+    assert saved_properties["bbox_used_for_cropping"] == [
+        list(b) for b in properties["bbox_used_for_cropping"]
+    ]
     # without probabilities the streamed argmax writes the same label map
     seg_only, none = convert_logits_to_raw_geometry(logits, properties, plans, configuration, DATASET_JSON)
     assert none is None
@@ -498,14 +599,22 @@ def test_export_matches_nnunetv2(fixtures_dir):
         dataset_json = meta["datasets"][case["dataset"]]
         logits = torch.from_numpy(arrays[f"{key}_logits"])
         seg, probabilities = convert_logits_to_raw_geometry(
-            logits, case["properties"], meta["plans"], case["configuration"], dataset_json, return_probabilities=True
+            logits,
+            case["properties"],
+            meta["plans"],
+            case["configuration"],
+            dataset_json,
+            return_probabilities=True,
         )
         reference_seg = arrays[f"{key}_seg"]
         assert seg.shape == reference_seg.shape, key
         np.testing.assert_array_equal(seg, reference_seg, err_msg=key)
-        np.testing.assert_allclose(probabilities, arrays[f"{key}_probabilities"], rtol=0, atol=1e-6, err_msg=key)
-        streamed, _ = convert_logits_to_raw_geometry(logits, case["properties"], meta["plans"],
-                                                     case["configuration"], dataset_json)
+        np.testing.assert_allclose(
+            probabilities, arrays[f"{key}_probabilities"], rtol=0, atol=1e-6, err_msg=key
+        )
+        streamed, _ = convert_logits_to_raw_geometry(
+            logits, case["properties"], meta["plans"], case["configuration"], dataset_json
+        )
         np.testing.assert_array_equal(streamed, reference_seg, err_msg=key)
 
 
@@ -518,10 +627,16 @@ def test_streamed_argmax_equals_argmax_with_ties():
 
 
 def test_regions_are_painted_in_order():
-    dataset_json = {"labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": [3]},
-                    "regions_class_order": [1, 2, 3]}
+    dataset_json = {
+        "labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": [3]},
+        "regions_class_order": [1, 2, 3],
+    }
     layout = LabelLayout.from_dataset_json(dataset_json)
-    assert layout.has_regions and layout.num_outputs == 3 and layout.foreground_regions == ((1, 2, 3), (2, 3), (3,))
+    assert (
+        layout.has_regions
+        and layout.num_outputs == 3
+        and layout.foreground_regions == ((1, 2, 3), (2, 3), (3,))
+    )
     logits = np.full((3, 4), -5.0, np.float32)
     logits[0, 1:] = 5  # whole in voxels 1..3
     logits[1, 2:] = 5  # core in 2..3
@@ -529,7 +644,9 @@ def test_regions_are_painted_in_order():
     seg = inference._segmentation_streaming(iter(list(logits)), layout, (4,))
     np.testing.assert_array_equal(seg, [0, 1, 2, 3])
     probabilities = inference._probabilities(logits.copy(), layout)
-    np.testing.assert_array_equal(inference.segmentation_from_probabilities(probabilities, layout), [0, 1, 2, 3])
+    np.testing.assert_array_equal(
+        inference.segmentation_from_probabilities(probabilities, layout), [0, 1, 2, 3]
+    )
     with pytest.raises(ValueError, match="regions_class_order"):
         LabelLayout.from_dataset_json({"labels": dataset_json["labels"]})
 
@@ -541,24 +658,56 @@ def test_predict_from_raw_end_to_end(tmp_path):
     torch.save({"network_weights": _tiny_network().state_dict(), "init": {}}, ckpt)
     out_dir = tmp_path / "pred"
     cases = {"case": [image_path], "copy": [image_path], "other": [image_path]}
-    written = predict_from_raw(cases, out_dir, [ckpt, ckpt], plans, "3d_fullres", DATASET_JSON,
-                               save_probabilities=True, progress=False)
+    written = predict_from_raw(
+        cases,
+        out_dir,
+        [ckpt, ckpt],
+        plans,
+        "3d_fullres",
+        DATASET_JSON,
+        save_probabilities=True,
+        progress=False,
+    )
     assert [w["segmentation"].name for w in written] == ["case.nii.gz", "copy.nii.gz", "other.nii.gz"]
-    sequential = predict_from_raw(cases, tmp_path / "sequential", [ckpt, ckpt], plans, "3d_fullres", DATASET_JSON,
-                                  overlap=False, progress=False)
+    sequential = predict_from_raw(
+        cases,
+        tmp_path / "sequential",
+        [ckpt, ckpt],
+        plans,
+        "3d_fullres",
+        DATASET_JSON,
+        overlap=False,
+        progress=False,
+    )
     for w, q in zip(written, sequential, strict=True):
         np.testing.assert_array_equal(_read_array(w["segmentation"]), _read_array(q["segmentation"]))
     broken = tmp_path / "broken_0000.nii.gz"
     broken.write_bytes(b"not an image")
     with pytest.raises(Exception, match="broken_0000"):
-        predict_from_raw({"case": [image_path], "broken": [broken]}, tmp_path / "b", [ckpt], plans, "3d_fullres",
-                         DATASET_JSON, progress=False)
+        predict_from_raw(
+            {"case": [image_path], "broken": [broken]},
+            tmp_path / "b",
+            [ckpt],
+            plans,
+            "3d_fullres",
+            DATASET_JSON,
+            progress=False,
+        )
     _assert_same_geometry(out_dir / "case.nii.gz", image_path)
     predicted = _read_array(out_dir / "case.nii.gz")
     assert set(np.unique(predicted)) <= {0, 1, 2}
     mtime = os.stat(out_dir / "case.nii.gz").st_mtime_ns
-    again = predict_from_raw([[image_path]], out_dir, [ckpt], plans, "3d_fullres", DATASET_JSON,
-                             save_probabilities=True, continue_prediction=True, progress=False)
+    again = predict_from_raw(
+        [[image_path]],
+        out_dir,
+        [ckpt],
+        plans,
+        "3d_fullres",
+        DATASET_JSON,
+        save_probabilities=True,
+        continue_prediction=True,
+        progress=False,
+    )
     assert again == [] and os.stat(out_dir / "case.nii.gz").st_mtime_ns == mtime
 
 
@@ -574,7 +723,9 @@ def test_cuda_matches_cpu_and_falls_back_to_cpu_accumulation(monkeypatch):
     network = _tiny_network()
     network.set_deep_supervision(False)
     data = torch.randn((1, 30, 21, 25))
-    reference = predict_sliding_window(network, data, (16, 16, 16), (0, 1, 2), accumulation_dtype=torch.float32)
+    reference = predict_sliding_window(
+        network, data, (16, 16, 16), (0, 1, 2), accumulation_dtype=torch.float32
+    )
     network.cuda()
     on_gpu = predict_sliding_window(network, data, (16, 16, 16), (0, 1, 2), device="cuda")  # fp16 autocast
     assert on_gpu.device.type == "cpu" and on_gpu.dtype == torch.float16
@@ -589,8 +740,11 @@ def test_cuda_matches_cpu_and_falls_back_to_cpu_accumulation(monkeypatch):
         assert float(error.median()) < tolerance / 10
 
     assert_close_enough(on_gpu)
-    assert_close_enough(predict_sliding_window(network, data, (16, 16, 16), (0, 1, 2), device="cuda",
-                                               accumulate_on_device=False))
+    assert_close_enough(
+        predict_sliding_window(
+            network, data, (16, 16, 16), (0, 1, 2), device="cuda", accumulate_on_device=False
+        )
+    )
     real = inference._sliding_window_accumulate
     used = []
 
@@ -625,31 +779,56 @@ def test_predict_preprocessed_cascade_and_next_stage(tmp_path):
 
     image_path, seg_path, seg_raw = _write_case(tmp_path)
     plans = _plans()
-    data, seg, properties = preprocess_case([str(image_path)], str(seg_path), plans, "3d_fullres", DATASET_JSON)
+    data, seg, properties = preprocess_case(
+        [str(image_path)], str(seg_path), plans, "3d_fullres", DATASET_JSON
+    )
     save_case(tmp_path / "pre", "case", data, seg, properties)
     next_shape = (40, 18, 22)
-    save_case(tmp_path / "next", "case", np.zeros((1, *next_shape), np.float32), np.zeros((1, *next_shape), np.int8),
-              properties)
+    save_case(
+        tmp_path / "next",
+        "case",
+        np.zeros((1, *next_shape), np.float32),
+        np.zeros((1, *next_shape), np.int8),
+        properties,
+    )
     network = OneHotOfLastChannels()
     written = inference.predict_preprocessed(
-        tmp_path / "pre", ["case"], tmp_path / "val", network, plans, "3d_fullres", DATASET_JSON,
-        mirror_axes=(0, 1, 2), save_probabilities=True, previous_stage_segs=lambda case_id: seg,
-        next_stage=(tmp_path / "next", tmp_path / "next_out"), progress=False,
+        tmp_path / "pre",
+        ["case"],
+        tmp_path / "val",
+        network,
+        plans,
+        "3d_fullres",
+        DATASET_JSON,
+        mirror_axes=(0, 1, 2),
+        save_probabilities=True,
+        previous_stage_segs=lambda case_id: seg,
+        next_stage=(tmp_path / "next", tmp_path / "next_out"),
+        progress=False,
     )
     assert network.n_channels_seen == {3}  # image + one-hot of labels 1 and 2
     (out,) = written
-    assert {k: p.name for k, p in out.items()} == {"segmentation": "case.nii.gz", "probabilities": "case.npz",
-                                                   "properties": "case.json", "next_stage": "case.npy"}
+    assert {k: p.name for k, p in out.items()} == {
+        "segmentation": "case.nii.gz",
+        "probabilities": "case.npz",
+        "properties": "case.json",
+        "next_stage": "case.npy",
+    }
     _assert_same_geometry(out["segmentation"], image_path)
-    assert np.mean(_read_array(out["segmentation"]) == seg_raw) >= 0.99  # the previous stage's labels come back
+    assert (
+        np.mean(_read_array(out["segmentation"]) == seg_raw) >= 0.99
+    )  # the previous stage's labels come back
     next_seg = np.load(out["next_stage"])
     assert next_seg.shape == (1, *next_shape) and next_seg.dtype == np.uint8
     assert set(np.unique(next_seg)) == {0, 1, 2}
 
 
 def test_cascade_one_hot_uses_foreground_labels_even_for_regions():
-    regions = {"channel_names": {"0": "T1"}, "labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3],
-                                                        "enhancing": 3}, "regions_class_order": [1, 2, 3]}
+    regions = {
+        "channel_names": {"0": "T1"},
+        "labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3},
+        "regions_class_order": [1, 2, 3],
+    }
     seg = np.array([[[-1, 0, 1, 2, 3]]], dtype=np.int8)
     one_hot = inference.one_hot_previous_stage(seg, regions)
     np.testing.assert_array_equal(one_hot[:, 0], [[0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]])
@@ -662,15 +841,21 @@ def test_parallel_passes_do_not_change_the_result():
     """CPU passes run side by side in threads; the sum keeps its order, so the result equals the serial one."""
     torch.manual_seed(0)
     networks = [
-        nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4, affine=True), nn.LeakyReLU(0.01),
-                      nn.Conv3d(4, 3, 1)).eval()
+        nn.Sequential(
+            nn.Conv3d(1, 4, 3, padding=1),
+            nn.InstanceNorm3d(4, affine=True),
+            nn.LeakyReLU(0.01),
+            nn.Conv3d(4, 3, 1),
+        ).eval()
         for _ in range(3)
     ]
     data = torch.randn(1, 14, 17, 12)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        kwargs = dict(patch_size=(8, 8, 8), mirror_axes=(0, 1, 2), batch_tiles=4, accumulation_dtype=torch.float32)
+        kwargs = dict(
+            patch_size=(8, 8, 8), mirror_axes=(0, 1, 2), batch_tiles=4, accumulation_dtype=torch.float32
+        )
         serial = predict_sliding_window(networks, data, parallel_passes=1, **kwargs)
         parallel = predict_sliding_window(networks, data, parallel_passes=None, **kwargs)
         assert torch.get_num_threads() == 2

@@ -34,15 +34,27 @@ pytestmark = pytest.mark.slow
 NAME = "Dataset910_Invalidation"
 CONFIGURATIONS = ("2d", "3d_fullres")
 # what follows the trainings: pooling, selection, postprocessing, the report's tables, prediction
-SELECTION_AND_AFTER = {"select": 1, "postprocess": 1, "crossval_table": 1, "postprocessing_table": 1, "predict": 1,
-                       "all": 1}
+SELECTION_AND_AFTER = {
+    "select": 1,
+    "postprocess": 1,
+    "crossval_table": 1,
+    "postprocessing_table": 1,
+    "predict": 1,
+    "all": 1,
+}
 DOWNSTREAM_OF_ALL_TRAININGS = {"crossval": 2, "ensemble_crossval": 1, **SELECTION_AND_AFTER}
 
 
 def config_args(*changes: str) -> tuple[str, ...]:
-    return ("--config", f"dataset=data/{NAME}", "folds=[0,1]", f"configurations=[{','.join(CONFIGURATIONS)}]",
-            "training={epochs: 1, iterations_per_epoch: 1, val_iterations: 1}", "inference={mirroring: false}",
-            *changes)
+    return (
+        "--config",
+        f"dataset=data/{NAME}",
+        "folds=[0,1]",
+        f"configurations=[{','.join(CONFIGURATIONS)}]",
+        "training={epochs: 1, iterations_per_epoch: 1, val_iterations: 1}",
+        "inference={mirroring: false}",
+        *changes,
+    )
 
 
 def dry_run(wd: Path, *changes: str) -> tuple[dict[str, int], str]:
@@ -64,7 +76,9 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     test process imported).
     """
     root = tmp_path_factory.mktemp("library")
-    shutil.copytree(Path(nnsnake.__file__).parent, root / "nnsnake", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(nnsnake.__file__).parent, root / "nnsnake", ignore=shutil.ignore_patterns("__pycache__")
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
         yield root / "nnsnake"
@@ -81,6 +95,7 @@ def completed(tmp_path_factory: pytest.TempPathFactory, library: Path) -> Path:
 
 def copy_workflow(completed: Path, destination: Path, with_state: bool = False) -> Path:
     """A private copy of the completed workflow: results (mtimes kept), metadata, data; work/ only if asked."""
+
     def skip(folder: str, names: list[str]) -> list[str]:
         return ["work"] if Path(folder) == completed and not with_state else []
 
@@ -103,8 +118,13 @@ def test_library_edit_does_not_rerun_finished_trainings(completed: Path, library
     runs and no output is rewritten. Whoever wants a library change to reach finished results asks for it
     (``--forcerun train``); editing a shim under workflow/scripts/ does rerun its rule, by Snakemake's design.
     """
-    imported = subprocess.run([sys.executable, "-c", "import nnsnake.training as t; print(t.__file__)"],
-                              cwd=completed, capture_output=True, text=True, check=True).stdout.strip()
+    imported = subprocess.run(
+        [sys.executable, "-c", "import nnsnake.training as t; print(t.__file__)"],
+        cwd=completed,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert Path(imported) == library / "training.py"
     before = output_mtimes(completed)
     future = max(before.values()) / 1e9 + 60
@@ -126,8 +146,11 @@ def test_training_parameter_of_one_configuration_reruns_only_its_trainings(compl
     assert counts == {"train": 2, "validate": 2, "crossval": 1, "ensemble_crossval": 1, **SELECTION_AND_AFTER}
     jobs = executed_jobs(output).values()
     assert sorted(outputs[0] for rule, outputs in jobs if rule == "train") == [
-        f"results/{NAME}/training/3d_fullres/fold_{fold}/model_final.pt" for fold in (0, 1)]
-    assert [outputs for rule, outputs in jobs if rule == "crossval"] == [[f"results/{NAME}/crossval/3d_fullres/summary.json"]]
+        f"results/{NAME}/training/3d_fullres/fold_{fold}/model_final.pt" for fold in (0, 1)
+    ]
+    assert [outputs for rule, outputs in jobs if rule == "crossval"] == [
+        [f"results/{NAME}/crossval/3d_fullres/summary.json"]
+    ]
     assert "Params have changed" in output
 
 
@@ -143,7 +166,9 @@ def replan(completed: Path, tmp_path: Path, change: str) -> tuple[Path, Path, by
     return workflow, plans, plans_before
 
 
-def test_plan_change_that_leaves_plans_identical_reruns_nothing_downstream(completed: Path, tmp_path: Path) -> None:
+def test_plan_change_that_leaves_plans_identical_reruns_nothing_downstream(
+    completed: Path, tmp_path: Path
+) -> None:
     """gpu_memory_target_gb 8 -> 10 on images this small gives the same plan: the plan job reruns (its param
     changed), writes a byte-identical plans.json (deterministic JSON), and Snakemake's checksum of it keeps
     every later job: not one preprocessing or training reruns."""
@@ -166,7 +191,9 @@ def test_plan_change_reruns_from_preprocessing_on(completed: Path, tmp_path: Pat
     assert counts == {"preprocess": 2, "train": 4, "validate": 4, **DOWNSTREAM_OF_ALL_TRAININGS}
 
 
-def test_label_correction_reruns_the_trainings_and_validations_that_use_the_case(completed: Path, tmp_path: Path) -> None:
+def test_label_correction_reruns_the_trainings_and_validations_that_use_the_case(
+    completed: Path, tmp_path: Path
+) -> None:
     """Swapping labels 1 and 2 of one case (a typical label fix; fingerprint and plan stay the same) must rerun
     every training and validation whose fold holds the case, and all that depends on them; and a rerun training
     must start over, not restore its finished state. Every fold holds every case (for training, or for

@@ -55,8 +55,12 @@ def test_agrees_with_nnunetv2_summary(metrics_fixtures, run):
     expected = jsonio.read_json(folder / f"nnunetv2_summary_{run}.json")
     labels = [tuple(x) if isinstance(x, list) else x for x in spec["labels_or_regions"]]
     ours = compute_metrics_on_folder(
-        folder / spec["folder"] / "ref", folder / spec["folder"] / "pred", spec["file_ending"], labels,
-        ignore_label=spec["ignore_label"], chill=True,
+        folder / spec["folder"] / "ref",
+        folder / spec["folder"] / "pred",
+        spec["file_ending"],
+        labels,
+        ignore_label=spec["ignore_label"],
+        chill=True,
     )
     assert sorted(ours) == ["foreground_mean", "mean", "metric_per_case"]
     assert [os.path.basename(c["prediction_file"]) for c in ours["metric_per_case"]] == [
@@ -92,9 +96,12 @@ def test_missing_prediction_is_an_error_unless_chill(metrics_fixtures):
 def test_parallel_in_memory_and_written_summaries_agree(metrics_fixtures, tmp_path):
     folder, _ = metrics_fixtures
     ref_dir, pred_dir = folder / "nifti" / "ref", folder / "nifti" / "pred"
-    serial = compute_metrics_on_folder(ref_dir, pred_dir, ".nii.gz", [(1, 2), 1], 3, chill=True,
-                                       output_file=tmp_path / "summary.json")
-    parallel = compute_metrics_on_folder(ref_dir, pred_dir, ".nii.gz", [(1, 2), 1], 3, num_processes=2, chill=True)
+    serial = compute_metrics_on_folder(
+        ref_dir, pred_dir, ".nii.gz", [(1, 2), 1], 3, chill=True, output_file=tmp_path / "summary.json"
+    )
+    parallel = compute_metrics_on_folder(
+        ref_dir, pred_dir, ".nii.gz", [(1, 2), 1], 3, num_processes=2, chill=True
+    )
     assert_metric_dicts_equal(parallel["mean"], serial["mean"], "parallel")
 
     from nnsnake.imageio import read_seg
@@ -116,11 +123,11 @@ def test_parallel_in_memory_and_written_summaries_agree(metrics_fixtures, tmp_pa
 def test_rules_by_hand():
     ref = np.zeros((1, 4, 4), np.uint8)
     pred = np.zeros((1, 4, 4), np.uint8)
-    ref[0, 0, :2] = 1          # 2 voxels of label 1
-    pred[0, 0, 1:3] = 1        # TP 1, FP 1, FN 1
-    ref[0, 3, :] = 5           # ignored row: the prediction's label 2 there does not count
+    ref[0, 0, :2] = 1  # 2 voxels of label 1
+    pred[0, 0, 1:3] = 1  # TP 1, FP 1, FN 1
+    ref[0, 3, :] = 5  # ignored row: the prediction's label 2 there does not count
     pred[0, 3, :] = 2
-    pred[0, 2, 0] = 2          # label 2 absent in the reference: FP 1, Dice 0
+    pred[0, 2, 0] = 2  # label 2 absent in the reference: FP 1, Dice 0
     m = compute_case_metrics(ref, pred, [1, 2, 3, (1, 2)], ignore_label=5)
     assert m["1"] == {"Dice": 0.5, "IoU": 1 / 3, "FP": 1, "TP": 1, "FN": 1, "TN": 9, "n_pred": 2, "n_ref": 2}
     assert m["2"]["Dice"] == 0.0 and m["2"]["FP"] == 1 and m["2"]["TN"] == 11
@@ -129,8 +136,8 @@ def test_rules_by_hand():
 
     summary = compute_metrics_for_arrays([ref, ref], [pred, ref], [1, 3])
     assert summary["mean"]["1"]["Dice"] == pytest.approx(0.75)
-    assert math.isnan(summary["mean"]["3"]["Dice"])            # NaN in every case → NaN mean
-    assert math.isnan(summary["foreground_mean"]["Dice"])      # plain mean over labels
+    assert math.isnan(summary["mean"]["3"]["Dice"])  # NaN in every case → NaN mean
+    assert math.isnan(summary["foreground_mean"]["Dice"])  # plain mean over labels
 
 
 def test_shape_mismatch_names_the_case():
@@ -140,10 +147,15 @@ def test_shape_mismatch_names_the_case():
 
 def test_label_keys_and_dataset_labels():
     assert label_key(1) == "1" and label_key([1, 2]) == "(1, 2)" and label_key((2,)) == "(2,)"
-    assert parse_label_key("(1, 2)") == (1, 2) and parse_label_key("(2,)") == (2,) and parse_label_key("3") == 3
+    assert (
+        parse_label_key("(1, 2)") == (1, 2) and parse_label_key("(2,)") == (2,) and parse_label_key("3") == 3
+    )
     assert foreground_labels_or_regions({"labels": {"background": 0, "b": 2, "a": 1}}) == ([1, 2], None)
     assert foreground_labels_or_regions({"labels": {"background": 0, "a": 1, "ignore": 2}}) == ([1], 2)
-    brats = {"labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enh": 3}, "regions_class_order": [1, 2, 3]}
+    brats = {
+        "labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enh": 3},
+        "regions_class_order": [1, 2, 3],
+    }
     assert foreground_labels_or_regions(brats) == ([(1, 2, 3), (2, 3), 3], None)
 
 
@@ -151,7 +163,9 @@ def test_per_case_metric(metrics_fixtures):
     folder, _ = metrics_fixtures
     summary = jsonio.read_json(folder / "nnunetv2_summary_labels.json")
     dice = per_case_metric(summary, "Dice", ".nii.gz")
-    assert list(dice)[0] == "case_both_empty" and dice["case_overlap"]["1"] == pytest.approx(0.6341463414634146)
+    assert list(dice)[0] == "case_both_empty" and dice["case_overlap"]["1"] == pytest.approx(
+        0.6341463414634146
+    )
     assert case_id_from_file("/x/BRATS_001.nii.gz") == "BRATS_001"
     with pytest.raises(MetricsError):
         case_id_from_file("/x/a.nii.gz", ".png")

@@ -43,23 +43,28 @@ def assert_nested_close(ours, theirs, where=""):
 def test_full_connectivity_in_3d_and_2d():
     seg = np.zeros((5, 5, 5), np.uint8)
     seg[0, 0, 0] = 1
-    seg[1, 1, 1] = 1          # touches the first voxel only at a corner: same component (26-neighbourhood)
-    seg[4, 4, 4] = 1          # alone
+    seg[1, 1, 1] = 1  # touches the first voxel only at a corner: same component (26-neighbourhood)
+    seg[4, 4, 4] = 1  # alone
     out = keep_largest_component(seg, 1)
     assert out[0, 0, 0] == 1 and out[1, 1, 1] == 1 and out[4, 4, 4] == 0
 
     img = np.zeros((4, 4), np.uint8)
     img[0, 0] = img[1, 1] = 1  # 8-neighbourhood in 2D
     img[3, 3] = 1
-    assert keep_largest_component(img, [1]).tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert keep_largest_component(img, [1]).tolist() == [
+        [1, 0, 0, 0],
+        [0, 1, 0, 0],
+        [0, 0, 0, 0],
+        [0, 0, 0, 0],
+    ]
 
 
 def test_ties_keep_every_largest_component_and_other_labels_stay():
     seg = np.zeros((1, 6, 6), np.uint8)
     seg[0, 0, 0:2] = 1
-    seg[0, 5, 0:2] = 1        # same size: both stay
-    seg[0, 3, 5] = 1          # smaller: removed
-    seg[0, 2:4, 2:4] = 2      # label 2 is not part of the mask
+    seg[0, 5, 0:2] = 1  # same size: both stay
+    seg[0, 3, 5] = 1  # smaller: removed
+    seg[0, 2:4, 2:4] = 2  # label 2 is not part of the mask
     before = seg.copy()
     out = keep_largest_component(seg, 1)
     assert np.array_equal(seg, before), "input must not be modified"
@@ -78,10 +83,22 @@ def test_decision_agrees_with_nnunetv2(fixtures_dir, scenario, tmp_path):
     folder = fixtures_dir / "postprocessing" / scenario
     expected = jsonio.read_json(fixtures_dir / "postprocessing" / f"nnunetv2_decision_{scenario}.json")
     labels, ignore = foreground_labels_or_regions(jsonio.read_json(folder / "dataset.json"))
-    decision = determine_postprocessing(folder / "pred", folder / "ref", labels, ".nii.gz", ignore,
-                                        num_processes=2 if scenario == "regions" else 1, work_dir=tmp_path, log=quiet)
-    theirs = [sorted(s["labels_or_regions"]) if isinstance(s["labels_or_regions"], list) else [s["labels_or_regions"]]
-              for s in expected["accepted_steps"]]
+    decision = determine_postprocessing(
+        folder / "pred",
+        folder / "ref",
+        labels,
+        ".nii.gz",
+        ignore,
+        num_processes=2 if scenario == "regions" else 1,
+        work_dir=tmp_path,
+        log=quiet,
+    )
+    theirs = [
+        sorted(s["labels_or_regions"])
+        if isinstance(s["labels_or_regions"], list)
+        else [s["labels_or_regions"]]
+        for s in expected["accepted_steps"]
+    ]
     assert [s["labels"] for s in decision["steps"]] == theirs
     assert_nested_close(decision["input_folder"], expected["input_folder"], "input_folder")
     assert_nested_close(decision["postprocessed"], expected["postprocessed"], "postprocessed")
@@ -90,15 +107,20 @@ def test_decision_agrees_with_nnunetv2(fixtures_dir, scenario, tmp_path):
 
 def test_known_decisions_of_the_constructed_folders(fixtures_dir):
     base = fixtures_dir / "postprocessing"
-    single = determine_postprocessing(base / "single_label" / "pred", base / "single_label" / "ref", [1],
-                                      ".nii.gz", log=quiet)
+    single = determine_postprocessing(
+        base / "single_label" / "pred", base / "single_label" / "ref", [1], ".nii.gz", log=quiet
+    )
     assert [(s["scope"], s["labels"]) for s in single["steps"]] == [(ALL_FOREGROUND, [1])]
     assert len(single["trials"]) == 1  # one label: no per-label steps
 
-    per_label = determine_postprocessing(base / "per_label" / "pred", base / "per_label" / "ref", [1, 2],
-                                         ".nii.gz", log=quiet)
+    per_label = determine_postprocessing(
+        base / "per_label" / "pred", base / "per_label" / "ref", [1, 2], ".nii.gz", log=quiet
+    )
     assert [(t["step"]["scope"], t["accepted"]) for t in per_label["trials"]] == [
-        (ALL_FOREGROUND, False), ("1", True), ("2", False)]
+        (ALL_FOREGROUND, False),
+        ("1", True),
+        ("2", False),
+    ]
     # the label-2 step was tried on top of the accepted label-1 step (chaining)
     assert per_label["trials"][2]["before"] == per_label["trials"][1]["after"]
 
@@ -108,12 +130,12 @@ def blob_case(specks: bool, separate_label2: bool):
     ref = np.zeros((1, 10, 10, 10), np.uint8)
     ref[0, 1:5, 1:5, 1:5] = 1
     if separate_label2:
-        ref[0, 8:10, 8:10, 8:10] = 2          # a second, true object far away
+        ref[0, 8:10, 8:10, 8:10] = 2  # a second, true object far away
     else:
-        ref[0, 5:7, 1:5, 1:5] = 2             # touches label 1
+        ref[0, 5:7, 1:5, 1:5] = 2  # touches label 1
     pred = ref.copy()
     if specks:
-        pred[0, 9, 0:10:2, 0:10:2] = 1        # 25 isolated voxels of label 1
+        pred[0, 9, 0:10:2, 0:10:2] = 1  # 25 isolated voxels of label 1
     return ref, pred
 
 
@@ -124,15 +146,18 @@ def test_foreground_step_rejected_when_a_label_gets_worse():
     preds = {k: v[1] for k, v in cases.items()}
     decision = determine_postprocessing(preds, refs, [1, 2], log=quiet)
     fg_trial = decision["trials"][0]
-    assert fg_trial["after"]["foreground_mean"] > fg_trial["before"]["foreground_mean"]  # better on average ...
-    assert fg_trial["after"]["mean"]["2"] < fg_trial["before"]["mean"]["2"]              # ... but label 2 worse
+    assert (
+        fg_trial["after"]["foreground_mean"] > fg_trial["before"]["foreground_mean"]
+    )  # better on average ...
+    assert fg_trial["after"]["mean"]["2"] < fg_trial["before"]["mean"]["2"]  # ... but label 2 worse
     assert not fg_trial["accepted"]
     assert [s["scope"] for s in decision["steps"]] == ["1"]  # the label-1 step alone removes the specks
 
     # without the separate object the all-foreground step is accepted, and label 1 then has nothing left to gain
     cases["c7"] = blob_case(specks=False, separate_label2=False)
-    decision = determine_postprocessing({k: v[1] for k, v in cases.items()}, {k: v[0] for k, v in cases.items()},
-                                        [1, 2], log=quiet)
+    decision = determine_postprocessing(
+        {k: v[1] for k, v in cases.items()}, {k: v[0] for k, v in cases.items()}, [1, 2], log=quiet
+    )
     assert [s["scope"] for s in decision["steps"]] == [ALL_FOREGROUND]
     assert decision["postprocessed"]["foreground_mean"]["Dice"] == 1.0
 
@@ -154,7 +179,9 @@ def test_apply_matches_the_decision_and_keeps_geometry(fixtures_dir, tmp_path):
     write_decision(tmp_path / "postprocessing.json", decision)
     reread = read_decision(tmp_path / "postprocessing.json")
     assert reread["steps"] == decision["steps"]
-    names = apply_postprocessing_to_folder(folder / "pred", tmp_path / "out", reread, ".nii.gz", num_processes=1)
+    names = apply_postprocessing_to_folder(
+        folder / "pred", tmp_path / "out", reread, ".nii.gz", num_processes=1
+    )
     assert names
     summary = compute_metrics_on_folder(folder / "ref", tmp_path / "out", ".nii.gz", labels, ignore)
     assert_nested_close(summary["mean"], decision["postprocessed"]["mean"])

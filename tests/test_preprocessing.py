@@ -31,8 +31,12 @@ from nnsnake.preprocessing import (
     stored_case_ids,
 )
 
-PROPERTY_KEYS = ("spacing", "shape_before_cropping", "bbox_used_for_cropping",
-                 "shape_after_cropping_and_before_resampling")
+PROPERTY_KEYS = (
+    "spacing",
+    "shape_before_cropping",
+    "bbox_used_for_cropping",
+    "shape_after_cropping_and_before_resampling",
+)
 DEMO_CONFIGURATIONS = ("3d_fullres", "2d")
 
 
@@ -44,8 +48,10 @@ def location_digest(class_locations: dict) -> dict:
     out = {}
     for key, coords in class_locations.items():
         coords = np.ascontiguousarray(np.asarray(coords, dtype=np.int64))
-        out[key_text(key)] = {"count": int(len(coords)),
-                              "sha256": hashlib.sha256(coords.tobytes()).hexdigest() if len(coords) else None}
+        out[key_text(key)] = {
+            "count": int(len(coords)),
+            "sha256": hashlib.sha256(coords.tobytes()).hexdigest() if len(coords) else None,
+        }
     return out
 
 
@@ -58,8 +64,13 @@ def assert_data_close(data: np.ndarray, expected: np.ndarray, stds) -> None:
 
 def assert_properties_equal(properties: dict, expected: dict) -> None:
     for key in PROPERTY_KEYS:
-        np.testing.assert_allclose(np.asarray(properties[key], dtype=float), np.asarray(expected[key], dtype=float),
-                                   rtol=0, atol=0, err_msg=key)
+        np.testing.assert_allclose(
+            np.asarray(properties[key], dtype=float),
+            np.asarray(expected[key], dtype=float),
+            rtol=0,
+            atol=0,
+            err_msg=key,
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -83,8 +94,11 @@ def test_demo_cases_match_nnunetv2(demo, name, configuration):
     resampling of all axes, ignore label (class locations of all annotated voxels)."""
     root = demo["root"]
     data, seg, properties = preprocess_case(
-        [root / "inputs" / f"{name}_0000.nii.gz"], root / "inputs" / f"{name}.nii.gz",
-        demo["plans"][name], configuration, demo["dataset_json"][name],
+        [root / "inputs" / f"{name}_0000.nii.gz"],
+        root / "inputs" / f"{name}.nii.gz",
+        demo["plans"][name],
+        configuration,
+        demo["dataset_json"][name],
     )
     with np.load(root / "demo" / f"{name}_{configuration}.npz", allow_pickle=False) as f:
         expected_data, expected_seg = f["data"], f["seg"]
@@ -123,10 +137,17 @@ SHARED_CASES = _shared_cases(Path(__file__).resolve().parent / "fixtures")
 
 def test_shared_fixtures_cover_every_dataset_and_configuration():
     datasets = {d for d, _, _ in SHARED_CASES}
-    assert {"Dataset004_Hippocampus", "Dataset301_BraTS2015DeepMedic", "Dataset303_BraTSVariedSpacing",
-            "Dataset009_SpleenCTCrop", "Dataset201_ISBI2012EM"} <= datasets
+    assert {
+        "Dataset004_Hippocampus",
+        "Dataset301_BraTS2015DeepMedic",
+        "Dataset303_BraTSVariedSpacing",
+        "Dataset009_SpleenCTCrop",
+        "Dataset201_ISBI2012EM",
+    } <= datasets
     for dataset in datasets:
-        plans = json.loads((Path(__file__).parent / "fixtures" / "nnunetv2" / dataset / "nnUNetPlans.json").read_text())
+        plans = json.loads(
+            (Path(__file__).parent / "fixtures" / "nnunetv2" / dataset / "nnUNetPlans.json").read_text()
+        )
         planned = {c for c, v in plans["configurations"].items() if "inherits_from" not in v}
         assert planned == {c for d, c, _ in SHARED_CASES if d == dataset}, dataset
 
@@ -224,15 +245,25 @@ def test_scheme_for_channel_name():
 
 def test_normalization_schemes():
     x = np.array([[-2000.0, 0.0, 100.0, 5000.0]], dtype=np.float32)
-    ct = normalize_channel(x.copy(), "CTNormalization", intensity_properties={
-        "mean": 100.0, "std": 50.0, "percentile_00_5": -100.0, "percentile_99_5": 300.0})
+    ct = normalize_channel(
+        x.copy(),
+        "CTNormalization",
+        intensity_properties={
+            "mean": 100.0,
+            "std": 50.0,
+            "percentile_00_5": -100.0,
+            "percentile_99_5": 300.0,
+        },
+    )
     np.testing.assert_allclose(ct, [[-4.0, -2.0, 0.0, 4.0]])
     z = normalize_channel(x.copy(), "ZScoreNormalization")
     assert abs(z.mean()) < 1e-6 and abs(z.std() - 1) < 1e-6
-    np.testing.assert_allclose(normalize_channel(x.copy(), "RescaleTo01Normalization"), [[0, 2000 / 7000, 2100 / 7000, 1]],
-                               rtol=1e-6)
-    np.testing.assert_allclose(normalize_channel(np.array([0.0, 51.0, 255.0], np.float32), "RGBTo01Normalization"),
-                               [0, 0.2, 1])
+    np.testing.assert_allclose(
+        normalize_channel(x.copy(), "RescaleTo01Normalization"), [[0, 2000 / 7000, 2100 / 7000, 1]], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        normalize_channel(np.array([0.0, 51.0, 255.0], np.float32), "RGBTo01Normalization"), [0, 0.2, 1]
+    )
     with pytest.raises(NormalizationError, match="0, 255"):
         normalize_channel(x.copy(), "RGBTo01Normalization")
     assert normalize_channel(x.copy(), "NoNormalization").tolist() == x.tolist()
@@ -261,10 +292,13 @@ def _case(seed: int = 0):
     rng = np.random.default_rng(seed)
     data = rng.standard_normal((2, 6, 7, 8)).astype(np.float32)
     seg = rng.integers(-1, 3, (1, 6, 7, 8)).astype(np.int8)
-    properties = {"spacing": [1.0, 2.0, 3.0], "shape_before_cropping": [6, 7, 8],
-                  "bbox_used_for_cropping": [[0, 6], [0, 7], [0, 8]],
-                  "shape_after_cropping_and_before_resampling": [6, 7, 8],
-                  "class_locations": sample_class_locations(seg[0], [1, 2, (-1, 0, 1, 2)])}
+    properties = {
+        "spacing": [1.0, 2.0, 3.0],
+        "shape_before_cropping": [6, 7, 8],
+        "bbox_used_for_cropping": [[0, 6], [0, 7], [0, 8]],
+        "shape_after_cropping_and_before_resampling": [6, 7, 8],
+        "class_locations": sample_class_locations(seg[0], [1, 2, (-1, 0, 1, 2)]),
+    }
     return data, seg, properties
 
 
@@ -282,7 +316,9 @@ def test_save_and_load_roundtrip(tmp_path):
             np.testing.assert_array_equal(p["class_locations"][key], coords)
         assert p["spacing"] == [1.0, 2.0, 3.0]
     assert stored_case_ids(tmp_path) == ["case_a"]
-    big = np.random.default_rng(1).standard_normal((2, 64, 128, 80)).astype(np.float32)  # > 4 MiB: memory-mapped
+    big = (
+        np.random.default_rng(1).standard_normal((2, 64, 128, 80)).astype(np.float32)
+    )  # > 4 MiB: memory-mapped
     save_case(tmp_path, "case_big", big, seg[:, :1, :1, :1], {**properties, "class_locations": {}})
     d, _, p = load_case(tmp_path, "case_big", mmap=True)
     owner = d
@@ -342,7 +378,9 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def test_preprocess_dataset_is_incremental(raw_dataset, tmp_path):
     raw, dataset_json, plans = raw_dataset
     out = tmp_path / "pre"
-    manifest = preprocess_dataset(raw, dataset_json, plans, "3d_fullres", out, num_processes=2, progress=False)
+    manifest = preprocess_dataset(
+        raw, dataset_json, plans, "3d_fullres", out, num_processes=2, progress=False
+    )
     assert sorted(manifest["cases"]) == ["c1", "c2", "c3"] and manifest["data_identifier"]
     assert manifest["cases"]["c1"] == manifest["cases"]["c3"]
     first = _mtimes(out)
@@ -374,8 +412,9 @@ def test_preprocessed_case_matches_preprocess_case(raw_dataset, tmp_path):
     preprocess_dataset(raw, dataset_json, plans, "2d", out, case_ids=["c2"], progress=False)
     assert stored_case_ids(out) == ["c2"]
     data, seg, properties = load_case(out, "c2", mmap=True)
-    expected = preprocess_case([raw / "imagesTr" / "c2_0000.nii.gz"], raw / "labelsTr" / "c2.nii.gz", plans, "2d",
-                               dataset_json)
+    expected = preprocess_case(
+        [raw / "imagesTr" / "c2_0000.nii.gz"], raw / "labelsTr" / "c2.nii.gz", plans, "2d", dataset_json
+    )
     np.testing.assert_array_equal(data, expected[0])
     np.testing.assert_array_equal(seg, expected[1])
     assert properties["bbox_used_for_cropping"] == expected[2]["bbox_used_for_cropping"]
@@ -389,7 +428,9 @@ def test_failing_case_names_itself(raw_dataset, tmp_path, num_processes):
     (raw / "imagesTr" / "c2_0000.nii.gz").write_bytes(b"not an image")
     out = tmp_path / "pre"
     with pytest.raises(PreprocessingError, match="c2") as info:
-        preprocess_dataset(raw, dataset_json, plans, "3d_fullres", out, num_processes=num_processes, progress=False)
+        preprocess_dataset(
+            raw, dataset_json, plans, "3d_fullres", out, num_processes=num_processes, progress=False
+        )
     assert "c2_0000.nii.gz" in str(info.value)
     assert "c2" not in stored_case_ids(out)
     assert not list(out.glob("c2*")) and not [p for p in out.iterdir() if p.name.startswith(".")]

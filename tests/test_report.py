@@ -48,14 +48,20 @@ def test_report_holds_progress_plots_crossval_table_bootstrap_and_postprocessing
         assert categories["Training"][configuration] == plots
         for fold, path in zip(FOLDS, plots, strict=True):
             entry = results[path]
-            assert entry["mime_type"] == "image/png" and entry["labels"] == {"configuration": configuration,
-                                                                            "fold": str(fold)}
+            assert entry["mime_type"] == "image/png" and entry["labels"] == {
+                "configuration": configuration,
+                "fold": str(fold),
+            }
             assert embedded_file(entry) == (wd / path).read_bytes()
             assert f"<strong>{configuration}</strong>, fold {fold}" in entry["caption"]
 
     selection = [path for paths in categories["Model selection"].values() for path in paths]
-    expected = {f"{rel}/bootstrap.png": "image/png", f"{rel}/report/crossval.html": "text/html",
-                f"{rel}/report/postprocessing.html": "text/html", f"{rel}/postprocessing.json": "application/json"}
+    expected = {
+        f"{rel}/bootstrap.png": "image/png",
+        f"{rel}/report/crossval.html": "text/html",
+        f"{rel}/report/postprocessing.html": "text/html",
+        f"{rel}/postprocessing.json": "application/json",
+    }
     assert set(expected) <= set(selection)
     for path, mime in expected.items():
         assert results[path]["mime_type"] == mime and len(results[path]["caption"]) > 200, path
@@ -65,7 +71,13 @@ def test_report_holds_progress_plots_crossval_table_bootstrap_and_postprocessing
     assert f"Selected: <b>{chosen}</b>" in table
     for candidate in ("2d", "3d_fullres", "ensemble_2d+3d_fullres"):
         assert f">{candidate}</td>" in table
-    for column in ("Dice Anterior (1)", "Dice Posterior (2)", "foreground mean Dice", "95 % CI low", "P(best)"):
+    for column in (
+        "Dice Anterior (1)",
+        "Dice Posterior (2)",
+        "foreground mean Dice",
+        "95 % CI low",
+        "P(best)",
+    ):
         assert column in table
     csv = (wd / rel / "report" / "crossval.csv").read_text().splitlines()
     assert len(csv) == 4 and csv[0].startswith("candidate,Dice Anterior (1),Dice Posterior (2)")

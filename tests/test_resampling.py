@@ -23,11 +23,18 @@ def reference(fixtures_dir):
     i = 0
     while f"c{i}_data" in arrays:
         g = arrays[f"c{i}_geometry"]
-        cases.append({
-            "data": arrays[f"c{i}_data"], "seg": arrays[f"c{i}_seg"],
-            "new_shape": tuple(int(v) for v in g[3:6]), "spacing": g[6:9], "new_spacing": g[9:12],
-            "out_data": arrays[f"c{i}_out_data"], "out_prob": arrays[f"c{i}_out_prob"], "out_seg": arrays[f"c{i}_out_seg"],
-        })
+        cases.append(
+            {
+                "data": arrays[f"c{i}_data"],
+                "seg": arrays[f"c{i}_seg"],
+                "new_shape": tuple(int(v) for v in g[3:6]),
+                "spacing": g[6:9],
+                "new_spacing": g[9:12],
+                "out_data": arrays[f"c{i}_out_data"],
+                "out_prob": arrays[f"c{i}_out_prob"],
+                "out_seg": arrays[f"c{i}_out_seg"],
+            }
+        )
         i += 1
     assert len(cases) >= 9
     return cases
@@ -41,7 +48,11 @@ def test_images_match_nnunetv2(reference):
             assert out.shape == case["out_data"].shape and out.dtype == np.float32
             for c in range(out.shape[0]):
                 error = np.abs(out[c] - case["out_data"][c]).max()
-                assert error < tolerance * case["out_data"][c].std(), (case["spacing"], case["new_spacing"], error)
+                assert error < tolerance * case["out_data"][c].std(), (
+                    case["spacing"],
+                    case["new_spacing"],
+                    error,
+                )
         probabilities = resample_data_or_seg_to_shape(case["data"], *args, order=1)
         np.testing.assert_allclose(probabilities, case["out_prob"], rtol=0, atol=1e-5)
 
@@ -58,7 +69,11 @@ def test_label_maps_match_nnunetv2_exactly(reference):
 def test_cubic_matches_skimage_on_long_axes():
     """Axes longer than one BLAS band (128 rows), up and down, each axis position."""
     rng = np.random.default_rng(3)
-    for shape, new_shape in (((150, 9, 7), (263, 8, 7)), ((6, 140, 9), (6, 131, 12)), ((5, 7, 300), (4, 7, 170))):
+    for shape, new_shape in (
+        ((150, 9, 7), (263, 8, 7)),
+        ((6, 140, 9), (6, 131, 12)),
+        ((5, 7, 300), (4, 7, 170)),
+    ):
         image = rng.standard_normal((1, *shape)).astype(np.float32)
         expected = resize(image[0].astype(np.float64), new_shape, order=3, mode="edge", anti_aliasing=False)
         out = resample_data_or_seg_to_shape(image, new_shape, (1, 1, 1), (1, 1, 1), work_dtype=np.float64)
@@ -93,7 +108,9 @@ def test_seg_resampling_keeps_minus_one_and_only_input_labels():
     seg[0, :, :4] = -1
     seg[0, 2:5, 8:14, 6:12] = 2
     seg[0, 3, 10:12, 8:10] = 7
-    out = resample_data_or_seg_to_shape(seg, (15, 31, 27), (3.5, 1, 1), (1.4, 0.65, 0.74), is_seg=True, order=1)
+    out = resample_data_or_seg_to_shape(
+        seg, (15, 31, 27), (3.5, 1, 1), (1.4, 0.65, 0.74), is_seg=True, order=1
+    )
     assert out.dtype == np.int16
     assert set(np.unique(out)) <= {-1, 0, 2, 7}
     assert (out == -1).any() and (out == 2).any()
@@ -132,6 +149,7 @@ def test_nearest_indices_follow_scipy():
 
     for n_in in (1, 2, 5, 13):
         for n_out in (1, 3, 8, 26):
-            expected = ndimage.zoom(np.arange(n_in, dtype=float), n_out / n_in, order=0, mode="nearest",
-                                    grid_mode=True)
+            expected = ndimage.zoom(
+                np.arange(n_in, dtype=float), n_out / n_in, order=0, mode="nearest", grid_mode=True
+            )
             np.testing.assert_array_equal(nearest_indices(n_in, n_out), expected.astype(int))

@@ -88,7 +88,9 @@ class Run:
         self.log_path = wd / f"{name}.out"
         cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]  # as tests.test_workflow.snakemake
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(cmd, cwd=wd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, cwd=wd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def output(self) -> str:
         return self.log_path.read_text()
@@ -100,8 +102,9 @@ class Run:
             if value:
                 return value
             if self.proc.poll() is not None:
-                raise AssertionError(f"snakemake ended (status {self.proc.returncode}) before {what}:\n"
-                                     f"{self.output()[-6000:]}")
+                raise AssertionError(
+                    f"snakemake ended (status {self.proc.returncode}) before {what}:\n{self.output()[-6000:]}"
+                )
             time.sleep(0.1)
         raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{self.output()[-6000:]}")
 
@@ -179,7 +182,9 @@ def assert_continued(final: list[dict], before_kill: list[dict], epochs: int) ->
     checkpoint on, the epochs were run by the next attempt, which resumed there instead of starting over.
     Returns the epoch and the attempt number where the resumed attempt took over."""
     assert [entry["epoch"] for entry in final] == list(range(epochs))
-    assert before_kill and final[: len(before_kill)] == before_kill, "entries logged before the kill were changed"
+    assert before_kill and final[: len(before_kill)] == before_kill, (
+        "entries logged before the kill were changed"
+    )
     killed_attempt = before_kill[-1]["attempt"]
     resumed_at = next(i for i, entry in enumerate(final) if entry["attempt"] > killed_attempt)
     assert len(before_kill) <= resumed_at < epochs, (resumed_at, len(before_kill))
@@ -189,10 +194,17 @@ def assert_continued(final: list[dict], before_kill: list[dict], epochs: int) ->
 
 
 def workflow_args(dataset: str, epochs: int, iterations: int, *extra_training: str) -> tuple[str, ...]:
-    training = ", ".join([f"epochs: {epochs}", f"iterations_per_epoch: {iterations}", "val_iterations: 1",
-                          *extra_training])
-    return ("--config", f"dataset={dataset}", "folds=[0,1]", f"configurations=[{CONFIGURATION}]",
-            f"training={{{training}}}", "inference={mirroring: false}")
+    training = ", ".join(
+        [f"epochs: {epochs}", f"iterations_per_epoch: {iterations}", "val_iterations: 1", *extra_training]
+    )
+    return (
+        "--config",
+        f"dataset={dataset}",
+        "folds=[0,1]",
+        f"configurations=[{CONFIGURATION}]",
+        f"training={{{training}}}",
+        "inference={mirroring: false}",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,8 +228,9 @@ def test_killed_training_job_and_killed_snakemake_both_resume(tmp_path: Path) ->
     args = workflow_args(dataset, epochs, 1)
 
     with background(wd, args, "run1") as run1:
-        [first] = run1.wait_until(lambda: [f for f in (0, 1) if state_log(wd, dataset, f)],
-                                  "a training to finish its first epoch")
+        [first] = run1.wait_until(
+            lambda: [f for f in (0, 1) if state_log(wd, dataset, f)], "a training to finish its first epoch"
+        )
         trainer = run1.trainer()
         killed_first = state_log(wd, dataset, first)
         trainer.send_signal(signal.SIGKILL)
@@ -237,8 +250,9 @@ def test_killed_training_job_and_killed_snakemake_both_resume(tmp_path: Path) ->
         return (finished[0], other) if len(state_log(wd, dataset, other)) > logged_before[other] else None
 
     with background(wd, args, "run2") as run2:
-        done, interrupted = run2.wait_until(one_finished_other_training,
-                                            "one fold to finish and the other to log an epoch")
+        done, interrupted = run2.wait_until(
+            one_finished_other_training, "one fold to finish and the other to log an epoch"
+        )
         killed_second = state_log(wd, dataset, interrupted)
         run2.trainer()  # the interrupted fold is training now
         group = _descendants(run2.proc.pid)
@@ -247,10 +261,12 @@ def test_killed_training_job_and_killed_snakemake_both_resume(tmp_path: Path) ->
     assert not fold_output(wd, dataset, interrupted).exists()
     assert len(killed_second) < epochs, "the kill came too late"
     if done == first:  # the fold killed in run 1 was resumed and finished by run 2
-        epoch, attempt = assert_continued(json.loads(fold_output(wd, dataset, first, "log.json").read_text()),
-                                          killed_first, epochs)
+        epoch, attempt = assert_continued(
+            json.loads(fold_output(wd, dataset, first, "log.json").read_text()), killed_first, epochs
+        )
         assert f"resuming {CONFIGURATION} fold {first} at epoch {epoch} (attempt {attempt})" in train_log(
-            wd, dataset, first)
+            wd, dataset, first
+        )
 
     finished = finished_outputs(run1.output()) | finished_outputs(run2.output())
     mtimes = {path: (wd / path).stat().st_mtime_ns for path in finished}
@@ -265,11 +281,15 @@ def test_killed_training_job_and_killed_snakemake_both_resume(tmp_path: Path) ->
     assert {path: (wd / path).stat().st_mtime_ns for path in finished} == mtimes
     trains = [outputs[0] for rule, outputs in jobs3.values() if rule == "train"]
     assert trains == [str(fold_output(wd, dataset, interrupted).relative_to(wd))]
-    epoch, attempt = assert_continued(json.loads(fold_output(wd, dataset, interrupted, "log.json").read_text()),
-                                      killed_second, epochs)
+    epoch, attempt = assert_continued(
+        json.loads(fold_output(wd, dataset, interrupted, "log.json").read_text()), killed_second, epochs
+    )
     assert f"resuming {CONFIGURATION} fold {interrupted} at epoch {epoch} (attempt {attempt})" in train_log(
-        wd, dataset, interrupted)
-    assert_continued(json.loads(fold_output(wd, dataset, first, "log.json").read_text()), killed_first, epochs)
+        wd, dataset, interrupted
+    )
+    assert_continued(
+        json.loads(fold_output(wd, dataset, first, "log.json").read_text()), killed_first, epochs
+    )
     results = wd / "results" / Path(dataset).name
     assert (results / "selection.json").exists()
     assert (results / "predictions" / "imagesTs" / "prediction.json").exists()
@@ -283,8 +303,11 @@ def test_deterministic_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path:
     wd = workflow_copy(tmp_path)
     dataset = tiny_dataset(wd, "Dataset908_Deterministic")
     epochs = 3
-    args = (*workflow_args(dataset, epochs, 2, "deterministic: true"), "--",
-            str(fold_output(wd, dataset, 0).relative_to(wd)))
+    args = (
+        *workflow_args(dataset, epochs, 2, "deterministic: true"),
+        "--",
+        str(fold_output(wd, dataset, 0).relative_to(wd)),
+    )
 
     snakemake(wd, *args)  # uninterrupted reference
     reference = torch.load(fold_output(wd, dataset, 0), map_location="cpu", weights_only=True)
@@ -313,11 +336,16 @@ def test_deterministic_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path:
     assert attempt == 3 and f"resuming {CONFIGURATION} fold 0 at epoch {epoch}" in train_log(wd, dataset, 0)
     deterministic_keys = ("train_loss", "val_loss", "pseudo_dice", "mean_fg_dice", "ema_pseudo_dice", "lr")
     for resumed_entry, reference_entry in zip(final_log, reference_log, strict=True):
-        assert {k: resumed_entry[k] for k in deterministic_keys} == {k: reference_entry[k] for k in deterministic_keys}
+        assert {k: resumed_entry[k] for k in deterministic_keys} == {
+            k: reference_entry[k] for k in deterministic_keys
+        }
     resumed = torch.load(fold_output(wd, dataset, 0), map_location="cpu", weights_only=True)
     assert resumed["network_weights"].keys() == reference["network_weights"].keys()
-    unequal = [name for name, tensor in reference["network_weights"].items()
-               if not torch.equal(tensor, resumed["network_weights"][name])]
+    unequal = [
+        name
+        for name, tensor in reference["network_weights"].items()
+        if not torch.equal(tensor, resumed["network_weights"][name])
+    ]
     assert not unequal, f"weights differ from the uninterrupted run in {unequal}"
 
 

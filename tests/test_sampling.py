@@ -31,7 +31,9 @@ def make_case(shape, blobs=(), channels=1, fill=None):
 
 
 def loader_for(cases, batch_size, patch_size, sampling_patch_size=None, **kwargs):
-    return PatchDataLoader(list(cases), lambda cid: cases[cid], batch_size, patch_size, sampling_patch_size, **kwargs)
+    return PatchDataLoader(
+        list(cases), lambda cid: cases[cid], batch_size, patch_size, sampling_patch_size, **kwargs
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,7 +72,9 @@ def test_dummy_2d_and_2d_rotation_thresholds_are_strict():
 
 
 def test_initial_patch_caps_rotation_at_90_degrees_and_accepts_scalar():
-    assert initial_patch_size((40, 56, 40), math.pi, False) == initial_patch_size((40, 56, 40), math.pi / 2, False)
+    assert initial_patch_size((40, 56, 40), math.pi, False) == initial_patch_size(
+        (40, 56, 40), math.pi / 2, False
+    )
     assert initial_patch_size((40, 56, 40), 0.0, False) == (47, 65, 47)  # only the 1/0.85 margin
     assert initial_patch_size((20, 64, 64), (-math.pi, math.pi), True)[0] == 20
 
@@ -94,8 +98,10 @@ def test_forced_foreground_count(batch_size, forced):
 @pytest.mark.parametrize("batch_size, forced", [(2, 1), (9, 3)])
 def test_oversampling_ratio_over_many_batches(batch_size, forced):
     # one voxel of foreground in a 40^3 volume: random 6^3 patches almost never see it
-    cases = {f"c{i}": make_case((40, 40, 40), [(1 + i % 2, (slice(5 + i, 6 + i), slice(30, 31), slice(9, 10)))])
-             for i in range(4)}
+    cases = {
+        f"c{i}": make_case((40, 40, 40), [(1 + i % 2, (slice(5 + i, 6 + i), slice(30, 31), slice(9, 10)))])
+        for i in range(4)
+    }
     loader = loader_for(cases, batch_size, (6, 6, 6), seed=3)
     n_batches, fg_per_position, drawn = 300, np.zeros(batch_size), []
     for _ in range(n_batches):
@@ -103,7 +109,7 @@ def test_oversampling_ratio_over_many_batches(batch_size, forced):
         assert batch["data"].shape == (batch_size, 1, 6, 6, 6)
         fg_per_position += (batch["target"] > 0).flatten(1).any(1).numpy()
         drawn += batch["keys"]
-    assert np.all(fg_per_position[batch_size - forced:] == n_batches)  # every forced sample holds foreground
+    assert np.all(fg_per_position[batch_size - forced :] == n_batches)  # every forced sample holds foreground
     assert fg_per_position[: batch_size - forced].sum() < 0.05 * n_batches * (batch_size - forced)
     # cases are drawn uniformly with replacement
     counts = np.array([drawn.count(c) for c in cases])
@@ -122,7 +128,9 @@ def test_oversampling_bs366_gives_121_foreground_patches():
 def test_forced_sample_is_centred_on_a_voxel_of_a_present_class():
     # label 1 one voxel, label 2 one voxel, label 3 has no locations (absent): classes 1 and 2 equally often
     shape = (30, 30, 30)
-    data, seg, props = make_case(shape, [(1, (slice(15, 16),) * 3), (2, (slice(10, 11), slice(20, 21), slice(5, 6)))])
+    data, seg, props = make_case(
+        shape, [(1, (slice(15, 16),) * 3), (2, (slice(10, 11), slice(20, 21), slice(5, 6)))]
+    )
     props["class_locations"][3] = np.zeros((0, 3), dtype=np.int64)
     loader = loader_for({"c": (data, seg, props)}, 2, (8, 8, 8), sampling_patch_size=(10, 12, 14), seed=1)
     seen = {1: 0, 2: 0}
@@ -141,7 +149,9 @@ def test_forced_sample_lower_corner_is_clamped_to_lower_bound_only():
     # foreground at the very corner: the lower bound clamps; near the upper edge nothing clamps, padding fills
     shape = (20, 20, 20)
     case = make_case(shape, [(1, (slice(0, 1),) * 3)])
-    loader = loader_for({"c": case}, 1, (6, 6, 6), sampling_patch_size=(10, 10, 10), oversample_foreground_percent=1.0)
+    loader = loader_for(
+        {"c": case}, 1, (6, 6, 6), sampling_patch_size=(10, 10, 10), oversample_foreground_percent=1.0
+    )
     lower = loader.lower_corner(shape, True, case[2]["class_locations"])
     assert lower == [-2, -2, -2]  # lb = -(10 - 6) // 2
     case = make_case(shape, [(1, (slice(19, 20),) * 3)])
@@ -217,7 +227,9 @@ def test_small_case_is_padded_data_zero_seg_minus_one():
 
 def test_2d_loader_takes_one_slice_and_forced_slice_holds_foreground():
     shape = (12, 20, 20)
-    fill = np.broadcast_to(np.arange(1, 13, dtype=np.float32)[None, :, None, None], (1, *shape))  # slice z: z + 1
+    fill = np.broadcast_to(
+        np.arange(1, 13, dtype=np.float32)[None, :, None, None], (1, *shape)
+    )  # slice z: z + 1
     case = make_case(shape, [(1, (slice(7, 8), slice(5, 15), slice(5, 15)))], fill=fill)
     loader = loader_for({"c": case}, 6, (8, 8), sampling_patch_size=(10, 10), seed=2)
     slices = []
@@ -293,12 +305,16 @@ def test_bad_case_shapes_name_the_case():
 # randomness
 # ---------------------------------------------------------------------------------------------------------
 def test_seeded_loader_is_reproducible_and_leaves_global_rng_alone():
-    cases = {f"c{i}": make_case((20, 24, 28), [(1, (slice(3, 9), slice(4, 10), slice(5, 12)))]) for i in range(3)}
+    cases = {
+        f"c{i}": make_case((20, 24, 28), [(1, (slice(3, 9), slice(4, 10), slice(5, 12)))]) for i in range(3)
+    }
     np_state, torch_state = np.random.get_state(), torch.get_rng_state()  # noqa: NPY002
     a = loader_for(cases, 4, (8, 8, 8), (12, 12, 12), seed=5).generate_train_batch()
     b = loader_for(cases, 4, (8, 8, 8), (12, 12, 12), seed=5).generate_train_batch()
     c = loader_for(cases, 4, (8, 8, 8), (12, 12, 12), seed=6).generate_train_batch()
-    assert a["keys"] == b["keys"] and torch.equal(a["data"], b["data"]) and torch.equal(a["target"], b["target"])
+    assert (
+        a["keys"] == b["keys"] and torch.equal(a["data"], b["data"]) and torch.equal(a["target"], b["target"])
+    )
     assert not torch.equal(a["data"], c["data"])
     assert np.array_equal(np.random.get_state()[1], np_state[1])  # noqa: NPY002
     assert torch.equal(torch.get_rng_state(), torch_state)

@@ -27,17 +27,26 @@ ENS = "ensemble_2d+3d_fullres"
 def per_label_scores(rng, n_cases, means, spread=0.05):
     """{candidate: {case: {"1": dice, "2": dice}}} with per-candidate mean Dice."""
     return {
-        name: {f"case_{i:03d}": {"1": float(np.clip(m + spread * rng.standard_normal(), 0, 1)),
-                                 "2": float(np.clip(m + spread * rng.standard_normal(), 0, 1))}
-               for i in range(n_cases)}
+        name: {
+            f"case_{i:03d}": {
+                "1": float(np.clip(m + spread * rng.standard_normal(), 0, 1)),
+                "2": float(np.clip(m + spread * rng.standard_normal(), 0, 1)),
+            }
+            for i in range(n_cases)
+        }
         for name, m in means.items()
     }
 
 
 def test_candidate_names_and_costs():
     assert candidate_names(["2d", "3d_fullres", "3d_lowres"]) == [
-        "2d", "3d_fullres", "3d_lowres", "ensemble_2d+3d_fullres", "ensemble_2d+3d_lowres",
-        "ensemble_3d_fullres+3d_lowres"]
+        "2d",
+        "3d_fullres",
+        "3d_lowres",
+        "ensemble_2d+3d_fullres",
+        "ensemble_2d+3d_lowres",
+        "ensemble_3d_fullres+3d_lowres",
+    ]
     assert candidate_names(["2d", "3d_fullres"], allow_ensembles=False) == ["2d", "3d_fullres"]
     assert candidate_members(ENS) == ["2d", "3d_fullres"] and candidate_cost(ENS) == 2
     assert candidate_cost("3d_cascade_fullres") == 1 and ensemble_name(["a", "b"]) == "ensemble_a+b"
@@ -92,7 +101,9 @@ def test_tie_goes_to_the_cheaper_candidate():
         result = bootstrap_selection(scores, min_win_share=share)
         assert result["selected"] == result["nnunet_choice"] == "3d_fullres"
         assert result["order"][-1] == ENS
-        assert result["candidates"]["3d_fullres"]["p_best"] == 1.0  # identical resampled scores: ties go first
+        assert (
+            result["candidates"]["3d_fullres"]["p_best"] == 1.0
+        )  # identical resampled scores: ties go first
 
 
 def test_min_win_share_semantics():
@@ -110,7 +121,9 @@ def test_min_win_share_semantics():
     strict = bootstrap_selection(scores, min_win_share=0.95)
     assert strict["selected"] == "3d_fullres" and strict["nnunet_choice"] == ENS
     record = selection_record(strict)
-    assert record["changed_by_bootstrap"] and record["members"] == ["3d_fullres"] and not record["is_ensemble"]
+    assert (
+        record["changed_by_bootstrap"] and record["members"] == ["3d_fullres"] and not record["is_ensemble"]
+    )
     assert record["all_results"][ENS] > record["score"]
     assert strict["comparisons"][0]["kept"] == "3d_fullres"
     # exactly at the win share the better candidate is kept (>=), just above it the cheaper one
@@ -131,8 +144,10 @@ def test_default_threshold_always_reproduces_nnunet():
         base = rng.uniform(0.6, 0.9, size=n)
         diff = rng.lognormal(-4, 1.5, size=n) * (1 if rng.random() < 0.5 else -1)
         diff = diff - diff.mean() + 1e-4 * rng.random()
-        scores = {"3d_fullres": {f"c{i}": float(base[i]) for i in range(n)},
-                  ENS: {f"c{i}": float(base[i] + diff[i]) for i in range(n)}}
+        scores = {
+            "3d_fullres": {f"c{i}": float(base[i]) for i in range(n)},
+            ENS: {f"c{i}": float(base[i] + diff[i]) for i in range(n)},
+        }
         result = bootstrap_selection(scores, n_bootstrap=300, seed=trial)
         assert result["selected"] == result["nnunet_choice"]
         if result["comparisons"] and result["comparisons"][0]["win_share_unshifted"] < 0.5:
@@ -152,13 +167,18 @@ def test_chain_of_cheaper_candidates():
     base = 0.8 + centred_noise()
     mid = base + 0.001 + centred_noise()
     top = mid + 0.001 + centred_noise()
-    scores = {"2d": dict(zip(cases, base.tolist(), strict=True)),
-              "3d_fullres": dict(zip(cases, mid.tolist(), strict=True)),
-              ENS: dict(zip(cases, top.tolist(), strict=True))}
+    scores = {
+        "2d": dict(zip(cases, base.tolist(), strict=True)),
+        "3d_fullres": dict(zip(cases, mid.tolist(), strict=True)),
+        ENS: dict(zip(cases, top.tolist(), strict=True)),
+    }
     costs = {"2d": 1, "3d_fullres": 2, ENS: 3}
     result = bootstrap_selection(scores, cost=costs, min_win_share=0.99)
     assert result["nnunet_choice"] == ENS and result["selected"] == "2d"
-    assert [(c["better"], c["cheaper"]) for c in result["comparisons"]] == [(ENS, "3d_fullres"), ("3d_fullres", "2d")]
+    assert [(c["better"], c["cheaper"]) for c in result["comparisons"]] == [
+        (ENS, "3d_fullres"),
+        ("3d_fullres", "2d"),
+    ]
     assert bootstrap_selection(scores, cost=costs)["selected"] == ENS
 
 
@@ -172,7 +192,9 @@ def test_nan_handling():
     assert not math.isnan(result["candidates"]["2d"]["score"])
     n_finite = result["candidates"]["2d"]["n_finite_resamples"]
     assert 0 < n_finite < 1000
-    assert result["candidates"]["2d"]["p_best"] == pytest.approx(n_finite / 1000)  # NaN resamples have no winner
+    assert result["candidates"]["2d"]["p_best"] == pytest.approx(
+        n_finite / 1000
+    )  # NaN resamples have no winner
 
     # a candidate whose score is NaN (a label never finite) cannot win
     c = {case: {"1": 1.0, "2": math.nan} for case in cases}
@@ -182,7 +204,9 @@ def test_nan_handling():
 
 
 def test_scalar_scores_and_errors():
-    result = bootstrap_selection({"2d": {"a": 0.5, "b": 0.7}, "3d_fullres": {"a": 0.6, "b": math.nan}}, n_bootstrap=20)
+    result = bootstrap_selection(
+        {"2d": {"a": 0.5, "b": 0.7}, "3d_fullres": {"a": 0.6, "b": math.nan}}, n_bootstrap=20
+    )
     assert result["candidates"]["2d"]["score"] == pytest.approx(0.6)
     assert result["candidates"]["3d_fullres"]["score"] == pytest.approx(0.6)
     assert result["selected"] == "2d"  # exact tie: first in order

@@ -37,7 +37,10 @@ SCRIPT = REPO / "tests" / "slurm" / "slurm_local.sh"
 SHIPPED_PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 SITE_VALUES = REPO / "tests" / "slurm" / "profile" / "config.yaml"
 FOLDS = (0, 1)
-EPOCHS, ITERATIONS = 4, 20  # ~2 min of training per fold on one core of the CI machine: past the 1-min wall time
+EPOCHS, ITERATIONS = (
+    4,
+    20,
+)  # ~2 min of training per fold on one core of the CI machine: past the 1-min wall time
 FIRST_ATTEMPT_RUNTIME = "1 if attempt == 1 else 60"  # minutes; SLURM enforces it within ~30 s of the limit
 RUN_TIMEOUT_S = 900
 SESSION_LOCK = Path("/var/lib/slurm-local/test-session.lock")
@@ -50,8 +53,14 @@ def script(command: str, timeout: int) -> subprocess.CompletedProcess:
 def test_shipped_profile_sets_every_rule() -> None:
     """The site template gives every rule of the workflow its own SLURM memory and runtime (a rule left to
     default-resources would be an oversight), and only rules that exist."""
-    listed = subprocess.run([sys.executable, "-m", "snakemake", "--list-rules"], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, check=True).stdout.split()
+    listed = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--list-rules"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.split()
     rules = set(listed) - {"all"}
     profile = yaml.safe_load(SHIPPED_PROFILE.read_text())
     assert rules - set(profile["set-resources"]) == set(), "rules without SLURM settings in profiles/slurm"
@@ -92,7 +101,9 @@ def local_profile(folder: Path) -> dict:
     assert not site_resources, "site values may only set resources for every rule ('*')"
     profile = shipped | {key: value for key, value in site.items() if key != "default-resources"}
     profile["default-resources"] = shipped["default-resources"] | site.get("default-resources", {})
-    profile["set-resources"] = {rule: resources | every_rule for rule, resources in shipped["set-resources"].items()}
+    profile["set-resources"] = {
+        rule: resources | every_rule for rule, resources in shipped["set-resources"].items()
+    }
     # the wall-time scenario: each training's first attempt is stopped by SLURM, the retry finishes it
     profile["set-resources"]["train"]["runtime"] = FIRST_ATTEMPT_RUNTIME
     folder.mkdir(parents=True)
@@ -118,8 +129,22 @@ def sacct_jobs(workdir: Path, since: str, expected: int) -> list[Job]:
     deadline = time.monotonic() + 60
     while True:
         out = subprocess.run(
-            ["sacct", "-a", "-X", "-P", "-n", "-S", since, "-o", "JobID,Comment,State,Elapsed,AllocTRES,Partition,WorkDir"],
-            capture_output=True, text=True, timeout=60, check=True).stdout
+            [
+                "sacct",
+                "-a",
+                "-X",
+                "-P",
+                "-n",
+                "-S",
+                since,
+                "-o",
+                "JobID,Comment,State,Elapsed,AllocTRES,Partition,WorkDir",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
         jobs = []
         for line in out.splitlines():
             job_id, comment, state, elapsed, tres, partition, workdir_ = line.split("|")
@@ -127,9 +152,12 @@ def sacct_jobs(workdir: Path, since: str, expected: int) -> list[Job]:
                 continue
             match = re.fullmatch(r"rule_(\w+?)(?:_wildcards_(.*))?", comment)
             assert match, f"job {job_id}: comment {comment!r} does not name a rule"
-            jobs.append(Job(int(job_id), match[1], match[2] or "", state.split()[0], elapsed, tres, partition))
-        if (len(jobs) >= expected and not {"PENDING", "RUNNING", "COMPLETING"} & {j.state for j in jobs}) \
-                or time.monotonic() > deadline:
+            jobs.append(
+                Job(int(job_id), match[1], match[2] or "", state.split()[0], elapsed, tres, partition)
+            )
+        if (
+            len(jobs) >= expected and not {"PENDING", "RUNNING", "COMPLETING"} & {j.state for j in jobs}
+        ) or time.monotonic() > deadline:
             return sorted(jobs, key=lambda job: job.id)
         time.sleep(2)
 
@@ -154,12 +182,24 @@ def demo_run(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> DemoRun
     profile = local_profile(wd / "slurm_profile")
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
     # the SLURM plugin ignores SIGTERM when it hangs (e.g. sacct failing): timeout -k kills it
-    cmd = ["timeout", "-k", "10", str(RUN_TIMEOUT_S), sys.executable, "-m", "snakemake", "--workflow-profile",
-           "slurm_profile", *workflow_args(dataset, EPOCHS, ITERATIONS)]
+    cmd = [
+        "timeout",
+        "-k",
+        "10",
+        str(RUN_TIMEOUT_S),
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--workflow-profile",
+        "slurm_profile",
+        *workflow_args(dataset, EPOCHS, ITERATIONS),
+    ]
     result = subprocess.run(cmd, cwd=wd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 60)
     output = result.stdout + result.stderr
     if result.returncode != 0:
-        logs = sorted((wd / ".snakemake" / "slurm_logs").rglob("*.log")) + sorted((wd / "logs").rglob("*.log"))
+        logs = sorted((wd / ".snakemake" / "slurm_logs").rglob("*.log")) + sorted(
+            (wd / "logs").rglob("*.log")
+        )
         tails = "\n".join(f"--- {p.relative_to(wd)}\n{p.read_text()[-1500:]}" for p in logs[-8:])
         raise AssertionError(f"snakemake on SLURM failed ({result.returncode}):\n{output[-6000:]}\n{tails}")
     finished = len(re.findall(r"^Finished jobid: \d+ \(Rule: (?!all\))", output, re.M))
@@ -167,8 +207,10 @@ def demo_run(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> DemoRun
 
 
 def sacct_table(jobs: list[Job]) -> str:
-    return "\n".join(f"{j.id:>5} {j.rule:<22} {j.wildcards:<14} {j.partition:<4} {j.state:<10} {j.elapsed} {j.tres}"
-                     for j in jobs)
+    return "\n".join(
+        f"{j.id:>5} {j.rule:<22} {j.wildcards:<14} {j.partition:<4} {j.state:<10} {j.elapsed} {j.tres}"
+        for j in jobs
+    )
 
 
 def test_demo_workflow_runs_through_slurm(demo_run: DemoRun) -> None:
@@ -177,18 +219,35 @@ def test_demo_workflow_runs_through_slurm(demo_run: DemoRun) -> None:
     jobs, table = demo_run.jobs, sacct_table(demo_run.jobs)
     print(table)
     ran = {job.rule for job in jobs}
-    assert {"verify", "fingerprint", "plan", "splits", "preprocess", "train", "validate", "select", "predict"} <= ran, table
-    gpu_rules = {rule for rule, resources in demo_run.profile["set-resources"].items()
-                 if resources.get("slurm_partition") == "gpu"}
+    assert {
+        "verify",
+        "fingerprint",
+        "plan",
+        "splits",
+        "preprocess",
+        "train",
+        "validate",
+        "select",
+        "predict",
+    } <= ran, table
+    gpu_rules = {
+        rule
+        for rule, resources in demo_run.profile["set-resources"].items()
+        if resources.get("slurm_partition") == "gpu"
+    }
     assert {"train", "validate", "predict"} <= gpu_rules
     for job in jobs:
         has_gpu = "gres/gpu=1" in job.tres.split(",")
         assert has_gpu == (job.rule in gpu_rules), f"job {job.id} ({job.rule}): AllocTRES {job.tres}\n{table}"
         assert job.partition == ("gpu" if job.rule in gpu_rules else "cpu"), table
-        assert "cpu=1" in job.tres.split(","), table  # max-threads 1 of the site values, cpus_per_gpu: threads
+        assert "cpu=1" in job.tres.split(","), (
+            table
+        )  # max-threads 1 of the site values, cpus_per_gpu: threads
     last = {(job.rule, job.wildcards): job for job in jobs}
     assert {key: job.state for key, job in last.items() if job.state != "COMPLETED"} == {}, table
-    assert {(job.rule, job.state) for job in jobs if job not in last.values()} <= {("train", "TIMEOUT")}, table
+    assert {(job.rule, job.state) for job in jobs if job not in last.values()} <= {("train", "TIMEOUT")}, (
+        table
+    )
     assert len([job for job in jobs if job.rule == "train" and job.state == "COMPLETED"]) == len(FOLDS)
 
     results = demo_run.results()
@@ -200,7 +259,9 @@ def test_demo_workflow_runs_through_slurm(demo_run: DemoRun) -> None:
     assert list((demo_run.wd / ".snakemake" / "slurm_logs" / "rule_predict").rglob("*.log"))
 
 
-RESUMED = re.compile(rf"resuming {CONFIGURATION} fold (\d+) at epoch (\d+)(?:, iteration (\d+))? \(attempt (\d+)\)")
+RESUMED = re.compile(
+    rf"resuming {CONFIGURATION} fold (\d+) at epoch (\d+)(?:, iteration (\d+))? \(attempt (\d+)\)"
+)
 
 
 def test_training_resumes_after_its_wall_time(demo_run: DemoRun) -> None:
@@ -209,24 +270,41 @@ def test_training_resumes_after_its_wall_time(demo_run: DemoRun) -> None:
     stop carry attempt 1 and the rest attempt 2, and the resumed attempt did not start from scratch."""
     table = sacct_table(demo_run.jobs)
     for fold in FOLDS:
-        trains = [job for job in demo_run.jobs if job.rule == "train" and job.wildcards == f"{CONFIGURATION}_{fold}"]
+        trains = [
+            job for job in demo_run.jobs if job.rule == "train" and job.wildcards == f"{CONFIGURATION}_{fold}"
+        ]
         assert [job.state for job in trains] == ["TIMEOUT", "COMPLETED"], table
         minutes, seconds = map(int, trains[0].elapsed.split(":")[-2:])
-        assert 60 <= 60 * minutes + seconds < 180, f"stopped at {trains[0].elapsed}, the limit is 1 min\n{table}"
+        assert 60 <= 60 * minutes + seconds < 180, (
+            f"stopped at {trains[0].elapsed}, the limit is 1 min\n{table}"
+        )
 
         # Snakemake deletes a job's log: before a retry it holds only the last attempt; the first one's output is
         # in its SLURM log, which the plugin keeps for failed jobs
-        first = (demo_run.wd / ".snakemake" / "slurm_logs" / "rule_train" / trains[0].wildcards / f"{trains[0].id}.log")
+        first = (
+            demo_run.wd
+            / ".snakemake"
+            / "slurm_logs"
+            / "rule_train"
+            / trains[0].wildcards
+            / f"{trains[0].id}.log"
+        )
         stopped = first.read_text()
-        assert re.search(r"training interrupted by SIGTERM .*; state saved to work/", stopped), stopped[-3000:]
+        assert re.search(r"training interrupted by SIGTERM .*; state saved to work/", stopped), stopped[
+            -3000:
+        ]
         assert "returned non-zero exit status 143" in stopped, stopped[-3000:]  # 128 + SIGTERM
 
-        train_log = (demo_run.wd / "logs" / Path(demo_run.dataset).name / f"train_{CONFIGURATION}_fold_{fold}.log").read_text()
+        train_log = (
+            demo_run.wd / "logs" / Path(demo_run.dataset).name / f"train_{CONFIGURATION}_fold_{fold}.log"
+        ).read_text()
         resumed = [m for m in RESUMED.finditer(train_log) if int(m[1]) == fold]
         assert len(resumed) == 1, train_log[-3000:]
         epoch, iteration, attempt = int(resumed[0][2]), int(resumed[0][3] or 0), int(resumed[0][4])
         assert attempt == 2 and (epoch, iteration) != (0, 0), resumed[0][0]
 
-        log = json.loads((demo_run.results() / "training" / CONFIGURATION / f"fold_{fold}" / "log.json").read_text())
+        log = json.loads(
+            (demo_run.results() / "training" / CONFIGURATION / f"fold_{fold}" / "log.json").read_text()
+        )
         assert [entry["epoch"] for entry in log] == list(range(EPOCHS))
         assert [entry["attempt"] for entry in log] == [1] * epoch + [2] * (EPOCHS - epoch), log

@@ -83,8 +83,16 @@ SPLITS = [{"train": CASES[:4], "val": CASES[4:]}]
 
 
 def tiny_settings(**overrides) -> TrainingSettings:
-    values = dict(epochs=4, iterations_per_epoch=2, val_iterations=1, device="cpu", threads=1, num_workers=0,
-                  deterministic=True, seed=7)
+    values = dict(
+        epochs=4,
+        iterations_per_epoch=2,
+        val_iterations=1,
+        device="cpu",
+        threads=1,
+        num_workers=0,
+        deterministic=True,
+        seed=7,
+    )
     values.update(overrides)
     return TrainingSettings(**values)
 
@@ -102,13 +110,25 @@ def preprocessed(tmp_path_factory) -> Path:
         data = (seg * 1.5 + rng.normal(0, 0.5, seg.shape)).astype(np.float32)
         data = (data - data.mean()) / data.std()
         locations = sample_class_locations(seg, [1, 2])
-        save_case(folder, case, data[None], seg[None], {"spacing": [1.0, 1.0, 1.0], "class_locations": locations})
+        save_case(
+            folder, case, data[None], seg[None], {"spacing": [1.0, 1.0, 1.0], "class_locations": locations}
+        )
     return folder
 
 
 def run(preprocessed: Path, root: Path, settings: TrainingSettings, **kwargs) -> dict:
-    return train_fold(preprocessed, PLANS, CONFIGURATION, DATASET_JSON, SPLITS, 0, root / "out", root / "state",
-                      settings, **kwargs)
+    return train_fold(
+        preprocessed,
+        PLANS,
+        CONFIGURATION,
+        DATASET_JSON,
+        SPLITS,
+        0,
+        root / "out",
+        root / "state",
+        settings,
+        **kwargs,
+    )
 
 
 def final_weights(root: Path) -> dict[str, torch.Tensor]:
@@ -177,7 +197,15 @@ def test_run_writes_outputs_log_and_loadable_model(reference_run):
     log = read_json(out / "log.json")
     assert [e["epoch"] for e in log] == [0, 1, 2, 3]
     for entry in log:
-        for key in ("train_loss", "val_loss", "pseudo_dice", "ema_pseudo_dice", "lr", "epoch_time_s", "finished_at"):
+        for key in (
+            "train_loss",
+            "val_loss",
+            "pseudo_dice",
+            "ema_pseudo_dice",
+            "lr",
+            "epoch_time_s",
+            "finished_at",
+        ):
             assert key in entry, key
         assert set(entry["pseudo_dice"]) == {"core", "rim"}
         assert entry["finished_at"].endswith("Z") and "T" in entry["finished_at"]
@@ -190,7 +218,11 @@ def test_run_writes_outputs_log_and_loadable_model(reference_run):
 
     model = torch.load(out / "model_final.pt", weights_only=True)
     init = model["init"]
-    assert init["configuration"] == CONFIGURATION and init["num_input_channels"] == 1 and init["num_outputs"] == 3
+    assert (
+        init["configuration"] == CONFIGURATION
+        and init["num_input_channels"] == 1
+        and init["num_outputs"] == 3
+    )
     assert init["inference_allowed_mirroring_axes"] == [0, 1, 2] and init["epoch"] == 3
     best = torch.load(out / "model_best.pt", weights_only=True)["init"]
     assert best["epoch"] == max((e for e in log if e["new_best"]), key=lambda e: e["epoch"])["epoch"]
@@ -226,6 +258,7 @@ def kill_after_epoch(k: int):
     def callback(entry: dict) -> None:
         if entry["epoch"] == k:
             raise SimulatedKill
+
     return callback
 
 
@@ -241,7 +274,9 @@ def test_resume_after_kill_continues_epochs_and_log_bit_exactly(preprocessed, re
     assert state["epoch"] == 2 and state["iteration"] == 0
 
     resumed_epochs = []
-    summary = run(preprocessed, tmp_path, settings, epoch_callback=lambda e: resumed_epochs.append(e["epoch"]))
+    summary = run(
+        preprocessed, tmp_path, settings, epoch_callback=lambda e: resumed_epochs.append(e["epoch"])
+    )
     assert summary["resumed_from_epoch"] == 2 and resumed_epochs == [2, 3]
     log = read_json(tmp_path / "out" / "log.json")
     assert [e["epoch"] for e in log] == [0, 1, 2, 3]
@@ -250,7 +285,9 @@ def test_resume_after_kill_continues_epochs_and_log_bit_exactly(preprocessed, re
     assert_same_weights(final_weights(tmp_path), final_weights(reference_run))
 
 
-def test_signal_mid_epoch_saves_state_and_resume_is_bit_exact(preprocessed, reference_run, tmp_path, monkeypatch):
+def test_signal_mid_epoch_saves_state_and_resume_is_bit_exact(
+    preprocessed, reference_run, tmp_path, monkeypatch
+):
     """SIGTERM during epoch 1: the iteration finishes, a mid-epoch checkpoint is saved, the exit is non-zero."""
     original = training._Trainer.train_step
     steps = {"n": 0}
@@ -278,13 +315,27 @@ def test_signal_mid_epoch_saves_state_and_resume_is_bit_exact(preprocessed, refe
 
 def test_mismatching_signature_is_refused_with_the_difference(preprocessed, tmp_path):
     with pytest.raises(SimulatedKill):
-        run(preprocessed, tmp_path, tiny_settings(epochs=2, iterations_per_epoch=1), epoch_callback=kill_after_epoch(0))
+        run(
+            preprocessed,
+            tmp_path,
+            tiny_settings(epochs=2, iterations_per_epoch=1),
+            epoch_callback=kill_after_epoch(0),
+        )
     with pytest.raises(SignatureMismatchError, match=r"epochs: 2 -> 4.*rm -r"):
         run(preprocessed, tmp_path, tiny_settings(epochs=4, iterations_per_epoch=1))
     other_splits = [{"train": CASES[1:5], "val": [CASES[0], CASES[5]]}]
     with pytest.raises(SignatureMismatchError, match="splits.json"):
-        train_fold(preprocessed, PLANS, CONFIGURATION, DATASET_JSON, other_splits, 0, tmp_path / "out",
-                   tmp_path / "state", tiny_settings(epochs=2, iterations_per_epoch=1))
+        train_fold(
+            preprocessed,
+            PLANS,
+            CONFIGURATION,
+            DATASET_JSON,
+            other_splits,
+            0,
+            tmp_path / "out",
+            tmp_path / "state",
+            tiny_settings(epochs=2, iterations_per_epoch=1),
+        )
     # speed-only settings may change between attempts
     run(preprocessed, tmp_path, tiny_settings(epochs=2, iterations_per_epoch=1, threads=2, amp="off"))
     assert (tmp_path / "out" / "model_final.pt").is_file()
@@ -293,7 +344,7 @@ def test_mismatching_signature_is_refused_with_the_difference(preprocessed, tmp_
 def test_sigterm_to_a_training_process_checkpoints_and_exits_nonzero(preprocessed, tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
-        sys.path.insert(0, {str(REPO / 'tests')!r})
+        sys.path.insert(0, {str(REPO / "tests")!r})
         torch.set_num_threads(1)
         from pathlib import Path
         from nnsnake import training
@@ -308,8 +359,9 @@ def test_sigterm_to_a_training_process_checkpoints_and_exits_nonzero(preprocesse
             tiny_settings(epochs=2, iterations_per_epoch=200, deterministic=False))
     """)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     for _ in range(3):  # three training iterations done: we are inside epoch 0
         assert process.stdout.readline() == "step\n", process.communicate()[1]
     process.send_signal(signal.SIGTERM)
@@ -338,7 +390,7 @@ def test_augmentation_workers_die_with_a_killed_trainer(preprocessed, tmp_path):
     """kill -9 of the trainer (node loss, OOM killer) must not leave worker processes spinning forever."""
     script = textwrap.dedent(f"""
         import sys, torch
-        sys.path.insert(0, {str(REPO / 'tests')!r})
+        sys.path.insert(0, {str(REPO / "tests")!r})
         torch.set_num_threads(1)
         from pathlib import Path
         from nnsnake import training
@@ -352,16 +404,24 @@ def test_augmentation_workers_die_with_a_killed_trainer(preprocessed, tmp_path):
         run(Path({str(preprocessed)!r}), Path({str(tmp_path)!r}),
             tiny_settings(epochs=2, iterations_per_epoch=200, deterministic=False, num_workers=2))
     """)
-    process = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert process.stdout.readline() == "step\n"
     workers = _children(process.pid)
     assert len(workers) >= 2
     process.kill()
     process.wait()
     deadline = time.monotonic() + 20
-    while any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]
-              for w in workers if Path(f"/proc/{w}").exists()):
+    while any(
+        Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]
+        for w in workers
+        if Path(f"/proc/{w}").exists()
+    ):
         assert time.monotonic() < deadline, "augmentation workers survived their trainer"
         time.sleep(0.2)
 
@@ -369,9 +429,15 @@ def test_augmentation_workers_die_with_a_killed_trainer(preprocessed, tmp_path):
 def test_second_copy_of_a_fold_is_locked_out(tmp_path):
     lock = tmp_path / "training.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom nnsnake.training import exclusive_lock\n"
-         f"with exclusive_lock({str(lock)!r}):\n    print('held', flush=True)\n    time.sleep(30)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom nnsnake.training import exclusive_lock\n"
+            f"with exclusive_lock({str(lock)!r}):\n    print('held', flush=True)\n    time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(TrainingLockedError, match=f"pid {holder.pid}"):
@@ -387,19 +453,52 @@ def test_second_copy_of_a_fold_is_locked_out(tmp_path):
 def test_missing_preprocessed_case_is_named(preprocessed, tmp_path):
     splits = [{"train": CASES[:4] + ["absent_case"], "val": CASES[4:]}]
     with pytest.raises(FileNotFoundError, match="absent_case.*rerun preprocessing"):
-        train_fold(preprocessed, PLANS, CONFIGURATION, DATASET_JSON, splits, 0, tmp_path / "o", tmp_path / "s",
-                   tiny_settings())
+        train_fold(
+            preprocessed,
+            PLANS,
+            CONFIGURATION,
+            DATASET_JSON,
+            splits,
+            0,
+            tmp_path / "o",
+            tmp_path / "s",
+            tiny_settings(),
+        )
 
 
 def test_cascade_needs_previous_stage_predictions(preprocessed, tmp_path):
-    plans = {**PLANS, "configurations": {**PLANS["configurations"], "3d_cascade_fullres": {
-        "inherits_from": CONFIGURATION, "previous_stage": "3d_lowres"}}}
+    plans = {
+        **PLANS,
+        "configurations": {
+            **PLANS["configurations"],
+            "3d_cascade_fullres": {"inherits_from": CONFIGURATION, "previous_stage": "3d_lowres"},
+        },
+    }
     with pytest.raises(ValueError, match="previous_stage_dir"):
-        train_fold(preprocessed, plans, "3d_cascade_fullres", DATASET_JSON, SPLITS, 0, tmp_path / "o",
-                   tmp_path / "s", tiny_settings())
+        train_fold(
+            preprocessed,
+            plans,
+            "3d_cascade_fullres",
+            DATASET_JSON,
+            SPLITS,
+            0,
+            tmp_path / "o",
+            tmp_path / "s",
+            tiny_settings(),
+        )
     with pytest.raises(FileNotFoundError, match="previous-stage predictions missing"):
-        train_fold(preprocessed, plans, "3d_cascade_fullres", DATASET_JSON, SPLITS, 0, tmp_path / "o",
-                   tmp_path / "s", tiny_settings(), previous_stage_dir=tmp_path)
+        train_fold(
+            preprocessed,
+            plans,
+            "3d_cascade_fullres",
+            DATASET_JSON,
+            SPLITS,
+            0,
+            tmp_path / "o",
+            tmp_path / "s",
+            tiny_settings(),
+            previous_stage_dir=tmp_path,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,10 +523,16 @@ def test_claim_gpu_takes_a_free_slot_and_respects_the_scheduler(tmp_path, monkey
 
     monkeypatch.setattr(gpu, "count_gpus_without_cuda", lambda: 2)
     holder = subprocess.Popen(  # another job holds GPU 0
-        [sys.executable, "-c", "import fcntl, os, time\n"
-         f"fd = os.open({str(tmp_path / 'gpu0.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(30)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, time\n"
+            f"fd = os.open({str(tmp_path / 'gpu0.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with gpu.claim_gpu(tmp_path) as claimed:

@@ -49,13 +49,16 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 def test_lint_and_ruff() -> None:
-    lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
+    lint = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
     ruff = shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff not installed")
-    result = subprocess.run([ruff, "check", "src", "tests", "workflow", "benchmarks"], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [ruff, "check", "src", "tests", "workflow", "benchmarks"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -86,7 +89,9 @@ def test_splits_and_user_splits(tmp_path: Path) -> None:
     wd = workflow_copy(tmp_path)
     snakemake(wd, "--config", f"dataset={dataset}", "--", "results/Dataset905_Splits/splits.json")
     splits = json.loads((wd / "results" / "Dataset905_Splits" / "splits.json").read_text())
-    assert len(splits) == 5 and sorted(sum((s["val"] for s in splits), [])) == [f"case_{i:03d}" for i in range(6)]
+    assert len(splits) == 5 and sorted(sum((s["val"] for s in splits), [])) == [
+        f"case_{i:03d}" for i in range(6)
+    ]
     # a splits_final.json shipped with the dataset replaces nnU-Net's folds and reruns the splits rule
     user = [{"train": ["case_000", "case_001", "case_002"], "val": ["case_003", "case_004", "case_005"]}]
     (dataset / "splits_final.json").write_text(json.dumps(user))
@@ -126,8 +131,13 @@ def test_demo_main_job_runs_and_reruns_nothing(finished_demo: Path) -> None:
         for fold in range(5):
             folder = results / "training" / configuration / f"fold_{fold}"
             log = json.loads((folder / "log.json").read_text())
-            assert [entry["epoch"] for entry in log] == [0, 1]  # the demo's budget (examples/.../nnsnake.yaml)
-            assert {"train_loss", "val_loss", "pseudo_dice", "lr", "epoch_time_s", "finished_at"} <= set(log[0])
+            assert [entry["epoch"] for entry in log] == [
+                0,
+                1,
+            ]  # the demo's budget (examples/.../nnsnake.yaml)
+            assert {"train_loss", "val_loss", "pseudo_dice", "lr", "epoch_time_s", "finished_at"} <= set(
+                log[0]
+            )
             assert (folder / "progress.png").stat().st_size > 0
             torch.load(folder / "model_final.pt", weights_only=True)
             assert json.loads((folder / "validation" / "summary.json").read_text())["metric_per_case"]
@@ -139,9 +149,14 @@ def test_demo_main_job_runs_and_reruns_nothing(finished_demo: Path) -> None:
     assert json.loads((results / "bootstrap.json").read_text())
     assert "steps" in json.loads((results / "postprocessing.json").read_text())
     for image in sorted((DEMO / "imagesTs").iterdir()):
-        prediction = sitk.ReadImage(str(results / "predictions" / "imagesTs" / image.name.replace("_0000", "")))
+        prediction = sitk.ReadImage(
+            str(results / "predictions" / "imagesTs" / image.name.replace("_0000", ""))
+        )
         source = sitk.ReadImage(str(image))
         assert prediction.GetSize() == source.GetSize() and prediction.GetOrigin() == source.GetOrigin()
-        assert prediction.GetSpacing() == source.GetSpacing() and prediction.GetDirection() == source.GetDirection()
+        assert (
+            prediction.GetSpacing() == source.GetSpacing()
+            and prediction.GetDirection() == source.GetDirection()
+        )
     again = snakemake(wd, "--config", f"dataset={DEMO}", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -59,30 +59,60 @@ def child(dataset: str, configuration: str, channels: int, outputs: int, benchma
         scaler.update()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    print(json.dumps({"first_s": times[0], "median_ms": 1000 * statistics.median(times[1:]),
-                      "batch": config["batch_size"], "patch": config["patch_size"]}))
+    print(
+        json.dumps(
+            {
+                "first_s": times[0],
+                "median_ms": 1000 * statistics.median(times[1:]),
+                "batch": config["batch_size"],
+                "patch": config["patch_size"],
+            }
+        )
+    )
 
 
 def main() -> None:
     if len(sys.argv) == 8 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1", int(sys.argv[7]))
+        child(
+            sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1", int(sys.argv[7])
+        )
         return
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 30
-    print(f"{'plans':32} {'config':10} {'batch x patch':22} {'benchmark':9} {'first step s':12} {'median ms':9}")
+    print(
+        f"{'plans':32} {'config':10} {'batch x patch':22} {'benchmark':9} {'first step s':12} {'median ms':9}"
+    )
     for dataset, configuration, channels, outputs in CASES:
         medians = {}
         for benchmark in (True, False):
-            proc = subprocess.run([sys.executable, __file__, "--child", dataset, configuration, str(channels),
-                                   str(outputs), "1" if benchmark else "0", str(steps)], capture_output=True,
-                                  text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    dataset,
+                    configuration,
+                    str(channels),
+                    str(outputs),
+                    "1" if benchmark else "0",
+                    str(steps),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
-                print(f"{dataset} {configuration} benchmark={benchmark} failed:\n{proc.stderr[-2000:]}", flush=True)
+                print(
+                    f"{dataset} {configuration} benchmark={benchmark} failed:\n{proc.stderr[-2000:]}",
+                    flush=True,
+                )
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             medians[benchmark] = row["median_ms"]
             shape = f"{row['batch']} x {'x'.join(map(str, row['patch']))}"
-            print(f"{dataset:32} {configuration:10} {shape:22} {'on' if benchmark else 'off':9} "
-                  f"{row['first_s']:<12.2f} {row['median_ms']:<9.1f}", flush=True)
+            print(
+                f"{dataset:32} {configuration:10} {shape:22} {'on' if benchmark else 'off':9} "
+                f"{row['first_s']:<12.2f} {row['median_ms']:<9.1f}",
+                flush=True,
+            )
         if len(medians) == 2:
             print(f"{'':66} off / on step time: {medians[False] / medians[True]:.2f}", flush=True)
 

@@ -4,6 +4,7 @@ Usage: python nnunet_child.py CONFIG ITERATIONS DEVICE OUT_JSON   (env: nnUNet_p
 nnUNet_n_proc_DA, nnUNet_compile). Writes start/end of every train_step (end is after the loss reached the CPU,
 i.e. the GPU work of that step is done), so start[i+1] - end[i] is the time waiting for the next batch.
 """
+
 import json
 import os
 import sys
@@ -19,8 +20,14 @@ if os.environ.get("GPUBENCH_CUDNN_BENCHMARK") == "1":  # what nnUNetv2_train (ru
 
 
 class nnUNetTrainer_gpuBench(nnUNetTrainer):  # noqa: N801
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnunetv2 signature)
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnunetv2 signature)
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 2
         self.num_iterations_per_epoch = iters
@@ -38,13 +45,22 @@ pre = os.path.join(os.environ["nnUNet_preprocessed"], "Dataset004_Hippocampus")
 t0 = time.perf_counter()
 plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
 plans["continue_training"] = False  # what nnunetv2.run.run_training.get_trainer_from_args adds
-trainer = nnUNetTrainer_gpuBench(plans, cfg, 0,
-                                 load_json(os.path.join(pre, "dataset.json")), device=torch.device(device))
+trainer = nnUNetTrainer_gpuBench(
+    plans, cfg, 0, load_json(os.path.join(pre, "dataset.json")), device=torch.device(device)
+)
 trainer.run_training()
 with open(out, "w") as f:
-    json.dump({"starts": trainer.bench_starts, "ends": trainer.bench_ends, "batch_size": trainer.batch_size,
-               "compiled": trainer._do_i_compile(), "total_s": time.perf_counter() - t0,
-               "patch_size": list(trainer.configuration_manager.patch_size)}, f)
+    json.dump(
+        {
+            "starts": trainer.bench_starts,
+            "ends": trainer.bench_ends,
+            "batch_size": trainer.batch_size,
+            "compiled": trainer._do_i_compile(),
+            "total_s": time.perf_counter() - t0,
+            "patch_size": list(trainer.configuration_manager.patch_size),
+        },
+        f,
+    )
 if os.environ.get("GPUBENCH_MODULES"):
     with open(os.environ["GPUBENCH_MODULES"], "w") as f:
         f.write("\n".join(sorted({m.split(".")[0] for m in sys.modules})))

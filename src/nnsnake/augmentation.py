@@ -160,22 +160,33 @@ def _label_transforms(
         if not foreground_labels:
             raise ValueError("the cascade needs foreground_labels (the plan's labels without background)")
         labels = [int(label) for label in foreground_labels]
-        transforms.append(MoveSegAsOneHotToDataTransform(source_channel_idx=1, all_labels=labels,
-                                                         remove_channel_from_source=True))
+        transforms.append(
+            MoveSegAsOneHotToDataTransform(
+                source_channel_idx=1, all_labels=labels, remove_channel_from_source=True
+            )
+        )
         if augment_cascade:
             previous_stage_channels = list(range(-len(labels), 0))
-            transforms.append(RandomTransform(
-                ApplyRandomBinaryOperatorTransform(
-                    channel_idx=previous_stage_channels,
-                    strel_size=BINARY_OPERATOR_STREL_SIZE,
-                    p_per_label=BINARY_OPERATOR_P_PER_LABEL,
-                ), apply_probability=P_BINARY_OPERATOR))
-            transforms.append(RandomTransform(
-                RemoveRandomConnectedComponentTransform(
-                    channel_idx=previous_stage_channels,
-                    max_fraction=REMOVE_COMPONENT_MAX_FRACTION,
-                    p_per_channel=REMOVE_COMPONENT_P_PER_LABEL,
-                ), apply_probability=P_REMOVE_COMPONENT))
+            transforms.append(
+                RandomTransform(
+                    ApplyRandomBinaryOperatorTransform(
+                        channel_idx=previous_stage_channels,
+                        strel_size=BINARY_OPERATOR_STREL_SIZE,
+                        p_per_label=BINARY_OPERATOR_P_PER_LABEL,
+                    ),
+                    apply_probability=P_BINARY_OPERATOR,
+                )
+            )
+            transforms.append(
+                RandomTransform(
+                    RemoveRandomConnectedComponentTransform(
+                        channel_idx=previous_stage_channels,
+                        max_fraction=REMOVE_COMPONENT_MAX_FRACTION,
+                        p_per_channel=REMOVE_COMPONENT_P_PER_LABEL,
+                    ),
+                    apply_probability=P_REMOVE_COMPONENT,
+                )
+            )
     if regions is not None:
         region_list = list(regions) + ([ignore_label] if ignore_label is not None else [])
         transforms.append(ConvertSegmentationToRegionsTransform(regions=region_list, channel_in_seg=0))
@@ -212,42 +223,99 @@ def training_transforms(
     if dummy_2d:
         transforms.append(Convert2DTo3DTransform())
 
-    transforms.append(RandomTransform(GaussianNoiseTransform(
-        noise_variance=NOISE_SIGMA_RANGE, p_per_channel=1, synchronize_channels=True,
-    ), apply_probability=P_NOISE))
-    transforms.append(RandomTransform(GaussianBlurTransform(
-        blur_sigma=BLUR_SIGMA_RANGE, synchronize_channels=False, synchronize_axes=False,
-        p_per_channel=BLUR_P_PER_CHANNEL, benchmark=time_blur_methods,
-    ), apply_probability=P_BLUR))
-    transforms.append(RandomTransform(MultiplicativeBrightnessTransform(
-        multiplier_range=BGContrast(BRIGHTNESS_RANGE), synchronize_channels=False, p_per_channel=1,
-    ), apply_probability=P_BRIGHTNESS))
-    transforms.append(RandomTransform(ContrastTransform(
-        contrast_range=BGContrast(CONTRAST_RANGE), preserve_range=True, synchronize_channels=False,
-        p_per_channel=1,
-    ), apply_probability=P_CONTRAST))
-    transforms.append(RandomTransform(SimulateLowResolutionTransform(
-        scale=LOW_RESOLUTION_SCALE, synchronize_channels=False, synchronize_axes=True,
-        ignore_axes=(0,) if dummy_2d else None, allowed_channels=None,
-        p_per_channel=LOW_RESOLUTION_P_PER_CHANNEL,
-    ), apply_probability=P_LOW_RESOLUTION))
-    transforms.append(RandomTransform(GammaTransform(
-        gamma=BGContrast(GAMMA_RANGE), p_invert_image=1, synchronize_channels=False, p_per_channel=1,
-        p_retain_stats=1,
-    ), apply_probability=P_GAMMA_INVERTED))
-    transforms.append(RandomTransform(GammaTransform(
-        gamma=BGContrast(GAMMA_RANGE), p_invert_image=0, synchronize_channels=False, p_per_channel=1,
-        p_retain_stats=1,
-    ), apply_probability=P_GAMMA))
+    transforms.append(
+        RandomTransform(
+            GaussianNoiseTransform(
+                noise_variance=NOISE_SIGMA_RANGE,
+                p_per_channel=1,
+                synchronize_channels=True,
+            ),
+            apply_probability=P_NOISE,
+        )
+    )
+    transforms.append(
+        RandomTransform(
+            GaussianBlurTransform(
+                blur_sigma=BLUR_SIGMA_RANGE,
+                synchronize_channels=False,
+                synchronize_axes=False,
+                p_per_channel=BLUR_P_PER_CHANNEL,
+                benchmark=time_blur_methods,
+            ),
+            apply_probability=P_BLUR,
+        )
+    )
+    transforms.append(
+        RandomTransform(
+            MultiplicativeBrightnessTransform(
+                multiplier_range=BGContrast(BRIGHTNESS_RANGE),
+                synchronize_channels=False,
+                p_per_channel=1,
+            ),
+            apply_probability=P_BRIGHTNESS,
+        )
+    )
+    transforms.append(
+        RandomTransform(
+            ContrastTransform(
+                contrast_range=BGContrast(CONTRAST_RANGE),
+                preserve_range=True,
+                synchronize_channels=False,
+                p_per_channel=1,
+            ),
+            apply_probability=P_CONTRAST,
+        )
+    )
+    transforms.append(
+        RandomTransform(
+            SimulateLowResolutionTransform(
+                scale=LOW_RESOLUTION_SCALE,
+                synchronize_channels=False,
+                synchronize_axes=True,
+                ignore_axes=(0,) if dummy_2d else None,
+                allowed_channels=None,
+                p_per_channel=LOW_RESOLUTION_P_PER_CHANNEL,
+            ),
+            apply_probability=P_LOW_RESOLUTION,
+        )
+    )
+    transforms.append(
+        RandomTransform(
+            GammaTransform(
+                gamma=BGContrast(GAMMA_RANGE),
+                p_invert_image=1,
+                synchronize_channels=False,
+                p_per_channel=1,
+                p_retain_stats=1,
+            ),
+            apply_probability=P_GAMMA_INVERTED,
+        )
+    )
+    transforms.append(
+        RandomTransform(
+            GammaTransform(
+                gamma=BGContrast(GAMMA_RANGE),
+                p_invert_image=0,
+                synchronize_channels=False,
+                p_per_channel=1,
+                p_retain_stats=1,
+            ),
+            apply_probability=P_GAMMA,
+        )
+    )
     if mirror_axes:
         transforms.append(MirrorTransform(allowed_axes=tuple(int(a) for a in mirror_axes)))
     if use_mask_for_norm is not None and any(use_mask_for_norm):
-        transforms.append(MaskImageTransform(
-            apply_to_channels=[c for c, masked in enumerate(use_mask_for_norm) if masked],
-            channel_idx_in_seg=0, set_outside_to=0,
-        ))
-    transforms += _label_transforms(deep_supervision_scales, is_cascaded, foreground_labels, regions,
-                                    ignore_label, augment_cascade=True)
+        transforms.append(
+            MaskImageTransform(
+                apply_to_channels=[c for c, masked in enumerate(use_mask_for_norm) if masked],
+                channel_idx_in_seg=0,
+                set_outside_to=0,
+            )
+        )
+    transforms += _label_transforms(
+        deep_supervision_scales, is_cascaded, foreground_labels, regions, ignore_label, augment_cascade=True
+    )
     return ComposeTransforms(transforms)
 
 
@@ -259,8 +327,16 @@ def validation_transforms(
     ignore_label: int | None = None,
 ) -> ComposeTransforms:
     """Validation patches get only the label steps (11, 12, 15, 16): no spatial or intensity augmentation."""
-    return ComposeTransforms(_label_transforms(deep_supervision_scales, is_cascaded, foreground_labels, regions,
-                                               ignore_label, augment_cascade=False))
+    return ComposeTransforms(
+        _label_transforms(
+            deep_supervision_scales,
+            is_cascaded,
+            foreground_labels,
+            regions,
+            ignore_label,
+            augment_cascade=False,
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -282,12 +358,24 @@ class BatchIterator:
         elif loader.seed is not None:
             seeds = [derive_seed(loader.seed, 1000 + i) for i in range(self.num_workers)]
             self._augmenter = MultiThreadedAugmenter(
-                loader, None, self.num_workers, num_cached_per_queue=max(2, num_cached // self.num_workers),
-                seeds=seeds, pin_memory=pin_memory, wait_time=0.002)
+                loader,
+                None,
+                self.num_workers,
+                num_cached_per_queue=max(2, num_cached // self.num_workers),
+                seeds=seeds,
+                pin_memory=pin_memory,
+                wait_time=0.002,
+            )
         else:
             self._augmenter = NonDetMultiThreadedAugmenter(
-                loader, None, self.num_workers, num_cached=num_cached, seeds=None, pin_memory=pin_memory,
-                wait_time=0.002)
+                loader,
+                None,
+                self.num_workers,
+                num_cached=num_cached,
+                seeds=None,
+                pin_memory=pin_memory,
+                wait_time=0.002,
+            )
 
     def __iter__(self) -> BatchIterator:
         return self
@@ -298,8 +386,10 @@ class BatchIterator:
     def rng_state(self) -> dict[str, torch.Tensor]:
         """Random state of in-process loading; with workers, restart the iterator with a new seed instead."""
         if self.num_workers > 0:
-            raise RuntimeError("worker processes hold their own random state; for reproducible resumes with "
-                               "workers, rebuild the iterators each epoch with derive_seed(seed, epoch)")
+            raise RuntimeError(
+                "worker processes hold their own random state; for reproducible resumes with "
+                "workers, rebuild the iterators each epoch with derive_seed(seed, epoch)"
+            )
         return self.loader.rng_state()
 
     def set_rng_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -353,24 +443,49 @@ def make_data_iterators(
     enlarged = initial_patch_size(patch_size, rotation, dummy_2d)
     if is_cascaded and load_previous_stage is None:
         raise ValueError("the cascade needs load_previous_stage (the 3d_lowres out-of-fold predictions)")
-    common = dict(load_case=load_case, batch_size=batch_size, patch_size=patch_size,
-                  oversample_foreground_percent=oversample_foreground_percent,
-                  load_previous_stage=load_previous_stage if is_cascaded else None,
-                  has_ignore_label=ignore_label is not None, case_cache_bytes=case_cache_bytes)
+    common = dict(
+        load_case=load_case,
+        batch_size=batch_size,
+        patch_size=patch_size,
+        oversample_foreground_percent=oversample_foreground_percent,
+        load_previous_stage=load_previous_stage if is_cascaded else None,
+        has_ignore_label=ignore_label is not None,
+        case_cache_bytes=case_cache_bytes,
+    )
     train_loader = PatchDataLoader(
-        train_ids, sampling_patch_size=enlarged, seed=None if seed is None else derive_seed(seed, 0),
-        transforms=training_transforms(patch_size, rotation, deep_supervision_scales, allowed_mirror_axes(patch_size),
-                                       dummy_2d, use_mask_for_norm, is_cascaded, foreground_labels, regions,
-                                       ignore_label, time_blur_methods=seed is None),
-        **common)
+        train_ids,
+        sampling_patch_size=enlarged,
+        seed=None if seed is None else derive_seed(seed, 0),
+        transforms=training_transforms(
+            patch_size,
+            rotation,
+            deep_supervision_scales,
+            allowed_mirror_axes(patch_size),
+            dummy_2d,
+            use_mask_for_norm,
+            is_cascaded,
+            foreground_labels,
+            regions,
+            ignore_label,
+            time_blur_methods=seed is None,
+        ),
+        **common,
+    )
     val_loader = PatchDataLoader(
-        val_ids, sampling_patch_size=patch_size, seed=None if seed is None else derive_seed(seed, 1),
-        transforms=validation_transforms(deep_supervision_scales, is_cascaded, foreground_labels, regions,
-                                         ignore_label),
-        **common)
+        val_ids,
+        sampling_patch_size=patch_size,
+        seed=None if seed is None else derive_seed(seed, 1),
+        transforms=validation_transforms(
+            deep_supervision_scales, is_cascaded, foreground_labels, regions, ignore_label
+        ),
+        **common,
+    )
     if num_val_workers is None:
         num_val_workers = max(1, num_workers // 2) if num_workers > 0 else 0
-    train = BatchIterator(train_loader, num_workers, num_cached=max(6, num_workers // 2), pin_memory=pin_memory)
-    val = BatchIterator(val_loader, num_val_workers, num_cached=max(3, num_val_workers // 4),
-                        pin_memory=pin_memory)
+    train = BatchIterator(
+        train_loader, num_workers, num_cached=max(6, num_workers // 2), pin_memory=pin_memory
+    )
+    val = BatchIterator(
+        val_loader, num_val_workers, num_cached=max(3, num_val_workers // 4), pin_memory=pin_memory
+    )
     return train, val

@@ -34,27 +34,66 @@ def _build_parser() -> argparse.ArgumentParser:
         "workflow selected, all its folds and its postprocessing. The input folder is checked completely "
         "before anything is predicted.",
     )
-    predict.add_argument("-i", "--input", required=True, type=Path, help="folder of images {CASE}_{XXXX}<ending>")
+    predict.add_argument(
+        "-i", "--input", required=True, type=Path, help="folder of images {CASE}_{XXXX}<ending>"
+    )
     predict.add_argument("-o", "--output", required=True, type=Path, help="folder for the segmentations")
-    predict.add_argument("-m", "--model", required=True, type=Path, metavar="RESULTS_DIR",
-                         help="the workflow's results folder of the dataset, results/<DatasetName>")
-    predict.add_argument("-f", "--folds", nargs="+", default=None, metavar="FOLD",
-                         help="folds to use (default: the cross-validated folds recorded in selection.json)")
-    predict.add_argument("--no-mirroring", action="store_true", help="switch mirroring test-time augmentation off "
-                         "(8x faster in 3D, slightly less accurate)")
-    predict.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N or mps")
-    predict.add_argument("--save-probabilities", action="store_true",
-                         help="also write <case>.npz (class probabilities) and <case>.json (properties)")
-    predict.add_argument("--continue", dest="continue_prediction", action="store_true",
-                         help="skip cases whose outputs already exist")
-    predict.add_argument("--no-postprocessing", action="store_true",
-                         help="do not apply the postprocessing decided on cross-validation")
-    predict.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, a fraction of the "
-                         "patch (default 0.5, nnU-Net's)")
-    predict.add_argument("--bf16", action="store_true", help="bfloat16 autocast also on the CPU (about 2-5x faster "
-                         "on CPUs with bf16 support, logits at bf16 precision; CUDA always uses fp16 autocast)")
+    predict.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        type=Path,
+        metavar="RESULTS_DIR",
+        help="the workflow's results folder of the dataset, results/<DatasetName>",
+    )
+    predict.add_argument(
+        "-f",
+        "--folds",
+        nargs="+",
+        default=None,
+        metavar="FOLD",
+        help="folds to use (default: the cross-validated folds recorded in selection.json)",
+    )
+    predict.add_argument(
+        "--no-mirroring",
+        action="store_true",
+        help="switch mirroring test-time augmentation off (8x faster in 3D, slightly less accurate)",
+    )
+    predict.add_argument(
+        "--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N or mps"
+    )
+    predict.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write <case>.npz (class probabilities) and <case>.json (properties)",
+    )
+    predict.add_argument(
+        "--continue",
+        dest="continue_prediction",
+        action="store_true",
+        help="skip cases whose outputs already exist",
+    )
+    predict.add_argument(
+        "--no-postprocessing",
+        action="store_true",
+        help="do not apply the postprocessing decided on cross-validation",
+    )
+    predict.add_argument(
+        "--step-size",
+        type=float,
+        default=0.5,
+        help="sliding-window step, a fraction of the patch (default 0.5, nnU-Net's)",
+    )
+    predict.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast also on the CPU (about 2-5x faster "
+        "on CPUs with bf16 support, logits at bf16 precision; CUDA always uses fp16 autocast)",
+    )
     predict.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
-    predict.add_argument("--processes", type=int, default=1, help="processes for checking the input (default 1)")
+    predict.add_argument(
+        "--processes", type=int, default=1, help="processes for checking the input (default 1)"
+    )
     predict.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
 
     verify = commands.add_parser(
@@ -63,7 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Read every file of a raw dataset once and report all problems at once, each with its file "
         "and fix (the workflow's verify rule).",
     )
-    verify.add_argument("dataset", type=Path, help="raw dataset folder with dataset.json, imagesTr/, labelsTr/")
+    verify.add_argument(
+        "dataset", type=Path, help="raw dataset folder with dataset.json, imagesTr/, labelsTr/"
+    )
     verify.add_argument("-o", "--output", type=Path, default=None, help="also write the report as JSON")
     verify.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
     return parser
@@ -73,14 +114,25 @@ def _predict(args: argparse.Namespace) -> int:
     from .evaluation import predict_folder
 
     result = predict_folder(
-        args.input, args.output, args.model, folds=args.folds, mirroring=not args.no_mirroring,
-        device=args.device, save_probabilities=args.save_probabilities,
-        continue_prediction=args.continue_prediction, num_threads=args.threads, step_size=args.step_size,
-        postprocess=not args.no_postprocessing, num_processes=args.processes, progress=not args.quiet,
+        args.input,
+        args.output,
+        args.model,
+        folds=args.folds,
+        mirroring=not args.no_mirroring,
+        device=args.device,
+        save_probabilities=args.save_probabilities,
+        continue_prediction=args.continue_prediction,
+        num_threads=args.threads,
+        step_size=args.step_size,
+        postprocess=not args.no_postprocessing,
+        num_processes=args.processes,
+        progress=not args.quiet,
         autocast=True if args.bf16 else None,
     )
-    print(f"{result['n_predicted']} of {result['n_cases']} case(s) segmented with {result['selected']} into "
-          f"{result['output_dir']} ({result['seconds']:.1f} s)")
+    print(
+        f"{result['n_predicted']} of {result['n_cases']} case(s) segmented with {result['selected']} into "
+        f"{result['output_dir']} ({result['seconds']:.1f} s)"
+    )
     return 0
 
 
@@ -94,7 +146,9 @@ def _verify(args: argparse.Namespace) -> int:
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.problems:
-        print(f"{args.dataset}: {len(report.problems)} problem(s) in {report.n_cases} case(s):", file=sys.stderr)
+        print(
+            f"{args.dataset}: {len(report.problems)} problem(s) in {report.n_cases} case(s):", file=sys.stderr
+        )
         for problem in report.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
@@ -107,7 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
     handlers = {"predict": _predict, "verify": _verify}
     try:
         return handlers[args.command](args)

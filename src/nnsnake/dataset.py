@@ -86,50 +86,86 @@ def dataset_json_problems(dataset_json: dict[str, Any], path: str) -> list[Probl
         dataset_json["channel_names"] = dataset_json["modality"]  # nnU-Net v1 name, still accepted
     for key in REQUIRED_KEYS:
         if key not in dataset_json:
-            problems.append(Problem(path, f"required key {key!r} is missing", f"add {key!r} (see config/README.md)"))
+            problems.append(
+                Problem(path, f"required key {key!r} is missing", f"add {key!r} (see config/README.md)")
+            )
     labels = dataset_json.get("labels")
     if isinstance(labels, dict):
         if "ignore" in labels:
             problems.append(
-                Problem(path, "an 'ignore' label is not supported yet by nnsnake", "remove the 'ignore' label")
+                Problem(
+                    path, "an 'ignore' label is not supported yet by nnsnake", "remove the 'ignore' label"
+                )
             )
         if any(isinstance(v, (list, tuple)) for v in labels.values()):
             problems.append(
-                Problem(path, "region-based labels (lists of label values) are not supported yet by nnsnake",
-                        "use one integer per label")
+                Problem(
+                    path,
+                    "region-based labels (lists of label values) are not supported yet by nnsnake",
+                    "use one integer per label",
+                )
             )
         if "regions_class_order" in dataset_json:
-            problems.append(Problem(path, "'regions_class_order' (regions) is not supported yet by nnsnake",
-                                    "remove regions_class_order and use plain integer labels"))
+            problems.append(
+                Problem(
+                    path,
+                    "'regions_class_order' (regions) is not supported yet by nnsnake",
+                    "remove regions_class_order and use plain integer labels",
+                )
+            )
         scalar = {k: v for k, v in labels.items() if not isinstance(v, (list, tuple))}
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in scalar.values()):
-            problems.append(Problem(path, f"label values must be integers, got {scalar}", "use integer label values"))
+            problems.append(
+                Problem(path, f"label values must be integers, got {scalar}", "use integer label values")
+            )
         elif scalar:
             if labels.get("background") != 0:
-                problems.append(Problem(path, "labels must contain \"background\": 0",
-                                        'add "background": 0 to labels'))
+                problems.append(
+                    Problem(path, 'labels must contain "background": 0', 'add "background": 0 to labels')
+                )
             values = sorted(scalar.values())
             if values != list(range(values[0], values[0] + len(values))) or values[0] != 0:
-                problems.append(Problem(path, f"label values must be consecutive integers from 0, got {values}",
-                                        "renumber the labels 0, 1, 2, ... in dataset.json and the label files"))
+                problems.append(
+                    Problem(
+                        path,
+                        f"label values must be consecutive integers from 0, got {values}",
+                        "renumber the labels 0, 1, 2, ... in dataset.json and the label files",
+                    )
+                )
     elif labels is not None:
-        problems.append(Problem(path, "'labels' must be a mapping name -> integer", 'e.g. {"background": 0, "x": 1}'))
+        problems.append(
+            Problem(path, "'labels' must be a mapping name -> integer", 'e.g. {"background": 0, "x": 1}')
+        )
     channels = dataset_json.get("channel_names")
     if channels is not None and (not isinstance(channels, dict) or not channels):
         problems.append(Problem(path, "'channel_names' must be a non-empty mapping", 'e.g. {"0": "CT"}'))
     elif isinstance(channels, dict) and sorted(channels, key=str) != [str(i) for i in range(len(channels))]:
-        problems.append(Problem(path, f"channel_names keys must be '0'..'{len(channels) - 1}', got {list(channels)}",
-                                "number the channels consecutively from 0"))
+        problems.append(
+            Problem(
+                path,
+                f"channel_names keys must be '0'..'{len(channels) - 1}', got {list(channels)}",
+                "number the channels consecutively from 0",
+            )
+        )
     ending = dataset_json.get("file_ending")
     if isinstance(ending, str):
         if ending.lower() in LOSSY_ENDINGS:
-            problems.append(Problem(path, f"file_ending {ending!r} is lossy", "convert the images to .nii.gz or .png"))
+            problems.append(
+                Problem(path, f"file_ending {ending!r} is lossy", "convert the images to .nii.gz or .png")
+            )
         elif ending.lower() not in SUPPORTED_ENDINGS:
-            problems.append(Problem(path, f"file_ending {ending!r} is not supported",
-                                    f"use one of {', '.join(SUPPORTED_ENDINGS)}"))
+            problems.append(
+                Problem(
+                    path,
+                    f"file_ending {ending!r} is not supported",
+                    f"use one of {', '.join(SUPPORTED_ENDINGS)}",
+                )
+            )
     num = dataset_json.get("numTraining")
     if num is not None and (not isinstance(num, int) or isinstance(num, bool)):
-        problems.append(Problem(path, f"numTraining must be an integer, got {num!r}", "set numTraining to the case count"))
+        problems.append(
+            Problem(path, f"numTraining must be an integer, got {num!r}", "set numTraining to the case count")
+        )
     return problems
 
 
@@ -137,8 +173,10 @@ def load_dataset_json(root: str | os.PathLike) -> dict[str, Any]:
     """Read and check ``<root>/dataset.json``; raises :class:`DatasetError` naming every problem."""
     path = Path(root) / "dataset.json"
     if not path.is_file():
-        raise DatasetError(f"{path}: dataset.json not found -> fix: point config 'dataset' at a folder in nnU-Net v2 "
-                           "raw layout (dataset.json, imagesTr/, labelsTr/)")
+        raise DatasetError(
+            f"{path}: dataset.json not found -> fix: point config 'dataset' at a folder in nnU-Net v2 "
+            "raw layout (dataset.json, imagesTr/, labelsTr/)"
+        )
     try:
         dataset_json = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -196,13 +234,23 @@ def discover_cases(
         if path.name.startswith(".") or path.is_dir():
             continue
         if not path.name.endswith(ending):
-            problems.append(Problem(str(path), f"file ending is not the dataset's file_ending {ending!r}",
-                                    f"convert it to {ending} or remove it from {images_folder}/"))
+            problems.append(
+                Problem(
+                    str(path),
+                    f"file ending is not the dataset's file_ending {ending!r}",
+                    f"convert it to {ending} or remove it from {images_folder}/",
+                )
+            )
             continue
         match = pattern.match(path.name)
         if match is None:
-            problems.append(Problem(str(path), "name does not follow {CASE}_{XXXX}" + ending,
-                                    "rename it to <case>_0000" + ending + " (4-digit channel index)"))
+            problems.append(
+                Problem(
+                    str(path),
+                    "name does not follow {CASE}_{XXXX}" + ending,
+                    "rename it to <case>_0000" + ending + " (4-digit channel index)",
+                )
+            )
             continue
         channels.setdefault(match["case"], {})[int(match["channel"])] = path
     cases: dict[str, CaseFiles] = {}
@@ -210,38 +258,64 @@ def discover_cases(
         found = channels[case_id]
         for c in range(n_channels):
             if c not in found:
-                problems.append(Problem(str(image_dir / f"{case_id}_{c:04d}{ending}"),
-                                        f"missing channel file (dataset.json declares {n_channels} channel(s))",
-                                        f"add the channel-{c} image of case {case_id} or remove the case"))
+                problems.append(
+                    Problem(
+                        str(image_dir / f"{case_id}_{c:04d}{ending}"),
+                        f"missing channel file (dataset.json declares {n_channels} channel(s))",
+                        f"add the channel-{c} image of case {case_id} or remove the case",
+                    )
+                )
         for c in sorted(found):
             if c >= n_channels:
-                problems.append(Problem(str(found[c]), f"channel {c} is not declared in channel_names",
-                                        "declare the channel in dataset.json or remove the file"))
+                problems.append(
+                    Problem(
+                        str(found[c]),
+                        f"channel {c} is not declared in channel_names",
+                        "declare the channel in dataset.json or remove the file",
+                    )
+                )
         images = [found[c] for c in range(n_channels) if c in found]
         cases[case_id] = CaseFiles(images=images, label=None)
     if labels_folder is not None:
         label_dir = root / labels_folder
         if not label_dir.is_dir():
-            problems.append(Problem(str(label_dir), "folder is missing", f"put the label files in {labels_folder}/"))
+            problems.append(
+                Problem(str(label_dir), "folder is missing", f"put the label files in {labels_folder}/")
+            )
             return cases, problems
         label_files = {}
         for path in sorted(label_dir.iterdir()):
             if path.name.startswith(".") or path.is_dir():
                 continue
             if not path.name.endswith(ending):
-                problems.append(Problem(str(path), f"file ending is not the dataset's file_ending {ending!r}",
-                                        f"convert it to {ending} or remove it from {labels_folder}/"))
+                problems.append(
+                    Problem(
+                        str(path),
+                        f"file ending is not the dataset's file_ending {ending!r}",
+                        f"convert it to {ending} or remove it from {labels_folder}/",
+                    )
+                )
                 continue
             label_files[path.name[: -len(ending)]] = path
         for case_id, files in cases.items():
             if case_id in label_files:
                 files.label = label_files[case_id]
             else:
-                problems.append(Problem(str(label_dir / f"{case_id}{ending}"), "label file is missing",
-                                        f"add the segmentation of case {case_id} or remove its images"))
+                problems.append(
+                    Problem(
+                        str(label_dir / f"{case_id}{ending}"),
+                        "label file is missing",
+                        f"add the segmentation of case {case_id} or remove its images",
+                    )
+                )
         for case_id in sorted(set(label_files) - set(cases)):
-            problems.append(Problem(str(label_files[case_id]), "label file has no image",
-                                    f"add {images_folder}/{case_id}_0000{ending} or remove the label file"))
+            problems.append(
+                Problem(
+                    str(label_files[case_id]),
+                    "label file has no image",
+                    f"add {images_folder}/{case_id}_0000{ending} or remove the label file",
+                )
+            )
     return cases, problems
 
 
@@ -259,12 +333,18 @@ def _cases_from_json(
         entry = dataset_json["dataset"][case_id]
         images = [resolve(p) for p in entry.get("images", [])]
         if len(images) != n_channels:
-            problems.append(Problem(f"{root / 'dataset.json'}[dataset][{case_id}]",
-                                    f"lists {len(images)} image(s), dataset.json declares {n_channels} channel(s)",
-                                    "list one image per channel"))
+            problems.append(
+                Problem(
+                    f"{root / 'dataset.json'}[dataset][{case_id}]",
+                    f"lists {len(images)} image(s), dataset.json declares {n_channels} channel(s)",
+                    "list one image per channel",
+                )
+            )
         for p in images:
             if not p.is_file():
-                problems.append(Problem(str(p), "listed in dataset.json but missing", "fix the path or add the file"))
+                problems.append(
+                    Problem(str(p), "listed in dataset.json but missing", "fix the path or add the file")
+                )
         label = resolve(entry["label"]) if with_labels and entry.get("label") else None
         if with_labels and (label is None or not label.is_file()):
             problems.append(Problem(str(label or case_id), "label file is missing", "add it or fix the path"))
@@ -288,8 +368,10 @@ def training_cases(root: str | os.PathLike) -> tuple[dict[str, Any], dict[str, C
     dataset_json = load_dataset_json(root)
     cases, problems = discover_cases(root, dataset_json)
     if problems:
-        raise DatasetError("dataset layout problems (run the verify rule for the full report):\n"
-                           + "\n".join(f"  - {p}" for p in problems))
+        raise DatasetError(
+            "dataset layout problems (run the verify rule for the full report):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
     return dataset_json, cases
 
 
@@ -332,34 +414,64 @@ def verify_case(case_id: str, files: CaseFiles, allowed_labels: list[int]) -> tu
         try:
             array, props = read_file(path)
         except ImageReadError as exc:
-            problems.append(Problem(str(path), f"unreadable or corrupt ({exc})", "re-export or replace the file"))
+            problems.append(
+                Problem(str(path), f"unreadable or corrupt ({exc})", "re-export or replace the file")
+            )
             continue
         n_nan, n_inf = nonfinite_counts(path, array)
         if n_nan or n_inf:
-            problems.append(Problem(str(path), f"contains {n_nan} NaN and {n_inf} inf value(s)",
-                                    "replace non-finite intensities (e.g. with 0) before training"))
+            problems.append(
+                Problem(
+                    str(path),
+                    f"contains {n_nan} NaN and {n_inf} inf value(s)",
+                    "replace non-finite intensities (e.g. with 0) before training",
+                )
+            )
         shape = array.shape[1:]
         if ref_path is None:
             ref_path, ref_shape, ref_props = path, shape, props
             continue
         if shape != ref_shape:
-            problems.append(Problem(str(path), f"shape {list(shape)} differs from {ref_path.name} {list(ref_shape)}",
-                                    "resample all channels of a case onto the same grid"))
+            problems.append(
+                Problem(
+                    str(path),
+                    f"shape {list(shape)} differs from {ref_path.name} {list(ref_shape)}",
+                    "resample all channels of a case onto the same grid",
+                )
+            )
         elif not _same(props["spacing"], ref_props["spacing"], 1e-6):
-            problems.append(Problem(str(path), f"spacing {props['spacing']} differs from {ref_path.name} "
-                                    f"{ref_props['spacing']}", "give all channels of a case the same spacing"))
+            problems.append(
+                Problem(
+                    str(path),
+                    f"spacing {props['spacing']} differs from {ref_path.name} {ref_props['spacing']}",
+                    "give all channels of a case the same spacing",
+                )
+            )
         g, rg = _geometry(props), _geometry(ref_props)
-        if g and rg and not (_same(g["origin"], rg["origin"], 1e-3) and _same(g["direction"], rg["direction"], 1e-4)):
-            problems.append(Problem(str(path), f"origin/direction differ from {ref_path.name}",
-                                    "register/resample the channels onto the same physical grid"))
+        if (
+            g
+            and rg
+            and not (_same(g["origin"], rg["origin"], 1e-3) and _same(g["direction"], rg["direction"], 1e-4))
+        ):
+            problems.append(
+                Problem(
+                    str(path),
+                    f"origin/direction differ from {ref_path.name}",
+                    "register/resample the channels onto the same physical grid",
+                )
+            )
     if files.label is not None and files.label.exists():
         try:
             seg, seg_props = read_file(files.label)
         except ImageReadError as exc:
-            problems.append(Problem(str(files.label), f"unreadable or corrupt ({exc})", "re-export or replace it"))
+            problems.append(
+                Problem(str(files.label), f"unreadable or corrupt ({exc})", "re-export or replace it")
+            )
             return problems, warnings
         if seg.shape[0] != 1:
-            problems.append(Problem(str(files.label), f"label file has {seg.shape[0]} channels", "store a label map"))
+            problems.append(
+                Problem(str(files.label), f"label file has {seg.shape[0]} channels", "store a label map")
+            )
             return problems, warnings
         if np.issubdtype(seg.dtype, np.floating) and not np.isfinite(seg).all():
             problems.append(Problem(str(files.label), "contains NaN/inf", "store integer labels"))
@@ -367,25 +479,55 @@ def verify_case(case_id: str, files: CaseFiles, allowed_labels: list[int]) -> tu
         values = np.unique(seg)
         non_integer = values[values != np.round(values)]
         if non_integer.size:
-            problems.append(Problem(str(files.label), f"holds non-integer values {non_integer[:5].tolist()}",
-                                    "store integer labels (nearest-neighbour resampling only)"))
+            problems.append(
+                Problem(
+                    str(files.label),
+                    f"holds non-integer values {non_integer[:5].tolist()}",
+                    "store integer labels (nearest-neighbour resampling only)",
+                )
+            )
         undeclared = sorted(set(values.astype(np.int64).tolist()) - set(allowed_labels))
         if undeclared:
-            problems.append(Problem(str(files.label), f"label value(s) {undeclared} are not declared in "
-                                    f"dataset.json labels {allowed_labels}",
-                                    "declare them in dataset.json 'labels' or fix the segmentation"))
+            problems.append(
+                Problem(
+                    str(files.label),
+                    f"label value(s) {undeclared} are not declared in dataset.json labels {allowed_labels}",
+                    "declare them in dataset.json 'labels' or fix the segmentation",
+                )
+            )
         if ref_path is not None:
             if seg.shape[1:] != ref_shape:
-                problems.append(Problem(str(files.label), f"shape {list(seg.shape[1:])} differs from image "
-                                        f"{ref_path.name} {list(ref_shape)}", "segment on the image's own grid"))
+                problems.append(
+                    Problem(
+                        str(files.label),
+                        f"shape {list(seg.shape[1:])} differs from image {ref_path.name} {list(ref_shape)}",
+                        "segment on the image's own grid",
+                    )
+                )
             elif not _same(seg_props["spacing"], ref_props["spacing"], 1e-6):
-                problems.append(Problem(str(files.label), f"spacing {seg_props['spacing']} differs from image "
-                                        f"{ref_path.name} {ref_props['spacing']}", "write the label with the image's spacing"))
+                problems.append(
+                    Problem(
+                        str(files.label),
+                        f"spacing {seg_props['spacing']} differs from image "
+                        f"{ref_path.name} {ref_props['spacing']}",
+                        "write the label with the image's spacing",
+                    )
+                )
             g, rg = _geometry(seg_props), _geometry(ref_props)
-            if g and rg and not (_same(g["origin"], rg["origin"], 1e-3)
-                                 and _same(g["direction"], rg["direction"], 1e-4)):
-                problems.append(Problem(str(files.label), f"origin/direction differ from image {ref_path.name}",
-                                        "copy the image's origin and direction into the label file"))
+            if (
+                g
+                and rg
+                and not (
+                    _same(g["origin"], rg["origin"], 1e-3) and _same(g["direction"], rg["direction"], 1e-4)
+                )
+            ):
+                problems.append(
+                    Problem(
+                        str(files.label),
+                        f"origin/direction differ from image {ref_path.name}",
+                        "copy the image's origin and direction into the label file",
+                    )
+                )
     return problems, warnings
 
 
@@ -393,14 +535,21 @@ def _verify_case_star(args: tuple[str, CaseFiles, list[int]]) -> tuple[list[Prob
     return verify_case(*args)
 
 
-def verify_dataset(root: str | os.PathLike, num_processes: int = 1, progress: bool = False) -> VerificationReport:
+def verify_dataset(
+    root: str | os.PathLike, num_processes: int = 1, progress: bool = False
+) -> VerificationReport:
     """Check a raw dataset completely and return every problem found (does not raise)."""
     root = Path(root)
     report = VerificationReport(dataset=root.name, n_cases=0)
     json_path = root / "dataset.json"
     if not json_path.is_file():
-        report.problems.append(Problem(str(json_path), "dataset.json not found",
-                                       "point config 'dataset' at a folder in nnU-Net v2 raw layout"))
+        report.problems.append(
+            Problem(
+                str(json_path),
+                "dataset.json not found",
+                "point config 'dataset' at a folder in nnU-Net v2 raw layout",
+            )
+        )
         return report
     try:
         dataset_json = json.loads(json_path.read_text())
@@ -414,12 +563,22 @@ def verify_dataset(root: str | os.PathLike, num_processes: int = 1, progress: bo
     report.problems.extend(layout_problems)
     report.n_cases = len(cases)
     if not cases:
-        report.problems.append(Problem(str(root / "imagesTr"), "no training cases found (empty dataset)",
-                                       f"add images named <case>_0000{dataset_json['file_ending']}"))
+        report.problems.append(
+            Problem(
+                str(root / "imagesTr"),
+                "no training cases found (empty dataset)",
+                f"add images named <case>_0000{dataset_json['file_ending']}",
+            )
+        )
         return report
     if isinstance(dataset_json["numTraining"], int) and dataset_json["numTraining"] != len(cases):
-        report.problems.append(Problem(str(json_path), f"numTraining is {dataset_json['numTraining']} but "
-                                       f"{len(cases)} cases were found", f"set numTraining to {len(cases)}"))
+        report.problems.append(
+            Problem(
+                str(json_path),
+                f"numTraining is {dataset_json['numTraining']} but {len(cases)} cases were found",
+                f"set numTraining to {len(cases)}",
+            )
+        )
     labels = dataset_json.get("labels", {})
     allowed = sorted(int(v) for v in labels.values() if isinstance(v, int) and not isinstance(v, bool))
     jobs = [(cid, files, allowed) for cid, files in cases.items()]

@@ -89,7 +89,9 @@ def _reference_files(dataset_dir: PathLike, case_ids: Sequence[str]) -> dict[str
 
 
 def _score_cases(
-    predictions: Mapping[str, Path], references: Mapping[str, Path], dataset_json: Mapping[str, Any],
+    predictions: Mapping[str, Path],
+    references: Mapping[str, Path],
+    dataset_json: Mapping[str, Any],
     num_processes: int = 1,
 ) -> dict[str, Any]:
     """nnU-Net's summary (``metric_per_case``, ``mean``, ``foreground_mean``) of explicit case → file pairs."""
@@ -123,7 +125,9 @@ def _case_files(folder: Path, file_ending: str) -> dict[str, Path]:
     from .metrics import list_files_with_ending
 
     if not folder.is_dir():
-        raise EvaluationError(f"{folder}: prediction folder does not exist; run the step that writes it first")
+        raise EvaluationError(
+            f"{folder}: prediction folder does not exist; run the step that writes it first"
+        )
     return {name[: -len(file_ending)]: folder / name for name in list_files_with_ending(folder, file_ending)}
 
 
@@ -133,7 +137,9 @@ def _companions(segmentation: Path, file_ending: str) -> dict[str, Path]:
     return prediction_paths(segmentation, file_ending)
 
 
-def _remove_case_outputs(folder: Path, case_id: str, file_ending: str, keep_segmentation: bool = False) -> None:
+def _remove_case_outputs(
+    folder: Path, case_id: str, file_ending: str, keep_segmentation: bool = False
+) -> None:
     paths = _companions(folder / f"{case_id}{file_ending}", file_ending)
     for kind, path in paths.items():
         if kind == "segmentation" and keep_segmentation:
@@ -228,15 +234,19 @@ def validate_fold(
     stored = set(stored_case_ids(preprocessed_dir))
     missing = [c for c in val_ids if c not in stored]
     if missing:
-        raise EvaluationError(f"{preprocessed_dir}: validation case(s) {', '.join(missing[:5])} of fold {fold} are "
-                              f"not preprocessed; rerun preprocessing")
+        raise EvaluationError(
+            f"{preprocessed_dir}: validation case(s) {', '.join(missing[:5])} of fold {fold} are "
+            f"not preprocessed; rerun preprocessing"
+        )
     references = _reference_files(dataset_dir, val_ids)
 
     previous_stage_segs = None
     if config.get("previous_stage"):
         if previous_stage_dir is None:
-            raise EvaluationError(f"{configuration} is a cascade stage: pass previous_stage_dir, the folder of the "
-                                  f"{config['previous_stage']} predictions <case>.npy")
+            raise EvaluationError(
+                f"{configuration} is a cascade stage: pass previous_stage_dir, the folder of the "
+                f"{config['previous_stage']} predictions <case>.npy"
+            )
         try:
             previous_files = previous_stage_files(previous_stage_dir, val_ids)
         except (FileNotFoundError, ValueError) as err:
@@ -257,31 +267,64 @@ def validate_fold(
         _remove_case_outputs(output_dir, case_id, ending)
     for stale in output_dir.glob("*.npz"):
         if stale.name[:-4] not in val_ids or not save_probabilities:
-            _remove_case_outputs(output_dir, stale.name[:-4], ending, keep_segmentation=stale.name[:-4] in val_ids)
+            _remove_case_outputs(
+                output_dir, stale.name[:-4], ending, keep_segmentation=stale.name[:-4] in val_ids
+            )
 
     with _compute_device(device, num_threads) as torch_device:
         network, init = network_from_checkpoint(model_path, plans, config, dataset_json, torch_device)
         mirror_axes = None
         if mirroring:
             axes = init.get("inference_allowed_mirroring_axes")
-            mirror_axes = tuple(int(a) for a in axes) if axes is not None else tuple(range(len(config["patch_size"])))
-        log.info("validating %s fold %s: %d case(s) on %s, mirroring %s", configuration, fold, len(val_ids),
-                 torch_device, list(mirror_axes) if mirror_axes else "off")
+            mirror_axes = (
+                tuple(int(a) for a in axes) if axes is not None else tuple(range(len(config["patch_size"])))
+            )
+        log.info(
+            "validating %s fold %s: %d case(s) on %s, mirroring %s",
+            configuration,
+            fold,
+            len(val_ids),
+            torch_device,
+            list(mirror_axes) if mirror_axes else "off",
+        )
         predict_preprocessed(
-            preprocessed_dir, val_ids, output_dir, network, plans, configuration, dataset_json,
-            mirror_axes=mirror_axes, step_size=step_size, device=torch_device,
-            save_probabilities=save_probabilities, previous_stage_segs=previous_stage_segs,
-            next_stage=next_stage, progress=progress, autocast=autocast,
+            preprocessed_dir,
+            val_ids,
+            output_dir,
+            network,
+            plans,
+            configuration,
+            dataset_json,
+            mirror_axes=mirror_axes,
+            step_size=step_size,
+            device=torch_device,
+            save_probabilities=save_probabilities,
+            previous_stage_segs=previous_stage_segs,
+            next_stage=next_stage,
+            progress=progress,
+            autocast=autocast,
         )
     predictions = {c: output_dir / f"{c}{ending}" for c in val_ids}
     summary = _score_cases(predictions, references, dataset_json, num_processes)
     write_summary(output_dir / SUMMARY_FILE, summary)
     seconds = time.perf_counter() - start
     dice = summary["foreground_mean"]["Dice"]
-    log.info("%s fold %s: foreground mean Dice %.4f over %d case(s) (%.1f s)", configuration, fold, dice,
-             len(val_ids), seconds)
-    return {"configuration": configuration, "fold": str(fold), "n_cases": len(val_ids), "foreground_mean_dice": dice,
-            "summary": str(output_dir / SUMMARY_FILE), "seconds": seconds}
+    log.info(
+        "%s fold %s: foreground mean Dice %.4f over %d case(s) (%.1f s)",
+        configuration,
+        fold,
+        dice,
+        len(val_ids),
+        seconds,
+    )
+    return {
+        "configuration": configuration,
+        "fold": str(fold),
+        "n_cases": len(val_ids),
+        "foreground_mean_dice": dice,
+        "summary": str(output_dir / SUMMARY_FILE),
+        "seconds": seconds,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -345,24 +388,32 @@ def crossval(
         for folder in folders:
             fold = _fold_of(folder)
             if fold is None:
-                raise EvaluationError(f"{folder}: cannot tell which fold this is (no fold_<k> in the path); pass "
-                                      "the folds' validation folders training/<config>/fold_<k>/validation")
+                raise EvaluationError(
+                    f"{folder}: cannot tell which fold this is (no fold_<k> in the path); pass "
+                    "the folds' validation folders training/<config>/fold_<k>/validation"
+                )
             expected = set(fold_cases(splits, fold)[1])
             found = {c for c, p in pooled.items() if p.parent == folder}
             if expected - found:
-                raise EvaluationError(f"{folder}: validation case(s) {', '.join(sorted(expected - found)[:5])} of "
-                                      f"fold {fold} are missing; rerun validate for this fold")
+                raise EvaluationError(
+                    f"{folder}: validation case(s) {', '.join(sorted(expected - found)[:5])} of "
+                    f"fold {fold} are missing; rerun validate for this fold"
+                )
             if found - expected:
-                raise EvaluationError(f"{folder}: case(s) {', '.join(sorted(found - expected)[:5])} are not in the "
-                                      f"validation set of fold {fold} in {splits_path}; rerun validate for this fold")
+                raise EvaluationError(
+                    f"{folder}: case(s) {', '.join(sorted(found - expected)[:5])} are not in the "
+                    f"validation set of fold {fold} in {splits_path}; rerun validate for this fold"
+                )
     else:
         from .dataset import training_cases
 
         _, cases = training_cases(dataset_dir)
         absent = sorted(set(cases) - set(pooled))
         if absent:
-            raise EvaluationError(f"{len(absent)} training case(s) have no cross-validation prediction in "
-                                  f"{', '.join(map(str, folders))} (e.g. {', '.join(absent[:5])}); validate every fold")
+            raise EvaluationError(
+                f"{len(absent)} training case(s) have no cross-validation prediction in "
+                f"{', '.join(map(str, folders))} (e.g. {', '.join(absent[:5])}); validate every fold"
+            )
     references = _reference_files(dataset_dir, sorted(pooled))
 
     output_dir = Path(output_dir)
@@ -383,20 +434,34 @@ def crossval(
         with_probabilities += sources["probabilities"].is_file()
     predictions = {c: output_dir / f"{c}{ending}" for c in pooled}
     summary = _score_cases(predictions, references, dataset_json, num_processes)
-    folds = sorted({f for f in case_fold.values() if f is not None}, key=lambda f: (not f.isdigit(), f.zfill(4)))
-    write_json(output_dir / CROSSVAL_FILE, {
-        "folds": folds,
-        "case_fold": {c: case_fold[c] for c in sorted(case_fold)},
-        "sources": [str(f) for f in folders],
-        "n_cases": len(pooled),
-        "n_with_probabilities": int(with_probabilities),
-    })
+    folds = sorted(
+        {f for f in case_fold.values() if f is not None}, key=lambda f: (not f.isdigit(), f.zfill(4))
+    )
+    write_json(
+        output_dir / CROSSVAL_FILE,
+        {
+            "folds": folds,
+            "case_fold": {c: case_fold[c] for c in sorted(case_fold)},
+            "sources": [str(f) for f in folders],
+            "n_cases": len(pooled),
+            "n_with_probabilities": int(with_probabilities),
+        },
+    )
     write_summary(output_dir / SUMMARY_FILE, summary)
     dice = summary["foreground_mean"]["Dice"]
-    log.info("cross-validation of %d case(s) from %d fold(s): foreground mean Dice %.4f (%.1f s)", len(pooled),
-             len(folders), dice, time.perf_counter() - start)
-    return {"n_cases": len(pooled), "folds": folds, "foreground_mean_dice": dice,
-            "summary": str(output_dir / SUMMARY_FILE)}
+    log.info(
+        "cross-validation of %d case(s) from %d fold(s): foreground mean Dice %.4f (%.1f s)",
+        len(pooled),
+        len(folders),
+        dice,
+        time.perf_counter() - start,
+    )
+    return {
+        "n_cases": len(pooled),
+        "folds": folds,
+        "foreground_mean_dice": dice,
+        "summary": str(output_dir / SUMMARY_FILE),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -412,8 +477,10 @@ def _member_cases(member: PathLike | Sequence[PathLike], file_ending: str) -> di
 
 def _load_probabilities(path: Path) -> np.ndarray:
     if not path.is_file():
-        raise EvaluationError(f"{path}: probabilities are missing; ensembles need them (validate with "
-                              "save_probabilities, the default)")
+        raise EvaluationError(
+            f"{path}: probabilities are missing; ensembles need them (validate with "
+            "save_probabilities, the default)"
+        )
     with np.load(path, allow_pickle=False) as npz:
         if "probabilities" not in npz:
             raise EvaluationError(f"{path}: no 'probabilities' array inside; re-export this prediction")
@@ -432,13 +499,18 @@ def _ensemble_segmentation(
     from .selection import ensemble_probabilities
 
     ending = dataset_json["file_ending"]
-    probabilities = ensemble_probabilities([_load_probabilities(_companions(s, ending)["probabilities"])
-                                            for s in sources])
+    probabilities = ensemble_probabilities(
+        [_load_probabilities(_companions(s, ending)["probabilities"]) for s in sources]
+    )
     seg = segmentation_from_probabilities(probabilities, LabelLayout.from_dataset_json(dataset_json))
-    member_seg, properties = read_seg(sources[0])  # the geometry to write with: the member's raw-geometry file
+    member_seg, properties = read_seg(
+        sources[0]
+    )  # the geometry to write with: the member's raw-geometry file
     if seg.shape != member_seg.shape[1:]:
-        raise EvaluationError(f"{sources[0]}: probabilities of shape {list(probabilities.shape)} do not fit the "
-                              f"segmentation beside it {list(member_seg.shape[1:])}; re-export this prediction")
+        raise EvaluationError(
+            f"{sources[0]}: probabilities of shape {list(probabilities.shape)} do not fit the "
+            f"segmentation beside it {list(member_seg.shape[1:])}; re-export this prediction"
+        )
     return seg, probabilities, properties
 
 
@@ -474,8 +546,10 @@ def ensemble_crossval(
     for member, cases in zip(members[1:], member_cases[1:], strict=True):
         if set(cases) != first:
             differ = sorted(first ^ set(cases))
-            raise EvaluationError(f"ensemble members cover different cases ({member} vs {members[0]}: "
-                                  f"{', '.join(differ[:5])}); validate every fold of both configurations")
+            raise EvaluationError(
+                f"ensemble members cover different cases ({member} vs {members[0]}: "
+                f"{', '.join(differ[:5])}); validate every fold of both configurations"
+            )
     case_ids = sorted(first)
     if not case_ids:
         raise EvaluationError(f"{members[0]}: no predictions ending in {ending!r}")
@@ -486,23 +560,36 @@ def ensemble_crossval(
         (output_dir / name).unlink(missing_ok=True)
     for case_id in set(_case_files(output_dir, ending)) - set(case_ids):
         _remove_case_outputs(output_dir, case_id, ending)
-    jobs = [([cases[c] for cases in member_cases], output_dir / f"{c}{ending}", dataset_json) for c in case_ids]
+    jobs = [
+        ([cases[c] for cases in member_cases], output_dir / f"{c}{ending}", dataset_json) for c in case_ids
+    ]
     if num_processes > 1 and len(jobs) > 1:
         with process_pool(min(num_processes, len(jobs))) as pool:
             list(pool.map(_ensemble_case, *zip(*jobs, strict=True)))
     else:
         for job in jobs:
             _ensemble_case(*job)
-    summary = _score_cases({c: output_dir / f"{c}{ending}" for c in case_ids}, references, dataset_json,
-                           num_processes)
-    write_json(output_dir / CROSSVAL_FILE, {
-        "members": [str(m) if isinstance(m, (str, os.PathLike)) else [str(f) for f in m] for m in members],
-        "n_cases": len(case_ids),
-    })
+    summary = _score_cases(
+        {c: output_dir / f"{c}{ending}" for c in case_ids}, references, dataset_json, num_processes
+    )
+    write_json(
+        output_dir / CROSSVAL_FILE,
+        {
+            "members": [
+                str(m) if isinstance(m, (str, os.PathLike)) else [str(f) for f in m] for m in members
+            ],
+            "n_cases": len(case_ids),
+        },
+    )
     write_summary(output_dir / SUMMARY_FILE, summary)
     dice = summary["foreground_mean"]["Dice"]
-    log.info("ensemble of %d members over %d case(s): foreground mean Dice %.4f (%.1f s)", len(members),
-             len(case_ids), dice, time.perf_counter() - start)
+    log.info(
+        "ensemble of %d members over %d case(s): foreground mean Dice %.4f (%.1f s)",
+        len(members),
+        len(case_ids),
+        dice,
+        time.perf_counter() - start,
+    )
     return {"n_cases": len(case_ids), "foreground_mean_dice": dice, "summary": str(output_dir / SUMMARY_FILE)}
 
 
@@ -514,8 +601,10 @@ def _candidate_sort_key(name: str) -> tuple[int, list[tuple[int, str]]]:
     from .selection import candidate_members
 
     members = candidate_members(name)
-    return len(members), [(CONFIGURATION_ORDER.index(m) if m in CONFIGURATION_ORDER else len(CONFIGURATION_ORDER), m)
-                          for m in members]
+    return len(members), [
+        (CONFIGURATION_ORDER.index(m) if m in CONFIGURATION_ORDER else len(CONFIGURATION_ORDER), m)
+        for m in members
+    ]
 
 
 def select(
@@ -552,7 +641,9 @@ def select(
     for name in names:
         path = Path(candidate_summaries[name])
         if not path.is_file():
-            raise EvaluationError(f"{path}: cross-validation summary of candidate {name} is missing; run crossval")
+            raise EvaluationError(
+                f"{path}: cross-validation summary of candidate {name} is missing; run crossval"
+            )
         per_case[name] = per_case_metric(read_summary(path), "Dice")
     result = bootstrap_selection(per_case, n_bootstrap=n_bootstrap, seed=seed, min_win_share=min_win_share)
     record = selection_record(result)
@@ -563,44 +654,72 @@ def select(
     dataset_json = _dataset_json_of(dataset_dir) if dataset_dir is not None else None
     selection_dir = Path(output_selection).parent
     plot_name = os.path.relpath(Path(output_plot), selection_dir)
-    record.update({
-        "folds": [str(f) for f in folds] if folds is not None else None,
-        "crossval_folder": os.path.relpath(Path(candidate_summaries[selected]).parent, selection_dir),
-        "candidates": {name: {k: result["candidates"][name][k] for k in ("score", "ci_low", "ci_high", "p_best")}
-                       for name in names},
-        "bootstrap": {"file": os.path.relpath(Path(output_bootstrap), selection_dir), "plot": plot_name,
-                      "n_bootstrap": n_bootstrap, "seed": seed},
-        "inference_information": {
-            "dataset_name_or_id": plans.get("dataset_name") or (Path(dataset_dir).name if dataset_dir else None),
+    record.update(
+        {
             "folds": [str(f) for f in folds] if folds is not None else None,
-            "considered_models": names,
-            "ensembling_allowed": any(candidate_cost(n) > 1 for n in names),
-            "all_results": record["all_results"],
-            "best_model_or_ensemble": {
-                "result_on_crossval_pre_pp": record["score"],
-                "postprocessing_file": POSTPROCESSING_FILE,
-                "some_plans_file": PLANS_FILE,
-                "selected_model_or_models": [
-                    {"configuration": m, "trainer": TRAINER_NAME, "plans_identifier": plans.get("plans_name")}
-                    for m in record["members"]
-                ],
+            "crossval_folder": os.path.relpath(Path(candidate_summaries[selected]).parent, selection_dir),
+            "candidates": {
+                name: {k: result["candidates"][name][k] for k in ("score", "ci_low", "ci_high", "p_best")}
+                for name in names
             },
-        },
-        "inference_command": "nnsnake predict -i INPUT_FOLDER -o OUTPUT_FOLDER -m " + str(selection_dir),
-    })
+            "bootstrap": {
+                "file": os.path.relpath(Path(output_bootstrap), selection_dir),
+                "plot": plot_name,
+                "n_bootstrap": n_bootstrap,
+                "seed": seed,
+            },
+            "inference_information": {
+                "dataset_name_or_id": plans.get("dataset_name")
+                or (Path(dataset_dir).name if dataset_dir else None),
+                "folds": [str(f) for f in folds] if folds is not None else None,
+                "considered_models": names,
+                "ensembling_allowed": any(candidate_cost(n) > 1 for n in names),
+                "all_results": record["all_results"],
+                "best_model_or_ensemble": {
+                    "result_on_crossval_pre_pp": record["score"],
+                    "postprocessing_file": POSTPROCESSING_FILE,
+                    "some_plans_file": PLANS_FILE,
+                    "selected_model_or_models": [
+                        {
+                            "configuration": m,
+                            "trainer": TRAINER_NAME,
+                            "plans_identifier": plans.get("plans_name"),
+                        }
+                        for m in record["members"]
+                    ],
+                },
+            },
+            "inference_command": "nnsnake predict -i INPUT_FOLDER -o OUTPUT_FOLDER -m " + str(selection_dir),
+        }
+    )
     if dataset_json is not None:
         record["dataset_json"] = dataset_json
     write_json(output_bootstrap, result)
     plot_bootstrap(result, output_plot)
     write_json(output_selection, record)
-    log.info("selected %s (cross-validation foreground mean Dice %.4f; nnU-Net's choice %s)", selected,
-             record["score"], record["nnunet_choice"])
+    log.info(
+        "selected %s (cross-validation foreground mean Dice %.4f; nnU-Net's choice %s)",
+        selected,
+        record["score"],
+        record["nnunet_choice"],
+    )
     for name in result["order"]:
         info = result["candidates"][name]
-        log.info("  %-40s %.4f  [%.4f, %.4f]  P(best) %.2f", name, info["score"], info["ci_low"], info["ci_high"],
-                 info["p_best"])
-    return {"selected": selected, "members": record["members"], "score": record["score"],
-            "nnunet_choice": record["nnunet_choice"], "selection": str(output_selection)}
+        log.info(
+            "  %-40s %.4f  [%.4f, %.4f]  P(best) %.2f",
+            name,
+            info["score"],
+            info["ci_low"],
+            info["ci_high"],
+            info["p_best"],
+        )
+    return {
+        "selected": selected,
+        "members": record["members"],
+        "score": record["score"],
+        "nnunet_choice": record["nnunet_choice"],
+        "selection": str(output_selection),
+    }
 
 
 def _crossval_folds(candidate_summaries: Mapping[str, PathLike], members: Sequence[str]) -> list[str] | None:
@@ -614,8 +733,10 @@ def _crossval_folds(candidate_summaries: Mapping[str, PathLike], members: Sequen
             continue
         member_folds = [str(f) for f in read_json(record_path)["folds"]]
         if folds is not None and member_folds != folds:
-            raise EvaluationError(f"members of the selected ensemble were cross-validated on different folds "
-                                  f"({folds} and {member_folds} in {record_path})")
+            raise EvaluationError(
+                f"members of the selected ensemble were cross-validated on different folds "
+                f"({folds} and {member_folds} in {record_path})"
+            )
         folds = member_folds
     return folds
 
@@ -650,7 +771,9 @@ def decide_postprocessing(
     ending = dataset_json["file_ending"]
     predictions = _case_files(crossval_dir, ending)
     if not predictions:
-        raise EvaluationError(f"{crossval_dir}: no cross-validation predictions ending in {ending!r}; run crossval")
+        raise EvaluationError(
+            f"{crossval_dir}: no cross-validation predictions ending in {ending!r}; run crossval"
+        )
     references = _reference_files(dataset_dir, sorted(predictions))
     labels_or_regions, ignore_label = foreground_labels_or_regions(dataset_json)
     output_path = Path(output_path)
@@ -665,23 +788,40 @@ def decide_postprocessing(
             except OSError:
                 shutil.copy2(path, target)
         decision = determine_postprocessing(
-            crossval_dir, reference_dir, labels_or_regions, file_ending=ending, ignore_label=ignore_label,
-            num_processes=num_processes, work_dir=tmp, log=log.info,
+            crossval_dir,
+            reference_dir,
+            labels_or_regions,
+            file_ending=ending,
+            ignore_label=ignore_label,
+            num_processes=num_processes,
+            work_dir=tmp,
+            log=log.info,
         )
     decision = dict(decision)
-    decision.update({
-        "selected": selection["selected"],
-        "crossval_folder": os.path.relpath(crossval_dir, output_path.parent),
-        "result_on_crossval_pre_pp": decision["input_folder"]["foreground_mean"]["Dice"],
-        "result_on_crossval_post_pp": decision["postprocessed"]["foreground_mean"]["Dice"],
-    })
+    decision.update(
+        {
+            "selected": selection["selected"],
+            "crossval_folder": os.path.relpath(crossval_dir, output_path.parent),
+            "result_on_crossval_pre_pp": decision["input_folder"]["foreground_mean"]["Dice"],
+            "result_on_crossval_post_pp": decision["postprocessed"]["foreground_mean"]["Dice"],
+        }
+    )
     write_decision(output_path, decision)
-    log.info("postprocessing for %s: %d step(s) accepted; foreground mean Dice %.4f -> %.4f (%.1f s)",
-             selection["selected"], len(decision["steps"]), decision["result_on_crossval_pre_pp"],
-             decision["result_on_crossval_post_pp"], time.perf_counter() - start)
-    return {"selected": selection["selected"], "steps": decision["steps"],
-            "result_on_crossval_pre_pp": decision["result_on_crossval_pre_pp"],
-            "result_on_crossval_post_pp": decision["result_on_crossval_post_pp"], "output": str(output_path)}
+    log.info(
+        "postprocessing for %s: %d step(s) accepted; foreground mean Dice %.4f -> %.4f (%.1f s)",
+        selection["selected"],
+        len(decision["steps"]),
+        decision["result_on_crossval_pre_pp"],
+        decision["result_on_crossval_post_pp"],
+        time.perf_counter() - start,
+    )
+    return {
+        "selected": selection["selected"],
+        "steps": decision["steps"],
+        "result_on_crossval_pre_pp": decision["result_on_crossval_pre_pp"],
+        "result_on_crossval_post_pp": decision["result_on_crossval_post_pp"],
+        "output": str(output_path),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -703,8 +843,12 @@ def verify_prediction_inputs(
     folder = Path(input_dir).resolve()
     if not folder.is_dir():
         raise PredictionInputError(f"{input_dir}: input folder does not exist (or is not a folder)")
-    layout_json = {k: v for k, v in dataset_json.items() if k != "dataset"}  # cases come from the folder itself
-    cases, problems = discover_cases(folder.parent, layout_json, images_folder=folder.name, labels_folder=None)
+    layout_json = {
+        k: v for k, v in dataset_json.items() if k != "dataset"
+    }  # cases come from the folder itself
+    cases, problems = discover_cases(
+        folder.parent, layout_json, images_folder=folder.name, labels_folder=None
+    )
     ending = dataset_json["file_ending"]
     if not cases and not problems:
         raise PredictionInputError(f"{input_dir}: no images named <case>_0000{ending} in this folder")
@@ -718,8 +862,9 @@ def verify_prediction_inputs(
         problems.extend(case_problems)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
-        raise PredictionInputError(f"input folder {input_dir} has {len(problems)} problem(s); nothing was "
-                                   f"predicted:\n{lines}")
+        raise PredictionInputError(
+            f"input folder {input_dir} has {len(problems)} problem(s); nothing was predicted:\n{lines}"
+        )
     return {case_id: list(files.images) for case_id, files in cases.items()}
 
 
@@ -776,14 +921,19 @@ def _load_selection(results_dir: Path, postprocess: bool) -> tuple[dict, dict, d
     elif (results_dir / "dataset.json").is_file():
         dataset_json = read_json(results_dir / "dataset.json")
     else:
-        raise EvaluationError(f"{results_dir / SELECTION_FILE}: holds no dataset_json and there is no "
-                              f"{results_dir / 'dataset.json'}; rerun the select rule")
+        raise EvaluationError(
+            f"{results_dir / SELECTION_FILE}: holds no dataset_json and there is no "
+            f"{results_dir / 'dataset.json'}; rerun the select rule"
+        )
     return selection, plans, decision, dataset_json
 
 
 def _finish_case(
-    sources: Sequence[Path], targets: Mapping[str, Path], dataset_json: Mapping[str, Any],
-    decision: Mapping[str, Any] | None, save_probabilities: bool,
+    sources: Sequence[Path],
+    targets: Mapping[str, Path],
+    dataset_json: Mapping[str, Any],
+    decision: Mapping[str, Any] | None,
+    save_probabilities: bool,
 ) -> None:
     """Final output of one case: the member's segmentation or the ensemble's, postprocessed, written with the
     input's geometry (probabilities first, the segmentation last)."""
@@ -858,8 +1008,10 @@ def predict_folder(
     models = {stage: _model_files(results_path, stage, fold_names) for stage in stages}
     absent = [str(p) for paths in models.values() for p in paths if not p.is_file()]
     if absent:
-        raise EvaluationError(f"{len(absent)} model file(s) of {selection['selected']} are missing: "
-                              f"{', '.join(absent[:6])}; train these folds or choose others with --folds")
+        raise EvaluationError(
+            f"{len(absent)} model file(s) of {selection['selected']} are missing: "
+            f"{', '.join(absent[:6])}; train these folds or choose others with --folds"
+        )
     cases = verify_prediction_inputs(input_path, dataset_json, num_processes)
 
     todo = dict(cases)
@@ -869,9 +1021,15 @@ def predict_folder(
             wanted = [paths["segmentation"]] + ([paths["probabilities"]] if save_probabilities else [])
             if all(p.is_file() for p in wanted):
                 del todo[case_id]
-    log.info("predicting %d of %d case(s) with %s (folds %s, mirroring %s)%s", len(todo), len(cases),
-             selection["selected"], ", ".join(fold_names), "on" if mirroring else "off",
-             f"; {len(cases) - len(todo)} already done" if len(todo) < len(cases) else "")
+    log.info(
+        "predicting %d of %d case(s) with %s (folds %s, mirroring %s)%s",
+        len(todo),
+        len(cases),
+        selection["selected"],
+        ", ".join(fold_names),
+        "on" if mirroring else "off",
+        f"; {len(cases) - len(todo)} already done" if len(todo) < len(cases) else "",
+    )
     ensemble = len(members) > 1
     work = output_path / WORK_FOLDER
     device_used = None
@@ -885,16 +1043,28 @@ def predict_folder(
                 previous = _configuration(plans, stage).get("previous_stage")
                 log.info("%s: %d fold(s) on %s", stage, len(fold_names), torch_device)
                 predict_from_raw(
-                    todo, work / stage, models[stage], plans, stage, dataset_json, use_mirroring=mirroring,
-                    step_size=step_size, device=torch_device,
+                    todo,
+                    work / stage,
+                    models[stage],
+                    plans,
+                    stage,
+                    dataset_json,
+                    use_mirroring=mirroring,
+                    step_size=step_size,
+                    device=torch_device,
                     save_probabilities=stage in members and (ensemble or save_probabilities),
-                    previous_stage_dir=work / previous if previous else None, progress=progress,
+                    previous_stage_dir=work / previous if previous else None,
+                    progress=progress,
                     autocast=autocast,
                 )
             for case_id in sorted(todo):
-                _finish_case([work / m / f"{case_id}{ending}" for m in members],
-                             prediction_paths(output_path / case_id, ending), dataset_json, decision,
-                             save_probabilities)
+                _finish_case(
+                    [work / m / f"{case_id}{ending}" for m in members],
+                    prediction_paths(output_path / case_id, ending),
+                    dataset_json,
+                    decision,
+                    save_probabilities,
+                )
         finally:
             shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - start
@@ -917,5 +1087,10 @@ def predict_folder(
     }
     write_json(output_path / PREDICTION_RECORD, record)
     log.info("wrote %d segmentation(s) to %s in %.1f s", len(todo), output_path, seconds)
-    return {"n_cases": len(cases), "n_predicted": len(todo), "selected": selection["selected"],
-            "output_dir": str(output_path), "seconds": seconds}
+    return {
+        "n_cases": len(cases),
+        "n_predicted": len(todo),
+        "selected": selection["selected"],
+        "output_dir": str(output_path),
+        "seconds": seconds,
+    }

@@ -119,7 +119,9 @@ def intensity_properties(values: list[np.ndarray], counts: list[np.ndarray]) -> 
     all_counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
     if all_values.size == 0:
         nan = float("nan")
-        return dict.fromkeys(("max", "mean", "median", "min", "percentile_00_5", "percentile_99_5", "std"), nan)
+        return dict.fromkeys(
+            ("max", "mean", "median", "min", "percentile_00_5", "percentile_99_5", "std"), nan
+        )
     sample = WeightedSample(all_values, all_counts)
     return {
         "max": float(sample.values[-1]),
@@ -145,17 +147,23 @@ def extract_fingerprint(
     jobs = [(cases[cid], n_samples) for cid in sorted(cases)]
     if num_processes > 1:
         with process_pool(num_processes) as pool:
-            results = list(_maybe_progress(pool.map(_fingerprint_job, jobs, chunksize=2), len(jobs), progress))
+            results = list(
+                _maybe_progress(pool.map(_fingerprint_job, jobs, chunksize=2), len(jobs), progress)
+            )
     else:
         results = list(_maybe_progress(map(_fingerprint_job, jobs), len(jobs), progress))
     n_channels = len(dataset_json["channel_names"])
     properties = {
-        str(c): intensity_properties([r.sampled_values[c] for r in results], [r.sampled_counts[c] for r in results])
+        str(c): intensity_properties(
+            [r.sampled_values[c] for r in results], [r.sampled_counts[c] for r in results]
+        )
         for c in range(n_channels)
     }
     return {
         "foreground_intensity_properties_per_channel": properties,
-        "median_relative_size_after_cropping": float(np.median([r.relative_size_after_cropping for r in results])),
+        "median_relative_size_after_cropping": float(
+            np.median([r.relative_size_after_cropping for r in results])
+        ),
         "shapes_after_crop": [r.shape_after_crop for r in results],
         "spacings": [r.spacing for r in results],
     }

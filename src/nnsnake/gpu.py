@@ -46,7 +46,9 @@ def select_device(requested: str = "auto") -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError as err:
-        raise ValueError(f"device {requested!r} is not understood; use auto, cpu, cuda, cuda:N or mps") from err
+        raise ValueError(
+            f"device {requested!r} is not understood; use auto, cpu, cuda, cuda:N or mps"
+        ) from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(
@@ -55,10 +57,14 @@ def select_device(requested: str = "auto") -> torch.device:
                 "of torch, or set the training device to cpu / auto"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {requested!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise RuntimeError(
+                f"device {requested!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
     elif device.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise RuntimeError("device 'mps' was requested but this torch build or machine has no MPS support")
+            raise RuntimeError(
+                "device 'mps' was requested but this torch build or machine has no MPS support"
+            )
     elif device.type != "cpu":
         raise ValueError(f"device {requested!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
@@ -97,7 +103,9 @@ def _try_lock(path: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def claim_gpu(lock_dir: str | os.PathLike | None = None, timeout_s: float | None = None) -> Iterator[int | None]:
+def claim_gpu(
+    lock_dir: str | os.PathLike | None = None, timeout_s: float | None = None
+) -> Iterator[int | None]:
     """Hold one free GPU for the duration of the ``with`` block and make it the only visible one.
 
     Yields the claimed GPU's index, or None when nothing was claimed: ``CUDA_VISIBLE_DEVICES`` already set (a
@@ -137,6 +145,8 @@ def claim_gpu(lock_dir: str | os.PathLike | None = None, timeout_s: float | None
                 "lower the workflow's --resources gpu=N, or set CUDA_VISIBLE_DEVICES to choose a GPU yourself"
             )
         if not announced:
-            log.warning("all %d GPUs are claimed by other jobs (locks in %s); waiting for one", n_gpus, folder)
+            log.warning(
+                "all %d GPUs are claimed by other jobs (locks in %s); waiting for one", n_gpus, folder
+            )
             announced = True
         time.sleep(_POLL_SECONDS)

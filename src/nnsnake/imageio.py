@@ -45,7 +45,9 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:  # SimpleITK raises RuntimeError for corrupt/unknown files
-        raise ImageReadError(f"{path}: cannot be read by SimpleITK ({str(exc).strip().splitlines()[-1]})") from exc
+        raise ImageReadError(
+            f"{path}: cannot be read by SimpleITK ({str(exc).strip().splitlines()[-1]})"
+        ) from exc
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageReadError(
             f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; store one file per channel "
@@ -102,7 +104,11 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     if array.ndim == 3:
         case_name = path.name[: -len(_ending_of(path))]
         # channel files are <case>_XXXX.tif; the sidecar belongs to the case
-        stem = case_name[:-5] if len(case_name) > 5 and case_name[-5] == "_" and case_name[-4:].isdigit() else case_name
+        stem = (
+            case_name[:-5]
+            if len(case_name) > 5 and case_name[-5] == "_" and case_name[-4:].isdigit()
+            else case_name
+        )
         sidecar = path.with_name(stem + ".json")
         spacing = [1.0, 1.0, 1.0]
         if sidecar.exists():

@@ -70,7 +70,9 @@ PathLike = str | os.PathLike
 def _gaussian_map(patch_size: tuple[int, ...], sigma_scale: float, value_scaling_factor: float) -> np.ndarray:
     delta = np.zeros(patch_size, dtype=np.float64)
     delta[tuple(s // 2 for s in patch_size)] = 1.0
-    blurred = gaussian_filter(delta, [s * sigma_scale for s in patch_size], order=0, mode="constant", cval=0.0)
+    blurred = gaussian_filter(
+        delta, [s * sigma_scale for s in patch_size], order=0, mode="constant", cval=0.0
+    )
     blurred *= value_scaling_factor / blurred.max()
     blurred.setflags(write=False)
     return blurred
@@ -89,7 +91,9 @@ def compute_gaussian(
     up with zero total weight.
     """
     patch = tuple(int(s) for s in patch_size)
-    gaussian = torch.from_numpy(np.array(_gaussian_map(patch, float(sigma_scale), float(value_scaling_factor))))
+    gaussian = torch.from_numpy(
+        np.array(_gaussian_map(patch, float(sigma_scale), float(value_scaling_factor)))
+    )
     gaussian = gaussian.to(device=device, dtype=dtype)
     zero = gaussian == 0
     if bool(zero.any()):
@@ -103,11 +107,15 @@ def sliding_window_steps(
     """Tile start positions per axis: ``n = ceil((size-patch)/(patch·step)) + 1`` tiles spread evenly, first at 0
     and last flush with the image end (just 0 when n = 1)."""
     if len(image_size) != len(patch_size):
-        raise ValueError(f"image size {list(image_size)} and patch size {list(patch_size)} differ in dimensions")
+        raise ValueError(
+            f"image size {list(image_size)} and patch size {list(patch_size)} differ in dimensions"
+        )
     if not 0 < step_size <= 1:
         raise ValueError(f"step_size must be in (0, 1], got {step_size}")
     if any(i < p for i, p in zip(image_size, patch_size, strict=True)):
-        raise ValueError(f"image size {list(image_size)} is smaller than the patch {list(patch_size)}; pad it first")
+        raise ValueError(
+            f"image size {list(image_size)} is smaller than the patch {list(patch_size)}; pad it first"
+        )
     steps = []
     for size, patch in zip(image_size, patch_size, strict=True):
         n_steps = int(np.ceil((size - patch) / (patch * step_size))) + 1
@@ -133,7 +141,10 @@ def _pad_to_patch(data: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.
     for size, patch in zip(data.shape[n_free:], patch_size, strict=True):
         missing = max(int(patch) - size, 0)
         pads_low_high.append((missing // 2, missing - missing // 2))
-    revert = tuple([slice(None)] * n_free + [slice(lo, lo + s) for (lo, _), s in zip(pads_low_high, data.shape[n_free:], strict=True)])
+    revert = tuple(
+        [slice(None)] * n_free
+        + [slice(lo, lo + s) for (lo, _), s in zip(pads_low_high, data.shape[n_free:], strict=True)]
+    )
     if not any(lo or hi for lo, hi in pads_low_high):
         return data, revert
     # torch's pad takes (last_low, last_high, second_last_low, ...)
@@ -199,8 +210,12 @@ def _forward_tiles(
     groups = [combos[start : start + combos_per_pass] for start in range(0, len(combos), combos_per_pass)]
     passes = [(network, group) for network in networks for group in groups]
     # the layout each network's weights are stored in (channels-last on the CPU), looked up once, not per pass
-    input_formats = {id(network): _input_memory_format(network, tiles.dim()) if tiles.dim() in (4, 5)
-                     else torch.contiguous_format for network in networks}
+    input_formats = {
+        id(network): _input_memory_format(network, tiles.dim())
+        if tiles.dim() in (4, 5)
+        else torch.contiguous_format
+        for network in networks
+    }
 
     def run_pass(item: tuple[nn.Module, list[tuple[int, ...]]]) -> torch.Tensor:
         network, group = item
@@ -325,13 +340,15 @@ def _sliding_window_accumulate(
         for start in range(0, len(slicers), tiles_per_batch):
             batch = slicers[start : start + tiles_per_batch]
             tiles = torch.stack([data[(slice(None), *sl)] for sl in batch]).to(device, non_blocking=True)
-            prediction = _forward_tiles(networks, tiles, combos, batch_tiles, device if autocast else None,
-                                        pool).to(results_device)
+            prediction = _forward_tiles(
+                networks, tiles, combos, batch_tiles, device if autocast else None, pool
+            ).to(results_device)
             if use_gaussian:
                 prediction *= gaussian
             if logits is None:
-                logits = torch.zeros((prediction.shape[1], *data.shape[1:]), dtype=accumulation_dtype,
-                                     device=results_device)
+                logits = torch.zeros(
+                    (prediction.shape[1], *data.shape[1:]), dtype=accumulation_dtype, device=results_device
+                )
             for tile_prediction, sl in zip(prediction, batch, strict=True):
                 logits[(slice(None), *sl)] += tile_prediction
                 weights[sl] += gaussian
@@ -385,15 +402,26 @@ def predict_sliding_window(
         raise ValueError(f"mirror axes {list(mirror_axes)} do not exist for a {len(patch)}D patch")
     tensor = _as_float_tensor(data)
     if tensor.ndim not in (len(patch) + 1, len(patch) + 2):
-        raise ValueError(f"data must be (C, *spatial) for patch {list(patch)}, got shape {list(tensor.shape)}")
+        raise ValueError(
+            f"data must be (C, *spatial) for patch {list(patch)}, got shape {list(tensor.shape)}"
+        )
     batch = batch_tiles if batch_tiles is not None else _auto_batch_tiles(patch, device)
     for net in nets:
         net.eval()
     padded, revert = _pad_to_patch(tensor, patch)
     run = functools.partial(
-        _sliding_window_accumulate, nets, padded, patch, combos, step_size, device,
-        use_gaussian=use_gaussian, batch_tiles=batch, accumulation_dtype=accumulation_dtype,
-        autocast=device.type == "cuda" if autocast is None else autocast, progress=progress,
+        _sliding_window_accumulate,
+        nets,
+        padded,
+        patch,
+        combos,
+        step_size,
+        device,
+        use_gaussian=use_gaussian,
+        batch_tiles=batch,
+        accumulation_dtype=accumulation_dtype,
+        autocast=device.type == "cuda" if autocast is None else autocast,
+        progress=progress,
         parallel=parallel_passes,
     )
     on_device = accumulate_on_device if accumulate_on_device is not None else device.type != "cpu"
@@ -449,7 +477,9 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/foreign files
-        raise RuntimeError(f"{path}: cannot be loaded as a weights-only torch checkpoint ({exc}); retrain the fold") from exc
+        raise RuntimeError(
+            f"{path}: cannot be loaded as a weights-only torch checkpoint ({exc}); retrain the fold"
+        ) from exc
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise ValueError(f"{path}: not an nnsnake checkpoint (no 'network_weights' entry); retrain the fold")
     return checkpoint
@@ -506,7 +536,9 @@ def _input_memory_format(network: nn.Module, dims: int) -> torch.memory_format:
     two layouts coincide, such as a first convolution with one input channel, do not tell)."""
     fmt = channels_last_format(dims - 2)
     for parameter in network.parameters():
-        if parameter.dim() == dims and parameter.is_contiguous() != parameter.is_contiguous(memory_format=fmt):
+        if parameter.dim() == dims and parameter.is_contiguous() != parameter.is_contiguous(
+            memory_format=fmt
+        ):
             return fmt if parameter.is_contiguous(memory_format=fmt) else torch.contiguous_format
     return torch.contiguous_format
 
@@ -593,7 +625,9 @@ def num_input_channels(
     return n
 
 
-def one_hot_previous_stage(seg: np.ndarray, dataset_json: Mapping[str, Any], dtype: type = np.float32) -> np.ndarray:
+def one_hot_previous_stage(
+    seg: np.ndarray, dataset_json: Mapping[str, Any], dtype: type = np.float32
+) -> np.ndarray:
     """One-hot ``(n_foreground_labels, *spatial)`` of a previous-stage label map ``(1, *spatial)`` (cascade input;
     voxels marked -1 outside the nonzero mask are zero in every channel)."""
     layout = LabelLayout.from_dataset_json(dataset_json)
@@ -621,7 +655,10 @@ def _resampling_source_spacing(
 
 
 def _resample_channels(
-    logits: TensorOrArray, new_shape: Sequence[int], current_spacing: Sequence[float], new_spacing: Sequence[float]
+    logits: TensorOrArray,
+    new_shape: Sequence[int],
+    current_spacing: Sequence[float],
+    new_spacing: Sequence[float],
 ) -> Iterator[np.ndarray]:
     """Yield each channel resampled with the probabilities scheme (order 1, separate-z automatic), as float32.
 
@@ -634,13 +671,21 @@ def _resample_channels(
         channel = channel.float().numpy() if isinstance(channel, torch.Tensor) else channel.astype(np.float32)
         if tuple(channel.shape[1:]) != tuple(new_shape):
             channel = resample_data_or_seg_to_shape(
-                channel, list(new_shape), list(current_spacing), list(new_spacing),
-                is_seg=False, order=1, order_z=0, force_separate_z=None,
+                channel,
+                list(new_shape),
+                list(current_spacing),
+                list(new_spacing),
+                is_seg=False,
+                order=1,
+                order_z=0,
+                force_separate_z=None,
             )
         yield np.asarray(channel[0], dtype=np.float32)
 
 
-def _segmentation_streaming(channels: Iterator[np.ndarray], layout: LabelLayout, shape: Sequence[int]) -> np.ndarray:
+def _segmentation_streaming(
+    channels: Iterator[np.ndarray], layout: LabelLayout, shape: Sequence[int]
+) -> np.ndarray:
     """Label map from resampled logits seen one channel at a time (argmax, or regions painted in order)."""
     seg = np.zeros(tuple(shape), dtype=layout.seg_dtype)
     if layout.has_regions:
@@ -650,7 +695,9 @@ def _segmentation_streaming(channels: Iterator[np.ndarray], layout: LabelLayout,
     best = None
     for c, channel in enumerate(channels):
         if best is None:
-            best = np.array(channel, dtype=np.float32, copy=True)  # the channel may be a view of the caller's logits
+            best = np.array(
+                channel, dtype=np.float32, copy=True
+            )  # the channel may be a view of the caller's logits
             continue
         better = channel > best  # strict: ties keep the first channel, like argmax
         seg[better] = c
@@ -683,10 +730,20 @@ def _bbox_slices(bbox: Sequence[Sequence[int]]) -> tuple[slice, ...]:
 
 
 def _check_properties(properties: Mapping[str, Any]) -> None:
-    missing = [k for k in ("spacing", "shape_before_cropping", "bbox_used_for_cropping",
-                           "shape_after_cropping_and_before_resampling") if k not in properties]
+    missing = [
+        k
+        for k in (
+            "spacing",
+            "shape_before_cropping",
+            "bbox_used_for_cropping",
+            "shape_after_cropping_and_before_resampling",
+        )
+        if k not in properties
+    ]
     if missing:
-        raise KeyError(f"case properties lack {missing}; they come from nnsnake.preprocessing (rerun preprocess)")
+        raise KeyError(
+            f"case properties lack {missing}; they come from nnsnake.preprocessing (rerun preprocess)"
+        )
 
 
 def convert_logits_to_raw_geometry(
@@ -702,7 +759,9 @@ def convert_logits_to_raw_geometry(
     config = _resolve(plans, configuration)
     layout = LabelLayout.from_dataset_json(dataset_json)
     if logits.shape[0] != layout.num_outputs:
-        raise ValueError(f"logits have {logits.shape[0]} channels but dataset.json implies {layout.num_outputs}")
+        raise ValueError(
+            f"logits have {logits.shape[0]} channels but dataset.json implies {layout.num_outputs}"
+        )
     target_shape = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
     current_spacing = _resampling_source_spacing(plans, config, properties)
     target_spacing = [float(s) for s in _transposed(properties["spacing"], plans["transpose_forward"])]
@@ -722,7 +781,9 @@ def convert_logits_to_raw_geometry(
     seg[crop] = seg_cropped
     seg = seg.transpose(backward)
     if probabilities is not None:
-        full = np.zeros((layout.num_outputs, *[int(s) for s in properties["shape_before_cropping"]]), np.float32)
+        full = np.zeros(
+            (layout.num_outputs, *[int(s) for s in properties["shape_before_cropping"]]), np.float32
+        )
         if not layout.has_regions:
             full[0] = 1.0
         full[(slice(None), *crop)] = probabilities
@@ -881,8 +942,10 @@ def predict_from_raw(
         cases = dict(zip(case_ids_from_files(files, ending), files, strict=True))
     config = _resolve(plans, configuration)
     if config.get("previous_stage") and previous_stage_dir is None:
-        raise ValueError(f"configuration {configuration!r} is a cascade stage: pass previous_stage_dir with the "
-                         f"predictions of {config['previous_stage']!r}")
+        raise ValueError(
+            f"configuration {configuration!r} is a cascade stage: pass previous_stage_dir with the "
+            f"predictions of {config['previous_stage']!r}"
+        )
     output_dir = Path(output_dir)
     todo = []
     for case_id, files in cases.items():
@@ -894,8 +957,10 @@ def predict_from_raw(
         todo.append((case_id, [str(f) for f in files], previous, paths["segmentation"]))
     missing = [str(prev) for _, _, prev, _ in todo if prev is not None and not prev.is_file()]
     if missing:
-        raise FileNotFoundError(f"previous-stage predictions missing: {', '.join(missing[:5])}; predict these cases "
-                                f"with {config.get('previous_stage')!r} first")
+        raise FileNotFoundError(
+            f"previous-stage predictions missing: {', '.join(missing[:5])}; predict these cases "
+            f"with {config.get('previous_stage')!r} first"
+        )
     if not todo:
         return []
     device = torch.device(device)
@@ -903,8 +968,14 @@ def predict_from_raw(
 
     def prepare(item: tuple) -> tuple[np.ndarray, dict[str, Any]]:
         _, image_files, previous, _ = item
-        data, seg, properties = preprocess_case(image_files, str(previous) if previous else None, plans,
-                                                configuration, dataset_json, class_locations=False)
+        data, seg, properties = preprocess_case(
+            image_files,
+            str(previous) if previous else None,
+            plans,
+            configuration,
+            dataset_json,
+            class_locations=False,
+        )
         if previous is not None:
             data = np.concatenate([data, one_hot_previous_stage(seg, dataset_json, data.dtype)])
         return data, properties
@@ -921,8 +992,14 @@ def predict_from_raw(
             if index + 1 < len(todo):
                 upcoming = preprocessing.submit(prepare, todo[index + 1])
             logits = predict_sliding_window(
-                networks, data, config["patch_size"], mirror_axes if use_mirroring else None, step_size, device,
-                batch_tiles=batch_tiles, autocast=autocast,
+                networks,
+                data,
+                config["patch_size"],
+                mirror_axes if use_mirroring else None,
+                step_size,
+                device,
+                batch_tiles=batch_tiles,
+                autocast=autocast,
             )
             del data
             while len(pending) >= 2:  # back-pressure: each pending export holds a case's logits
@@ -991,11 +1068,20 @@ def predict_preprocessed(
         data = np.asarray(data, dtype=np.float32)
         if previous_stage_segs is not None:
             data = np.concatenate([data, one_hot_previous_stage(previous_stage_segs(case_id), dataset_json)])
-        logits = predict_sliding_window(networks, data, config["patch_size"], mirror_axes, step_size, device,
-                                        batch_tiles=batch_tiles, autocast=autocast)
+        logits = predict_sliding_window(
+            networks,
+            data,
+            config["patch_size"],
+            mirror_axes,
+            step_size,
+            device,
+            batch_tiles=batch_tiles,
+            autocast=autocast,
+        )
         del data
-        out = export_prediction(logits, properties, plans, config, dataset_json, Path(output_dir) / case_id,
-                                save_probabilities)
+        out = export_prediction(
+            logits, properties, plans, config, dataset_json, Path(output_dir) / case_id, save_probabilities
+        )
         if next_stage is not None:
             next_preprocessed, next_output = next_stage
             next_data, _, _ = load_case(next_preprocessed, case_id, mmap=True)  # only its shape is needed

@@ -118,7 +118,9 @@ def compute_case_metrics(
     reference = np.asarray(reference)
     prediction = np.asarray(prediction)
     if reference.shape != prediction.shape:
-        raise MetricsError(f"reference shape {reference.shape} differs from prediction shape {prediction.shape}")
+        raise MetricsError(
+            f"reference shape {reference.shape} differs from prediction shape {prediction.shape}"
+        )
     ignore_mask = reference == ignore_label if ignore_label is not None else None
     result: dict[str, dict[str, float | int]] = {}
     for label_or_region in labels_or_regions:
@@ -131,7 +133,14 @@ def compute_case_metrics(
             dice = 2 * tp / (2 * tp + fp + fn)
             iou = tp / (tp + fp + fn)
         result[label_key(label_or_region)] = {
-            "Dice": dice, "IoU": iou, "FP": fp, "TP": tp, "FN": fn, "TN": tn, "n_pred": tp + fp, "n_ref": tp + fn,
+            "Dice": dice,
+            "IoU": iou,
+            "FP": fp,
+            "TP": tp,
+            "FN": fn,
+            "TN": tn,
+            "n_pred": tp + fp,
+            "n_ref": tp + fn,
         }
     return result
 
@@ -162,14 +171,18 @@ def aggregate_metrics(
 ) -> dict[str, Any]:
     """Build the summary (``metric_per_case``, ``mean``, ``foreground_mean``) from per-case entries."""
     if not metric_per_case:
-        raise MetricsError("no cases to aggregate: the prediction folder holds no file with the dataset's ending")
+        raise MetricsError(
+            "no cases to aggregate: the prediction folder holds no file with the dataset's ending"
+        )
     keys = [label_key(r) for r in labels_or_regions]
     means: dict[str, dict[str, float]] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices legitimately give NaN
         for key in keys:
             means[key] = {
-                metric: float(np.nanmean(np.array([c["metrics"][key][metric] for c in metric_per_case], float)))
+                metric: float(
+                    np.nanmean(np.array([c["metrics"][key][metric] for c in metric_per_case], float))
+                )
                 for metric in METRIC_NAMES
             }
         foreground_keys = [k for k in keys if k != "0"]
@@ -201,19 +214,24 @@ def compute_metrics_for_arrays(
         except MetricsError as exc:
             name = prediction_files[i] if prediction_files is not None else f"case {i}"
             raise MetricsError(f"{name}: {exc}") from exc
-        entries.append({
-            "reference_file": str(reference_files[i]) if reference_files is not None else str(i),
-            "prediction_file": str(prediction_files[i]) if prediction_files is not None else str(i),
-            "metrics": metrics,
-        })
+        entries.append(
+            {
+                "reference_file": str(reference_files[i]) if reference_files is not None else str(i),
+                "prediction_file": str(prediction_files[i]) if prediction_files is not None else str(i),
+                "metrics": metrics,
+            }
+        )
     return aggregate_metrics(entries, labels_or_regions)
 
 
 def list_files_with_ending(folder: str | os.PathLike, file_ending: str) -> list[str]:
     """Sorted names of the plain files in ``folder`` that end with ``file_ending`` (hidden files skipped)."""
     return sorted(
-        name for name in os.listdir(folder)
-        if name.endswith(file_ending) and not name.startswith(".") and os.path.isfile(os.path.join(folder, name))
+        name
+        for name in os.listdir(folder)
+        if name.endswith(file_ending)
+        and not name.startswith(".")
+        and os.path.isfile(os.path.join(folder, name))
     )
 
 
@@ -252,7 +270,12 @@ def compute_metrics_on_folder(
     if not predicted:
         raise MetricsError(f"{prediction_dir}: no predictions ending in {file_ending!r}")
     jobs = [
-        (os.path.join(reference_dir, name), os.path.join(prediction_dir, name), list(labels_or_regions), ignore_label)
+        (
+            os.path.join(reference_dir, name),
+            os.path.join(prediction_dir, name),
+            list(labels_or_regions),
+            ignore_label,
+        )
         for name in predicted
     ]
     if num_processes > 1 and len(jobs) > 1:
@@ -278,7 +301,9 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any]:
 def case_id_from_file(path: str | os.PathLike, file_ending: str | None = None) -> str:
     """The case identifier of a label file: its name without the file ending."""
     name = Path(path).name
-    endings: Iterable[str] = (file_ending,) if file_ending else sorted(imageio.SUPPORTED_ENDINGS, key=len, reverse=True)
+    endings: Iterable[str] = (
+        (file_ending,) if file_ending else sorted(imageio.SUPPORTED_ENDINGS, key=len, reverse=True)
+    )
     for ending in endings:
         if name.endswith(ending):
             return name[: -len(ending)]

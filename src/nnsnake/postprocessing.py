@@ -93,11 +93,15 @@ def make_step(labels_or_regions: Any, scope: str) -> dict[str, Any]:
 
 def apply_step(seg: np.ndarray, step: Mapping[str, Any]) -> np.ndarray:
     if step["operation"] != OPERATION:
-        raise PostprocessingError(f"unknown postprocessing operation {step['operation']!r} (known: {OPERATION})")
+        raise PostprocessingError(
+            f"unknown postprocessing operation {step['operation']!r} (known: {OPERATION})"
+        )
     return keep_largest_component(seg, list(step["labels"]))
 
 
-def apply_postprocessing(seg: np.ndarray, decision: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> np.ndarray:
+def apply_postprocessing(
+    seg: np.ndarray, decision: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+) -> np.ndarray:
     """Replay the accepted steps of a decision (or a list of steps) on one segmentation, in order."""
     steps = decision["steps"] if isinstance(decision, Mapping) else decision
     for step in steps:
@@ -115,14 +119,20 @@ def _load(source: Any) -> np.ndarray:
 
 
 def _score_step(
-    source: Any, reference: Any, step: Mapping[str, Any] | None, labels_or_regions: list[Any],
-    ignore_label: int | None, save_to: str | None,
+    source: Any,
+    reference: Any,
+    step: Mapping[str, Any] | None,
+    labels_or_regions: list[Any],
+    ignore_label: int | None,
+    save_to: str | None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Apply ``step`` (or nothing) to one case and score it; the result is saved as .npy or returned."""
     seg = _load(source)
     ref = _load(reference)
     if seg.shape != ref.shape:
-        raise PostprocessingError(f"{source}: shape {seg.shape} differs from its reference {reference} {ref.shape}")
+        raise PostprocessingError(
+            f"{source}: shape {seg.shape} differs from its reference {reference} {ref.shape}"
+        )
     if step is not None:
         seg = apply_step(seg, step)
     metrics = compute_case_metrics(ref, seg, labels_or_regions, ignore_label)
@@ -135,8 +145,15 @@ def _score_step(
 class _Cases:
     """The current segmentation of every case, in memory (array input) or as .npy files (folder input)."""
 
-    def __init__(self, current: dict[str, Any], references: dict[str, Any], work_dir: Path | None,
-                 labels_or_regions: list[Any], ignore_label: int | None, pool: ProcessPoolExecutor | None = None):
+    def __init__(
+        self,
+        current: dict[str, Any],
+        references: dict[str, Any],
+        work_dir: Path | None,
+        labels_or_regions: list[Any],
+        ignore_label: int | None,
+        pool: ProcessPoolExecutor | None = None,
+    ):
         self.current, self.references, self.work_dir = current, references, work_dir
         self.labels_or_regions, self.ignore_label, self.pool = labels_or_regions, ignore_label, pool
         self.n_trials = 0
@@ -150,8 +167,10 @@ class _Cases:
             folder = self.work_dir / f"trial_{self.n_trials}"
             folder.mkdir()
             targets = [str(folder / f"{case}.npy") for case in cases]
-        jobs = [(self.current[c], self.references[c], step, self.labels_or_regions, self.ignore_label, t)
-                for c, t in zip(cases, targets, strict=True)]
+        jobs = [
+            (self.current[c], self.references[c], step, self.labels_or_regions, self.ignore_label, t)
+            for c, t in zip(cases, targets, strict=True)
+        ]
         if self.pool is not None:
             results = list(self.pool.map(_score_step, *zip(*jobs, strict=True)))
         else:
@@ -161,8 +180,11 @@ class _Cases:
             for case, target, (_, seg) in zip(cases, targets, results, strict=True)
         }
         entries = [
-            {"reference_file": _name(self.references[c], c), "prediction_file": _name(self.current[c], c),
-             "metrics": metrics}
+            {
+                "reference_file": _name(self.references[c], c),
+                "prediction_file": _name(self.current[c], c),
+                "metrics": metrics,
+            }
             for c, (metrics, _) in zip(cases, results, strict=True)
         ]
         return candidate, aggregate_metrics(entries, self.labels_or_regions)
@@ -180,7 +202,11 @@ class _Cases:
         if self.work_dir is None:
             return
         for source in segmentations.values():
-            if isinstance(source, str) and source.endswith(".npy") and Path(source).parent.parent == self.work_dir:
+            if (
+                isinstance(source, str)
+                and source.endswith(".npy")
+                and Path(source).parent.parent == self.work_dir
+            ):
                 Path(source).unlink(missing_ok=True)
 
 
@@ -189,16 +215,19 @@ def _name(source: Any, case: str) -> str:
 
 
 def _dice_scores(summary: Mapping[str, Any]) -> dict[str, Any]:
-    return {"foreground_mean": summary["foreground_mean"]["Dice"],
-            "mean": {key: values["Dice"] for key, values in summary["mean"].items()}}
+    return {
+        "foreground_mean": summary["foreground_mean"]["Dice"],
+        "mean": {key: values["Dice"] for key, values in summary["mean"].items()},
+    }
 
 
 def _means(summary: Mapping[str, Any]) -> dict[str, Any]:
     return {"foreground_mean": summary["foreground_mean"], "mean": summary["mean"]}
 
 
-def _decide(cases: _Cases, labels_or_regions: list[Any], foreground_labels: list[int],
-            log: Callable[[str], None]) -> dict[str, Any]:
+def _decide(
+    cases: _Cases, labels_or_regions: list[Any], foreground_labels: list[int], log: Callable[[str], None]
+) -> dict[str, Any]:
     _, baseline = cases.run(None)
     current_summary = baseline
     steps: list[dict[str, Any]] = []
@@ -209,12 +238,20 @@ def _decide(cases: _Cases, labels_or_regions: list[Any], foreground_labels: list
     improved = summary["foreground_mean"]["Dice"] > current_summary["foreground_mean"]["Dice"]
     worse = [k for k in summary["mean"] if summary["mean"][k]["Dice"] < current_summary["mean"][k]["Dice"]]
     accepted = bool(improved and not worse)
-    trials.append({"step": step, "accepted": accepted, "before": _dice_scores(current_summary),
-                   "after": _dice_scores(summary),
-                   "rule": "foreground_mean Dice strictly higher and no label's mean Dice lower"})
-    log(f"keep largest foreground component: foreground mean Dice {current_summary['foreground_mean']['Dice']:.5f} "
+    trials.append(
+        {
+            "step": step,
+            "accepted": accepted,
+            "before": _dice_scores(current_summary),
+            "after": _dice_scores(summary),
+            "rule": "foreground_mean Dice strictly higher and no label's mean Dice lower",
+        }
+    )
+    log(
+        f"keep largest foreground component: foreground mean Dice {current_summary['foreground_mean']['Dice']:.5f} "
         f"-> {summary['foreground_mean']['Dice']:.5f}; {'accepted' if accepted else 'rejected'}"
-        + (f" (worse: {', '.join(worse)})" if worse and improved else ""))
+        + (f" (worse: {', '.join(worse)})" if worse and improved else "")
+    )
     if accepted:
         cases.accept(candidate)
         current_summary = summary
@@ -229,10 +266,19 @@ def _decide(cases: _Cases, labels_or_regions: list[Any], foreground_labels: list
             candidate, summary = cases.run(step)
             before, after = current_summary["mean"][key]["Dice"], summary["mean"][key]["Dice"]
             accepted = bool(after > before)
-            trials.append({"step": step, "accepted": accepted, "before": _dice_scores(current_summary),
-                           "after": _dice_scores(summary), "rule": f"mean Dice of {key} strictly higher"})
-            log(f"keep largest component of {key}: mean Dice {before:.5f} -> {after:.5f}; "
-                f"{'accepted' if accepted else 'rejected'}")
+            trials.append(
+                {
+                    "step": step,
+                    "accepted": accepted,
+                    "before": _dice_scores(current_summary),
+                    "after": _dice_scores(summary),
+                    "rule": f"mean Dice of {key} strictly higher",
+                }
+            )
+            log(
+                f"keep largest component of {key}: mean Dice {before:.5f} -> {after:.5f}; "
+                f"{'accepted' if accepted else 'rejected'}"
+            )
             if accepted:
                 cases.accept(candidate)
                 current_summary = summary
@@ -272,19 +318,29 @@ def determine_postprocessing(
     labels_or_regions = [normalize_label_or_region(r) for r in labels_or_regions]
     if not labels_or_regions:
         raise PostprocessingError("no labels or regions to postprocess")
-    foreground = sorted(set(foreground_labels) - {0}) if foreground_labels is not None else [
-        v for v in labels_of(list(labels_or_regions)) if v != 0]
+    foreground = (
+        sorted(set(foreground_labels) - {0})
+        if foreground_labels is not None
+        else [v for v in labels_of(list(labels_or_regions)) if v != 0]
+    )
 
     if isinstance(predictions, Mapping):
         if not isinstance(references, Mapping):
-            raise PostprocessingError("predictions are arrays, so references must be a mapping case -> array too")
+            raise PostprocessingError(
+                "predictions are arrays, so references must be a mapping case -> array too"
+            )
         missing = [c for c in predictions if c not in references]
         if missing:
             raise PostprocessingError(f"no reference for case(s) {', '.join(missing[:5])}")
         if not predictions:
             raise PostprocessingError("no predictions given")
-        cases = _Cases({c: np.asarray(p) for c, p in predictions.items()},
-                       {c: np.asarray(references[c]) for c in predictions}, None, labels_or_regions, ignore_label)
+        cases = _Cases(
+            {c: np.asarray(p) for c, p in predictions.items()},
+            {c: np.asarray(references[c]) for c in predictions},
+            None,
+            labels_or_regions,
+            ignore_label,
+        )
         return _decide(cases, labels_or_regions, foreground, log)
 
     if file_ending is None:
@@ -295,20 +351,30 @@ def determine_postprocessing(
         raise PostprocessingError(f"{prediction_dir}: no predictions ending in {file_ending!r}")
     missing = [n for n in names if not (reference_dir / n).is_file()]
     if missing:
-        raise PostprocessingError(f"{prediction_dir}: no reference in {reference_dir} for {', '.join(missing[:5])}")
+        raise PostprocessingError(
+            f"{prediction_dir}: no reference in {reference_dir} for {', '.join(missing[:5])}"
+        )
     unpredicted = sorted(set(list_files_with_ending(reference_dir, file_ending)) - set(names))
     if unpredicted:
-        warnings.warn(f"{prediction_dir}: {len(unpredicted)} reference case(s) have no prediction; postprocessing "
-                      "should be decided on the whole cross-validation", stacklevel=2)
+        warnings.warn(
+            f"{prediction_dir}: {len(unpredicted)} reference case(s) have no prediction; postprocessing "
+            "should be decided on the whole cross-validation",
+            stacklevel=2,
+        )
     tmp = Path(tempfile.mkdtemp(prefix="nnsnake_pp_", dir=work_dir))
     pool = None
     if num_processes > 1 and len(names) > 1:  # one pool for all steps: spawning workers costs seconds
         pool = process_pool(min(num_processes, len(names)))
     try:
         case_ids = [n[: -len(file_ending)] for n in names]
-        cases = _Cases({c: str(prediction_dir / n) for c, n in zip(case_ids, names, strict=True)},
-                       {c: str(reference_dir / n) for c, n in zip(case_ids, names, strict=True)},
-                       tmp, labels_or_regions, ignore_label, pool)
+        cases = _Cases(
+            {c: str(prediction_dir / n) for c, n in zip(case_ids, names, strict=True)},
+            {c: str(reference_dir / n) for c, n in zip(case_ids, names, strict=True)},
+            tmp,
+            labels_or_regions,
+            ignore_label,
+            pool,
+        )
         return _decide(cases, labels_or_regions, foreground, log)
     finally:
         if pool is not None:

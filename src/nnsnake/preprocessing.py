@@ -89,7 +89,12 @@ def _resampling_kwargs(config: Mapping[str, Any], what: str) -> dict[str, Any]:
             "(the nnU-Net default); re-plan or edit the plans"
         )
     defaults = {"data": {"order": 3}, "seg": {"order": 1}, "probabilities": {"order": 1}}[what]
-    kwargs = {"order_z": 0, "force_separate_z": None, **defaults, **config.get(f"resampling_fn_{what}_kwargs", {})}
+    kwargs = {
+        "order_z": 0,
+        "force_separate_z": None,
+        **defaults,
+        **config.get(f"resampling_fn_{what}_kwargs", {}),
+    }
     kwargs.pop("is_seg", None)
     return kwargs
 
@@ -197,7 +202,9 @@ def preprocess_arrays(
     class_locations: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Preprocess arrays already read (reader axis order): the body of :func:`preprocess_case`."""
-    config = resolve_configuration(plans, configuration) if isinstance(configuration, str) else dict(configuration)
+    config = (
+        resolve_configuration(plans, configuration) if isinstance(configuration, str) else dict(configuration)
+    )
     has_seg = seg is not None
     data = np.asarray(data, dtype=np.float32)
     if has_seg:
@@ -344,7 +351,9 @@ def case_digest(data: np.ndarray, seg: np.ndarray) -> str:
 def _npy_header(path: str, mtime_ns: int, size: int) -> tuple[tuple[int, ...], np.dtype, str, int]:
     with open(path, "rb") as fh:
         version = np.lib.format.read_magic(fh)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        reader = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
         shape, fortran_order, dtype = reader(fh)
         offset = fh.tell()
     if dtype.hasobject:
@@ -417,7 +426,11 @@ def stored_case_ids(folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    ids = (p.name[: -len(PROPERTIES_SUFFIX)] for p in folder.glob(f"*{PROPERTIES_SUFFIX}") if not p.name.startswith("."))
+    ids = (
+        p.name[: -len(PROPERTIES_SUFFIX)]
+        for p in folder.glob(f"*{PROPERTIES_SUFFIX}")
+        if not p.name.startswith(".")
+    )
     # other JSON files may share the folder (the workflow's manifest.json): a case also has its data file
     return sorted(i for i in ids if case_files(folder, i)["data"].is_file())
 
@@ -438,7 +451,9 @@ def _file_fingerprint(path: str | os.PathLike) -> list[Any]:
     return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def plan_signature(plans: Mapping[str, Any], configuration: str, dataset_json: Mapping[str, Any]) -> dict[str, Any]:
+def plan_signature(
+    plans: Mapping[str, Any], configuration: str, dataset_json: Mapping[str, Any]
+) -> dict[str, Any]:
     """The plan entries a preprocessed case depends on (a change to any of them recomputes the case)."""
     config = resolve_configuration(plans, configuration)
     return {
@@ -449,13 +464,16 @@ def plan_signature(plans: Mapping[str, Any], configuration: str, dataset_json: M
         "use_mask_for_norm": list(config["use_mask_for_norm"]),
         "resampling_data": _resampling_kwargs(config, "data"),
         "resampling_seg": _resampling_kwargs(config, "seg"),
-        "foreground_intensity_properties_per_channel": plans.get("foreground_intensity_properties_per_channel"),
+        "foreground_intensity_properties_per_channel": plans.get(
+            "foreground_intensity_properties_per_channel"
+        ),
         "labels": dataset_json["labels"],
     }
 
 
-def case_signature(image_paths: Sequence[str | os.PathLike], seg_path: str | os.PathLike | None,
-                   plan: Mapping[str, Any]) -> dict[str, Any]:
+def case_signature(
+    image_paths: Sequence[str | os.PathLike], seg_path: str | os.PathLike | None, plan: Mapping[str, Any]
+) -> dict[str, Any]:
     """Inputs (path, size, mtime) and plan entries of one case, as stored in its JSON."""
     signature = {
         "images": [_file_fingerprint(p) for p in image_paths],
@@ -507,7 +525,9 @@ class _single_threaded_blas:
             from threadpoolctl import threadpool_limits
 
             self._limits = threadpool_limits(1)
-        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn / most scientific stacks
+        except (
+            ImportError
+        ):  # pragma: no cover - threadpoolctl comes with scikit-learn / most scientific stacks
             self._limits = None
 
     def __exit__(self, *exc: object) -> None:
@@ -575,11 +595,18 @@ def preprocess_dataset(
         signature = case_signature(images, seg, plan)
         if case_is_current(out, case_id, signature):
             record = jsonio.read_json(case_files(out, case_id)["properties"])
-            manifest_cases[case_id] = {"shape": record["shape"], "seg_dtype": record["seg_dtype"],
-                                       "sha256": record["sha256"]}
+            manifest_cases[case_id] = {
+                "shape": record["shape"],
+                "seg_dtype": record["seg_dtype"],
+                "sha256": record["sha256"],
+            }
         else:
-            jobs.append((case_id, images, seg, dict(plans), configuration, dict(dataset_json), str(out), signature))
-    log.info("%s: %d case(s) to preprocess, %d unchanged", configuration, len(jobs), len(selected) - len(jobs))
+            jobs.append(
+                (case_id, images, seg, dict(plans), configuration, dict(dataset_json), str(out), signature)
+            )
+    log.info(
+        "%s: %d case(s) to preprocess, %d unchanged", configuration, len(jobs), len(selected) - len(jobs)
+    )
     with _progress(len(jobs), progress, f"preprocess {configuration}") as bar:
         for case_id, summary in _run_jobs(jobs, num_processes, bar.update):
             manifest_cases[case_id] = summary
@@ -615,7 +642,9 @@ def _run_jobs(jobs: list[tuple], num_processes: int, on_done: Callable[[int], An
                     hint = ""
                     if isinstance(error, BrokenProcessPool):
                         hint = " (a worker process died, often from running out of memory: use fewer threads)"
-                    raise PreprocessingError(f"case {case_id!r}: {type(error).__name__}: {error}{hint}") from error
+                    raise PreprocessingError(
+                        f"case {case_id!r}: {type(error).__name__}: {error}{hint}"
+                    ) from error
                 results.append((case_id, future.result()))
                 on_done(1)
     return results

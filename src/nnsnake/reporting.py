@@ -71,8 +71,9 @@ def crossval_table(
     """
     bootstrap = bootstrap or {}
     scored = bootstrap.get("candidates", {})
-    order = [c for c in bootstrap.get("order", []) if c in summaries] + [c for c in summaries
-                                                                        if c not in bootstrap.get("order", [])]
+    order = [c for c in bootstrap.get("order", []) if c in summaries] + [
+        c for c in summaries if c not in bootstrap.get("order", [])
+    ]
     keys = list(bootstrap.get("labels") or [])
     for summary in summaries.values():
         keys += [k for k in summary.get("mean", {}) if k not in keys and k not in ("0", "(0,)")]
@@ -151,7 +152,7 @@ def _styled_table(frame: pd.DataFrame, table_id: str, highlight: Sequence[bool] 
 def html_page(title: str, blocks: Sequence[str]) -> str:
     """A self-contained page (inline style, no scripts or external files): the report embeds it as a data URI."""
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n" + "\n".join(blocks) + "\n</body>\n</html>\n"
     )
@@ -171,18 +172,22 @@ def crossval_page(table: pd.DataFrame, bootstrap: Mapping[str, Any], dataset: st
     lines = []
     if selected is not None:
         info = bootstrap.get("candidates", {}).get(selected, {})
-        text = (f"Selected: <b>{html.escape(str(selected))}</b>, foreground mean Dice {_fmt(info.get('score'))} "
-                f"(bootstrap {int(round(100 * float(bootstrap.get('confidence', 0.95))))} % interval "
-                f"{_fmt(info.get('ci_low'))} to {_fmt(info.get('ci_high'))}, P(best) {_fmt(info.get('p_best'))}). ")
+        text = (
+            f"Selected: <b>{html.escape(str(selected))}</b>, foreground mean Dice {_fmt(info.get('score'))} "
+            f"(bootstrap {int(round(100 * float(bootstrap.get('confidence', 0.95))))} % interval "
+            f"{_fmt(info.get('ci_low'))} to {_fmt(info.get('ci_high'))}, P(best) {_fmt(info.get('p_best'))}). "
+        )
         if nnunet == selected:
             text += "This is also nnU-Net's choice (highest pooled score)."
         else:
-            text += (f"nnU-Net's choice would be <b>{html.escape(str(nnunet))}</b>; the cheaper candidate stands "
-                     f"because the better one won fewer than {bootstrap.get('min_win_share')} of the resamples.")
+            text += (
+                f"nnU-Net's choice would be <b>{html.escape(str(nnunet))}</b>; the cheaper candidate stands "
+                f"because the better one won fewer than {bootstrap.get('min_win_share')} of the resamples."
+            )
         lines.append(f"<p>{text}</p>")
     if "n_bootstrap" in bootstrap:
         lines.append(
-            f"<p class=\"note\">{bootstrap.get('n_cases')} cross-validation cases; "
+            f'<p class="note">{bootstrap.get("n_cases")} cross-validation cases; '
             f"{bootstrap['n_bootstrap']} bootstrap resamples of the cases (seed {bootstrap.get('seed')}). "
             "Dice columns are means over cases of the pooled cross-validation predictions (cases whose reference "
             "and prediction are both empty are skipped); the foreground mean is their mean over labels and is "
@@ -194,14 +199,18 @@ def crossval_page(table: pd.DataFrame, bootstrap: Mapping[str, Any], dataset: st
     return html_page(title, lines)
 
 
-def postprocessing_page(table: pd.DataFrame, decision: Mapping[str, Any], names: Mapping[str, str] | None = None,
-                        ) -> str:
+def postprocessing_page(
+    table: pd.DataFrame,
+    decision: Mapping[str, Any],
+    names: Mapping[str, str] | None = None,
+) -> str:
     """The postprocessing decision as a page: what is applied at prediction time, then every trial."""
     names = dict(names or {})
     steps = decision.get("steps", [])
     if steps:
         applied = "keep the largest connected component of " + "; ".join(
-            f"<b>{html.escape(_scope_name(step, names))}</b>" for step in steps)
+            f"<b>{html.escape(_scope_name(step, names))}</b>" for step in steps
+        )
     else:
         applied = "<b>nothing</b> (predictions are used as the network gives them)"
     lines = [
@@ -209,11 +218,13 @@ def postprocessing_page(table: pd.DataFrame, decision: Mapping[str, Any], names:
         f"{decision.get('n_cases', '?')} cross-validation cases. Applied at prediction time: {applied}.</p>",
         f"<p>Foreground mean Dice {_fmt(decision.get('result_on_crossval_pre_pp'))} without and "
         f"{_fmt(decision.get('result_on_crossval_post_pp'))} with the applied postprocessing.</p>",
-        "<p class=\"note\">Trials run in order, each starting from the best result so far: first the whole "
+        '<p class="note">Trials run in order, each starting from the best result so far: first the whole '
         "foreground, then (with more than one label) each label alone. A trial is applied only when it meets its "
         "rule on the cross-validation predictions.</p>",
     ]
-    lines.append(_styled_table(table, "postprocessing", [d == "applied" for d in table.get(("decision", ""), [])]))
+    lines.append(
+        _styled_table(table, "postprocessing", [d == "applied" for d in table.get(("decision", ""), [])])
+    )
     return html_page("Postprocessing decision", lines)
 
 
@@ -227,8 +238,9 @@ def write_crossval_report(
     """Read the candidates' summaries and ``bootstrap.json``; write the table page (and CSV) atomically."""
     dataset_json = read_json(dataset_json_path)
     bootstrap = read_json(bootstrap_path)
-    table = crossval_table({name: read_json(path) for name, path in summaries.items()}, bootstrap,
-                           label_names(dataset_json))
+    table = crossval_table(
+        {name: read_json(path) for name, path in summaries.items()}, bootstrap, label_names(dataset_json)
+    )
     dataset = os.path.basename(os.path.dirname(os.path.abspath(dataset_json_path)))
     atomic_write_bytes(html_path, crossval_page(table, bootstrap, dataset).encode("utf-8"))
     if csv_path is not None:

@@ -49,7 +49,9 @@ def compute_new_shape(
 ) -> tuple[int, ...]:
     """``round(spacing / new_spacing * shape)`` per axis, with Python's round as nnU-Net uses."""
     if not len(shape) == len(spacing) == len(new_spacing):
-        raise ValueError(f"shape {list(shape)}, spacing {list(spacing)} and new spacing {list(new_spacing)} differ in length")
+        raise ValueError(
+            f"shape {list(shape)}, spacing {list(spacing)} and new spacing {list(new_spacing)} differ in length"
+        )
     return tuple(int(round(s / ns * n)) for n, s, ns in zip(shape, spacing, new_spacing, strict=True))
 
 
@@ -119,7 +121,12 @@ def _cubic_table(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     t = src - lo
     u = 1.0 - t
     weight = np.stack(
-        [u * u * u / 6.0, (3.0 * t * t * (t - 2.0) + 4.0) / 6.0, (3.0 * u * u * (u - 2.0) + 4.0) / 6.0, t * t * t / 6.0],
+        [
+            u * u * u / 6.0,
+            (3.0 * t * t * (t - 2.0) + 4.0) / 6.0,
+            (3.0 * u * u * (u - 2.0) + 4.0) / 6.0,
+            t * t * t / 6.0,
+        ],
         axis=1,
     )
     index = lo.astype(np.intp)[:, None] + np.arange(-1, 3)[None, :]
@@ -244,7 +251,12 @@ def _resize_image(
 
 
 def _resample_image(
-    data: np.ndarray, new_shape: tuple[int, ...], axis_z: int | None, order: int, order_z: int, work_dtype: type
+    data: np.ndarray,
+    new_shape: tuple[int, ...],
+    axis_z: int | None,
+    order: int,
+    order_z: int,
+    work_dtype: type,
 ) -> np.ndarray:
     spatial = list(range(data.ndim - 1))
     out = np.empty((data.shape[0], *new_shape), dtype=data.dtype)
@@ -265,7 +277,9 @@ def _resample_image(
 # label maps
 
 
-def _neighbourhood_extrema(labels: np.ndarray, tables: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _neighbourhood_extrema(
+    labels: np.ndarray, tables: dict[int, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Min and max label over each output voxel's interpolation taps (separable)."""
     low = high = labels
     for a, index in tables.items():
@@ -352,7 +366,9 @@ def _highest_scoring_label(
     return winner
 
 
-def _resize_labels_by_score(labels: np.ndarray, new_shape: Sequence[int], axes: Sequence[int], order: int) -> np.ndarray:
+def _resize_labels_by_score(
+    labels: np.ndarray, new_shape: Sequence[int], axes: Sequence[int], order: int
+) -> np.ndarray:
     """Per-label resize for spline orders other than 1: argmax of clipped scores, nearest-neighbour tie-break."""
     values = np.unique(labels)
     if values.size == 1:
@@ -365,7 +381,9 @@ def _resize_labels_by_score(labels: np.ndarray, new_shape: Sequence[int], axes: 
     return _highest_scoring_label(scores, nearest, labels.dtype)
 
 
-def _resize_labels(labels: np.ndarray, new_shape: Sequence[int], axes: Sequence[int], order: int) -> np.ndarray:
+def _resize_labels(
+    labels: np.ndarray, new_shape: Sequence[int], axes: Sequence[int], order: int
+) -> np.ndarray:
     if order == 0:
         return _resize_axes(labels, new_shape, axes, 0)
     if order == 1:
@@ -373,7 +391,9 @@ def _resize_labels(labels: np.ndarray, new_shape: Sequence[int], axes: Sequence[
     return _resize_labels_by_score(labels, new_shape, axes, order)
 
 
-def _resize_labels_across_slices(labels: np.ndarray, new_shape: Sequence[int], axis: int, order_z: int) -> np.ndarray:
+def _resize_labels_across_slices(
+    labels: np.ndarray, new_shape: Sequence[int], axis: int, order_z: int
+) -> np.ndarray:
     """The across-slice step of separate-z for label maps: nearest, or per label with ``round(score) > 0.5``."""
     if order_z == 0 or labels.shape[axis] == new_shape[axis]:
         return _resize_axes(labels, new_shape, [axis], 0)
@@ -428,7 +448,9 @@ def resample_data_or_seg_to_shape(
     data = np.asarray(data)
     new_shape = tuple(int(s) for s in new_shape)
     if data.ndim < 2 or len(new_shape) != data.ndim - 1:
-        raise ValueError(f"data must be (C, *spatial) with {len(new_shape)} spatial axes, got shape {data.shape}")
+        raise ValueError(
+            f"data must be (C, *spatial) with {len(new_shape)} spatial axes, got shape {data.shape}"
+        )
     if tuple(data.shape[1:]) == new_shape:
         return data
     axis_z = separate_z_axis(current_spacing, new_spacing, force_separate_z, separate_z_anisotropy_threshold)
@@ -452,6 +474,13 @@ def resample_data_or_seg_to_spacing(
     """Resample to a spacing: the shape is ``compute_new_shape`` of the spatial shape."""
     new_shape = compute_new_shape(np.shape(data)[1:], current_spacing, new_spacing)
     return resample_data_or_seg_to_shape(
-        data, new_shape, current_spacing, new_spacing, is_seg, order, order_z, force_separate_z,
+        data,
+        new_shape,
+        current_spacing,
+        new_spacing,
+        is_seg,
+        order,
+        order_z,
+        force_separate_z,
         separate_z_anisotropy_threshold,
     )

@@ -105,7 +105,9 @@ def initial_patch_size(
     return tuple(int(e) for e in enlarged)
 
 
-def forced_foreground_count(batch_size: int, oversample_percent: float = OVERSAMPLE_FOREGROUND_PERCENT) -> int:
+def forced_foreground_count(
+    batch_size: int, oversample_percent: float = OVERSAMPLE_FOREGROUND_PERCENT
+) -> int:
     """Number of samples per batch forced to contain foreground (the last ones of the batch)."""
     return batch_size - round(batch_size * (1 - oversample_percent))
 
@@ -235,10 +237,18 @@ class PatchDataLoader(DataLoader):
         case_cache_bytes: int = CASE_CACHE_BYTES,
     ) -> None:
         if len(case_ids) == 0:
-            raise ValueError("PatchDataLoader needs at least one case id; check the fold's split in splits.json")
+            raise ValueError(
+                "PatchDataLoader needs at least one case id; check the fold's split in splits.json"
+            )
         super().__init__(
-            list(case_ids), batch_size, num_threads_in_multithreaded=1, seed_for_shuffle=None,
-            return_incomplete=True, shuffle=False, infinite=True, sampling_probabilities=None,
+            list(case_ids),
+            batch_size,
+            num_threads_in_multithreaded=1,
+            seed_for_shuffle=None,
+            return_incomplete=True,
+            shuffle=False,
+            infinite=True,
+            sampling_probabilities=None,
         )
         self.indices = list(case_ids)
         self.load_case = load_case
@@ -246,7 +256,9 @@ class PatchDataLoader(DataLoader):
         self.patch_size = tuple(int(p) for p in patch_size)
         sampling_patch_size = self.patch_size if sampling_patch_size is None else sampling_patch_size
         if len(sampling_patch_size) != len(self.patch_size):
-            raise ValueError(f"sampling patch {list(sampling_patch_size)} and patch {list(patch_size)} differ in axes")
+            raise ValueError(
+                f"sampling patch {list(sampling_patch_size)} and patch {list(patch_size)} differ in axes"
+            )
         self.is_2d = len(self.patch_size) == 2
         # a 2d patch is a one-slice 3D box on the volume; its singleton axis is dropped after cropping
         self.sampling_patch_size = ((1,) if self.is_2d else ()) + tuple(int(p) for p in sampling_patch_size)
@@ -278,7 +290,9 @@ class PatchDataLoader(DataLoader):
 
     def set_rng_state(self, state: Mapping[str, torch.Tensor]) -> None:
         if self._random_state is None:
-            raise RuntimeError("this loader was built without a seed; build it with seed=... to restore a state")
+            raise RuntimeError(
+                "this loader was built without a seed; build it with seed=... to restore a state"
+            )
         self._random_state.load_state_dict(state)
 
     # ---- sampling -------------------------------------------------------------------------------------

@@ -48,15 +48,17 @@ def ensemble_name(members: Sequence[str]) -> str:
         raise SelectionError(f"an ensemble needs at least two members, got {list(members)}")
     for member in members:
         if ENSEMBLE_SEPARATOR in member or member.startswith(ENSEMBLE_PREFIX):
-            raise SelectionError(f"configuration name {member!r} cannot be an ensemble member (contains "
-                                 f"{ENSEMBLE_SEPARATOR!r} or starts with {ENSEMBLE_PREFIX!r})")
+            raise SelectionError(
+                f"configuration name {member!r} cannot be an ensemble member (contains "
+                f"{ENSEMBLE_SEPARATOR!r} or starts with {ENSEMBLE_PREFIX!r})"
+            )
     return ENSEMBLE_PREFIX + ENSEMBLE_SEPARATOR.join(members)
 
 
 def candidate_members(candidate: str) -> list[str]:
     """The configurations a candidate consists of (one for a single configuration)."""
     if candidate.startswith(ENSEMBLE_PREFIX):
-        return candidate[len(ENSEMBLE_PREFIX):].split(ENSEMBLE_SEPARATOR)
+        return candidate[len(ENSEMBLE_PREFIX) :].split(ENSEMBLE_SEPARATOR)
     return [candidate]
 
 
@@ -88,7 +90,9 @@ def ensemble_probabilities(probabilities: Sequence[np.ndarray]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------------- scores
-def _score_table(per_case_scores: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+def _score_table(
+    per_case_scores: Mapping[str, Mapping[str, Any]],
+) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
     """Cases, label keys and one ``(n_cases, n_labels)`` array per candidate (scalars become one pseudo-label)."""
     if not per_case_scores:
         raise SelectionError("no candidates to select from")
@@ -114,11 +118,15 @@ def _score_table(per_case_scores: Mapping[str, Mapping[str, Any]]) -> tuple[list
             value = scores[case]
             if per_label:
                 if not isinstance(value, Mapping) or any(label not in value for label in labels):
-                    raise SelectionError(f"candidate {name}, case {case}: expected scores for labels {labels}")
+                    raise SelectionError(
+                        f"candidate {name}, case {case}: expected scores for labels {labels}"
+                    )
                 table[i] = [float(value[label]) for label in labels]
             else:
                 if isinstance(value, Mapping):
-                    raise SelectionError(f"candidate {name}, case {case}: mixes per-label and per-case scores")
+                    raise SelectionError(
+                        f"candidate {name}, case {case}: mixes per-label and per-case scores"
+                    )
                 table[i, 0] = float(value)
         tables[name] = table
     return cases, labels, tables
@@ -200,25 +208,31 @@ def bootstrap_selection(
         raise SelectionError(f"confidence must lie in (0, 1), got {confidence}")
     cases, labels, tables = _score_table(per_case_scores)
     names = list(tables)
-    costs = {name: int(cost[name]) if cost is not None and name in cost else candidate_cost(name) for name in names}
+    costs = {
+        name: int(cost[name]) if cost is not None and name in cost else candidate_cost(name) for name in names
+    }
     order = sorted(names, key=lambda name: costs[name])  # stable: single configurations before ensembles
 
     pooled = {name: pooled_score(tables[name]) for name in names}
     nnunet_choice = _first_best(order, pooled)
     if nnunet_choice is None:
-        raise SelectionError(f"every candidate's pooled score is NaN ({', '.join(names)}); no foreground label "
-                             "has a finite Dice in any case")
+        raise SelectionError(
+            f"every candidate's pooled score is NaN ({', '.join(names)}); no foreground label "
+            "has a finite Dice in any case"
+        )
 
     n_cases = len(cases)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_cases, size=(n_bootstrap, n_cases))
     flat = (draws + n_cases * np.arange(n_bootstrap)[:, None]).ravel()
-    counts = np.bincount(flat, minlength=n_bootstrap * n_cases).reshape(n_bootstrap, n_cases).astype(np.float64)
+    counts = (
+        np.bincount(flat, minlength=n_bootstrap * n_cases).reshape(n_bootstrap, n_cases).astype(np.float64)
+    )
     resampled = {name: _resampled_scores(tables[name], counts) for name in names}
 
-    stacked = np.stack([resampled[name] for name in order])           # (K, B) in tie-breaking order
+    stacked = np.stack([resampled[name] for name in order])  # (K, B) in tie-breaking order
     filled = np.where(np.isfinite(stacked), stacked, -np.inf)
-    winners = np.argmax(filled, axis=0)                                # first maximum wins ties
+    winners = np.argmax(filled, axis=0)  # first maximum wins ties
     has_winner = np.isfinite(filled).any(axis=0)
     alpha = (1.0 - confidence) / 2.0
     summary = {}
@@ -247,16 +261,18 @@ def bootstrap_selection(
         finite = differences[np.isfinite(differences)]
         share = _win_share(observed, differences)
         keep = share >= min_win_share
-        comparisons.append({
-            "better": current,
-            "cheaper": challenger,
-            "observed_difference": observed,
-            "win_share": share,
-            "win_share_unshifted": float(np.mean(finite > 0)) if finite.size else math.nan,
-            "difference_ci_low": float(np.quantile(finite, alpha)) if finite.size else math.nan,
-            "difference_ci_high": float(np.quantile(finite, 1.0 - alpha)) if finite.size else math.nan,
-            "kept": current if keep else challenger,
-        })
+        comparisons.append(
+            {
+                "better": current,
+                "cheaper": challenger,
+                "observed_difference": observed,
+                "win_share": share,
+                "win_share_unshifted": float(np.mean(finite > 0)) if finite.size else math.nan,
+                "difference_ci_low": float(np.quantile(finite, alpha)) if finite.size else math.nan,
+                "difference_ci_high": float(np.quantile(finite, 1.0 - alpha)) if finite.size else math.nan,
+                "kept": current if keep else challenger,
+            }
+        )
         if keep:
             break
         current = challenger
@@ -313,8 +329,9 @@ def plot_bootstrap(result: Mapping[str, Any], path: str | os.PathLike) -> None:
         colour = "tab:red" if name == result["selected"] else "tab:blue"
         if values.size > 1 and np.ptp(values) > 0:
             try:  # matplotlib >= 3.10 names the orientation; older versions only know vert
-                parts = ax_dist.violinplot(values, positions=[pos], orientation="horizontal", showextrema=False,
-                                           widths=0.8)
+                parts = ax_dist.violinplot(
+                    values, positions=[pos], orientation="horizontal", showextrema=False, widths=0.8
+                )
             except TypeError:
                 parts = ax_dist.violinplot(values, positions=[pos], vert=False, showextrema=False, widths=0.8)
             for body in parts["bodies"]:
@@ -327,12 +344,17 @@ def plot_bootstrap(result: Mapping[str, Any], path: str | os.PathLike) -> None:
         ax_best.text(min(info["p_best"] + 0.02, 0.8), pos, f"{info['p_best']:.2f}", va="center", fontsize=8)
     labels = [f"{name} *" if name == result["selected"] else name for name in order]
     ax_dist.set_yticks(positions, labels)
-    ax_dist.set_xlabel(f"foreground-mean Dice ({int(round(100 * result['confidence']))} % interval, "
-                       f"{result['n_bootstrap']} resamples of {result['n_cases']} cases)")
+    ax_dist.set_xlabel(
+        f"foreground-mean Dice ({int(round(100 * result['confidence']))} % interval, "
+        f"{result['n_bootstrap']} resamples of {result['n_cases']} cases)"
+    )
     ax_dist.grid(axis="x", alpha=0.3)
     ax_best.set_xlim(0, 1)
     ax_best.set_xlabel("P(best)")
-    fig.suptitle(f"selected: {result['selected']} (nnU-Net: {result['nnunet_choice']}, "
-                 f"min win share {result['min_win_share']})", fontsize=10)
+    fig.suptitle(
+        f"selected: {result['selected']} (nnU-Net: {result['nnunet_choice']}, "
+        f"min win share {result['min_win_share']})",
+        fontsize=10,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)

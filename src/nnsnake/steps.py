@@ -25,8 +25,9 @@ def setup_logging(log_path: str | os.PathLike | None = None) -> None:
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_path, mode="w"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers,
-                        force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True
+    )
 
     def log_uncaught(exc_type, exc, tb):  # the reason a job failed belongs in its log file too
         log.critical("%s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
@@ -34,7 +35,9 @@ def setup_logging(log_path: str | os.PathLike | None = None) -> None:
     sys.excepthook = log_uncaught
 
 
-def verify(dataset_dir: str | os.PathLike, output: str | os.PathLike, num_processes: int = 1) -> dict[str, Any]:
+def verify(
+    dataset_dir: str | os.PathLike, output: str | os.PathLike, num_processes: int = 1
+) -> dict[str, Any]:
     """Verify a raw dataset; write the report only if it is usable, else raise listing every problem."""
     from .dataset import discover_cases, load_dataset_json, verify_dataset
 
@@ -49,12 +52,18 @@ def verify(dataset_dir: str | os.PathLike, output: str | os.PathLike, num_proces
     cases, _ = discover_cases(dataset_dir, dataset_json)
     result = report.to_dict() | {"case_ids": sorted(cases)}
     write_json(output, result)
-    log.info("verified %d cases of %s in %.1f s: no problems", report.n_cases, report.dataset,
-             time.perf_counter() - start)
+    log.info(
+        "verified %d cases of %s in %.1f s: no problems",
+        report.n_cases,
+        report.dataset,
+        time.perf_counter() - start,
+    )
     return result
 
 
-def fingerprint(dataset_dir: str | os.PathLike, output: str | os.PathLike, num_processes: int = 1) -> dict[str, Any]:
+def fingerprint(
+    dataset_dir: str | os.PathLike, output: str | os.PathLike, num_processes: int = 1
+) -> dict[str, Any]:
     from .fingerprint import extract_fingerprint
 
     start = time.perf_counter()
@@ -88,20 +97,30 @@ def plan(
     n_label_keys = len(dataset_json["labels"])
     for name, cfg in plans["configurations"].items():
         if "patch_size" in cfg:
-            log.info("%s: patch %s, batch %s, spacing %s, planned GPU memory %.1f GB", name, cfg["patch_size"],
-                     cfg["batch_size"], cfg["spacing"], estimated_vram_gb(cfg, n_label_keys))
+            log.info(
+                "%s: patch %s, batch %s, spacing %s, planned GPU memory %.1f GB",
+                name,
+                cfg["patch_size"],
+                cfg["batch_size"],
+                cfg["spacing"],
+                estimated_vram_gb(cfg, n_label_keys),
+            )
     return plans
 
 
 def splits(
-    verification_path: str | os.PathLike, output: str | os.PathLike, user_splits: str | os.PathLike | None = None
+    verification_path: str | os.PathLike,
+    output: str | os.PathLike,
+    user_splits: str | os.PathLike | None = None,
 ) -> list[dict[str, list[str]]]:
     from .splits import splits_for_dataset
 
     case_ids = read_json(verification_path)["case_ids"]
     result = splits_for_dataset(case_ids, Path(user_splits) if user_splits else None)
     write_json(output, result)
-    log.info("%d folds over %d cases%s", len(result), len(case_ids), f" from {user_splits}" if user_splits else "")
+    log.info(
+        "%d folds over %d cases%s", len(result), len(case_ids), f" from {user_splits}" if user_splits else ""
+    )
     return result
 
 
@@ -119,8 +138,13 @@ def preprocess(
     start = time.perf_counter()
     out_dir = Path(manifest_path).parent
     manifest = preprocess_dataset(
-        dataset_dir, load_dataset_json(dataset_dir), read_json(plans_path), configuration, out_dir,
-        num_processes=num_processes, progress=True,
+        dataset_dir,
+        load_dataset_json(dataset_dir),
+        read_json(plans_path),
+        configuration,
+        out_dir,
+        num_processes=num_processes,
+        progress=True,
     )
     write_json(manifest_path, manifest)
     log.info("preprocessed %s in %.1f s", configuration, time.perf_counter() - start)

@@ -114,7 +114,9 @@ class TrainingSettings:
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if int(self.checkpoint_every) < 0:
-            problems.append(f"checkpoint_every must be >= 0 epochs (0: only at the end and on signals), got {self.checkpoint_every}")
+            problems.append(
+                f"checkpoint_every must be >= 0 epochs (0: only at the end and on signals), got {self.checkpoint_every}"
+            )
         if self.initial_lr <= 0:
             problems.append(f"initial_lr must be > 0 (got {self.initial_lr})")
         if self.threads is not None and int(self.threads) < 1:
@@ -373,8 +375,12 @@ def exclusive_lock(path: str | os.PathLike, wait: bool = False) -> Iterator[None
                 raise
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
             if wait:
-                log.warning("%s: this fold is already being trained by %s (left running by a killed snakemake?); "
-                            "waiting for it to finish", path, holder)
+                log.warning(
+                    "%s: this fold is already being trained by %s (left running by a killed snakemake?); "
+                    "waiting for it to finish",
+                    path,
+                    holder,
+                )
                 fcntl.lockf(fd, fcntl.LOCK_EX)
             else:
                 raise TrainingLockedError(
@@ -383,7 +389,11 @@ def exclusive_lock(path: str | os.PathLike, wait: bool = False) -> Iterator[None
                 ) from None
         os.ftruncate(fd, 0)
         job = os.environ.get("SLURM_JOB_ID")
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}{f' (SLURM job {job})' if job else ''}\n".encode(), 0)
+        os.pwrite(
+            fd,
+            f"pid {os.getpid()} on {socket.gethostname()}{f' (SLURM job {job})' if job else ''}\n".encode(),
+            0,
+        )
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -409,12 +419,22 @@ def capture_rng_states() -> dict[str, Any]:
 
 
 def restore_rng_states(states: Mapping[str, Any]) -> None:
-    random.setstate((states["python_version"], tuple(int(v) for v in states["python_internal"].tolist()),
-                     states["python_gauss"]))
-    np.random.set_state((  # noqa: NPY002
-        "MT19937", states["numpy_keys"].numpy().astype(np.uint32), states["numpy_position"],
-        states["numpy_has_gauss"], states["numpy_cached_gaussian"],
-    ))
+    random.setstate(
+        (
+            states["python_version"],
+            tuple(int(v) for v in states["python_internal"].tolist()),
+            states["python_gauss"],
+        )
+    )
+    np.random.set_state(  # noqa: NPY002
+        (
+            "MT19937",
+            states["numpy_keys"].numpy().astype(np.uint32),
+            states["numpy_position"],
+            states["numpy_has_gauss"],
+            states["numpy_cached_gaussian"],
+        )
+    )
     torch.set_rng_state(states["torch"])
     cuda = states.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -444,8 +464,10 @@ class _StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if self.signum is None:
-            log.warning("received %s: finishing the current iteration, then saving a checkpoint",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: finishing the current iteration, then saving a checkpoint",
+                signal.Signals(signum).name,
+            )
         self.signum = signum
 
     @property
@@ -540,7 +562,9 @@ def plot_progress(history: Sequence[Mapping[str, Any]], path: str | os.PathLike)
     ax_loss.legend(loc="upper right")
     names = list(history[-1].get("pseudo_dice", {})) if history else []
     for name in names:
-        values = [float("nan") if e["pseudo_dice"].get(name) is None else e["pseudo_dice"][name] for e in history]
+        values = [
+            float("nan") if e["pseudo_dice"].get(name) is None else e["pseudo_dice"][name] for e in history
+        ]
         ax_dice.plot(epochs, values, linewidth=0.8, alpha=0.6, label=f"{name}")
     ax_dice.plot(epochs, series("mean_fg_dice"), color="tab:green", linestyle=":", label="mean pseudo Dice")
     ax_dice.plot(epochs, series("ema_pseudo_dice"), color="tab:green", linewidth=2, label="EMA pseudo Dice")
@@ -575,34 +599,52 @@ class _Runtime:
 
     def describe(self) -> str:
         amp = {None: "fp32", torch.float16: "fp16 autocast", torch.bfloat16: "bf16 autocast"}[self.amp_dtype]
-        return (f"device {self.device}, {amp}{' + grad scaler' if self.use_grad_scaler else ''}, "
-                f"compile {'on' if self.compile else 'off'}, channels-last {'on' if self.channels_last else 'off'}, "
-                f"{self.num_workers} augmentation worker(s), {self.torch_threads} torch thread(s)")
+        return (
+            f"device {self.device}, {amp}{' + grad scaler' if self.use_grad_scaler else ''}, "
+            f"compile {'on' if self.compile else 'off'}, channels-last {'on' if self.channels_last else 'off'}, "
+            f"{self.num_workers} augmentation worker(s), {self.torch_threads} torch thread(s)"
+        )
 
 
 def _runtime(settings: TrainingSettings, device: torch.device, config_patch_size: Sequence[int]) -> _Runtime:
     threads = int(settings.threads) if settings.threads is not None else available_cpus()
-    workers = int(settings.num_workers) if settings.num_workers is not None else default_num_workers(
-        device.type, threads)
+    workers = (
+        int(settings.num_workers)
+        if settings.num_workers is not None
+        else default_num_workers(device.type, threads)
+    )
     amp = settings.amp
     if amp == "auto":
         amp = "fp16" if device.type == "cuda" else "off"
     amp_dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
     if amp_dtype == torch.float16 and device.type == "cpu":
         raise ValueError("amp fp16 is not supported on CPU; use bf16 or off")
-    compile_on = settings.compile if settings.compile is not None else (
-        device.type == "cuda" and not settings.deterministic)
+    compile_on = (
+        settings.compile
+        if settings.compile is not None
+        else (device.type == "cuda" and not settings.deterministic)
+    )
     # Measured on an H100 (benchmarks/train.py --gpu): channels-last made the compiled 3D U-Net slower (48 vs
     # 51 it/s on Hippocampus), so on CUDA it is used for 2D convolutions only. On the CPU (oneDNN) it makes the
     # 3D step about 15 % cheaper together with network.InstanceNorm's group-norm path.
-    channels_last = settings.channels_last if settings.channels_last is not None else (
-        device.type == "cpu" or (device.type == "cuda" and len(config_patch_size) == 2))
+    channels_last = (
+        settings.channels_last
+        if settings.channels_last is not None
+        else (device.type == "cpu" or (device.type == "cuda" and len(config_patch_size) == 2))
+    )
     # On the CPU the network gets every core and the workers share them: batches of nnU-Net's augmentation are
     # cheap next to a training step, so a core reserved for them mostly idles (idle 2-core machine, Hippocampus
     # 3d_fullres: 1 worker + 1 torch thread 8.7 s/iteration, 1 worker + 2 threads 5.4 s).
     torch_threads = threads if device.type == "cpu" else max(1, min(threads, 4))
-    return _Runtime(device, amp_dtype, amp_dtype == torch.float16 and device.type == "cuda", bool(compile_on),
-                    bool(channels_last), workers, torch_threads)
+    return _Runtime(
+        device,
+        amp_dtype,
+        amp_dtype == torch.float16 and device.type == "cuda",
+        bool(compile_on),
+        bool(channels_last),
+        workers,
+        torch_threads,
+    )
 
 
 @contextlib.contextmanager
@@ -656,8 +698,10 @@ def previous_stage_files(
             if case_id not in wanted:
                 continue
             if case_id in found:
-                raise ValueError(f"previous-stage prediction of {case_id} is in both {found[case_id].parent} and "
-                                 f"{folder}: the folds' validation sets overlap; recreate splits.json")
+                raise ValueError(
+                    f"previous-stage prediction of {case_id} is in both {found[case_id].parent} and "
+                    f"{folder}: the folds' validation sets overlap; recreate splits.json"
+                )
             found[case_id] = path
     missing = [c for c in case_ids if c not in found]
     if missing:
@@ -725,12 +769,21 @@ class _Trainer:
         self.previous_stage_files = dict(previous_stage) if self.is_cascaded and previous_stage else None
         self.patch_size = [int(p) for p in config["patch_size"]]
         self.signature = training_signature(
-            configuration, config, dataset_json, fold, train_ids, val_ids, settings, runtime.num_workers,
+            configuration,
+            config,
+            dataset_json,
+            fold,
+            train_ids,
+            val_ids,
+            settings,
+            runtime.num_workers,
             preprocessed_data_digest(preprocessed_dir, train_ids + val_ids),
-            previous_stage_digest(self.previous_stage_files) if self.previous_stage_files else None)
+            previous_stage_digest(self.previous_stage_files) if self.previous_stage_files else None,
+        )
 
         self.num_input_channels = len(dataset_json["channel_names"]) + (
-            len(self.labels.foreground_labels) if self.is_cascaded else 0)
+            len(self.labels.foreground_labels) if self.is_cascaded else 0
+        )
         architecture = config["architecture"]
         strides = (architecture.get("arch_kwargs") or architecture)["strides"]
         self.ds_scales = deep_supervision_scales(strides)
@@ -742,15 +795,20 @@ class _Trainer:
             self.network.to(memory_format=self._memory_format())
         self.model: torch.nn.Module = torch.compile(self.network) if runtime.compile else self.network
         self.optimizer = torch.optim.SGD(
-            self.network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
-            weight_decay=settings.weight_decay, nesterov=True,
+            self.network.parameters(),
+            lr=settings.initial_lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+            nesterov=True,
         )
         self.grad_scaler = torch.amp.GradScaler("cuda") if runtime.use_grad_scaler else None
         weights = deep_supervision_weights(len(self.ds_scales))
         try:
             self.loss = build_loss(
-                batch_dice=bool(config.get("batch_dice", False)), ignore_label=self.labels.ignore_label,
-                deep_supervision_weights=[float(w) for w in weights], **self._regions_kwargs(),
+                batch_dice=bool(config.get("batch_dice", False)),
+                ignore_label=self.labels.ignore_label,
+                deep_supervision_weights=[float(w) for w in weights],
+                **self._regions_kwargs(),
             )
         except TypeError as err:
             if self.labels.regions is None:
@@ -799,11 +857,20 @@ class _Trainer:
         if self.is_cascaded:
             load_previous = functools.partial(_load_previous_stage, self.previous_stage_files)
         return make_data_iterators(
-            self.train_ids, self.val_ids, functools.partial(load_case, str(self.preprocessed_dir), mmap=True),
-            self.patch_size, int(self.config["batch_size"]), self.ds_scales, self.runtime.num_workers,
-            use_mask_for_norm=self.config.get("use_mask_for_norm"), is_cascaded=self.is_cascaded,
-            foreground_labels=self.labels.foreground_labels, regions=self.labels.regions,
-            ignore_label=self.labels.ignore_label, load_previous_stage=load_previous, seed=seed,
+            self.train_ids,
+            self.val_ids,
+            functools.partial(load_case, str(self.preprocessed_dir), mmap=True),
+            self.patch_size,
+            int(self.config["batch_size"]),
+            self.ds_scales,
+            self.runtime.num_workers,
+            use_mask_for_norm=self.config.get("use_mask_for_norm"),
+            is_cascaded=self.is_cascaded,
+            foreground_labels=self.labels.foreground_labels,
+            regions=self.labels.regions,
+            ignore_label=self.labels.ignore_label,
+            load_previous_stage=load_previous,
+            seed=seed,
             pin_memory=self.device.type == "cuda",
         )
 
@@ -888,8 +955,14 @@ class _Trainer:
         """Write ``checkpoint_latest.pt`` (and a pending best-weights file first), then drop stale best files."""
         if self.best_weights is not None:
             name = f"{BEST_FILE_PREFIX}{self.best_epoch}.pt"
-            atomic_torch_save({"network_weights": self.best_weights, "epoch": self.best_epoch,
-                               "ema_pseudo_dice": self.best_ema}, self.state_dir / name)
+            atomic_torch_save(
+                {
+                    "network_weights": self.best_weights,
+                    "epoch": self.best_epoch,
+                    "ema_pseudo_dice": self.best_ema,
+                },
+                self.state_dir / name,
+            )
             self.best_file, self.best_weights = name, None
         state = {
             "format": STATE_FORMAT,
@@ -931,8 +1004,11 @@ class _Trainer:
         differences = signature_differences(stored, self.signature)
         if differences:
             if finished:
-                log.warning("%s holds a finished run with other inputs (%s); starting a new run over it",
-                            self.state_path, "; ".join(differences))
+                log.warning(
+                    "%s holds a finished run with other inputs (%s); starting a new run over it",
+                    self.state_path,
+                    "; ".join(differences),
+                )
                 return False
             raise SignatureMismatchError(
                 f"{self.state_path} belongs to a different training run and cannot be resumed: "
@@ -951,15 +1027,19 @@ class _Trainer:
         self.attempt = int(state.get("attempt", 1)) + (0 if finished else 1)
         restore_rng_states(state["rng"])
         if self.best_file is not None and not (self.state_dir / self.best_file).is_file():
-            raise RuntimeError(f"{self.state_dir / self.best_file} (best weights named by {self.state_path}) is "
-                               f"missing; delete {self.state_dir} to start this training over")
+            raise RuntimeError(
+                f"{self.state_dir / self.best_file} (best weights named by {self.state_path}) is "
+                f"missing; delete {self.state_dir} to start this training over"
+            )
         for stale in self.state_dir.glob(f"{BEST_FILE_PREFIX}*.pt"):
             if stale.name != self.best_file:
                 stale.unlink(missing_ok=True)
         return True
 
     # ---- outputs ----------------------------------------------------------------------------------------------
-    def model_payload(self, weights: Mapping[str, torch.Tensor], epoch: int, ema: float | None) -> dict[str, Any]:
+    def model_payload(
+        self, weights: Mapping[str, torch.Tensor], epoch: int, ema: float | None
+    ) -> dict[str, Any]:
         """``model_final.pt`` / ``model_best.pt``: weights plus what inference needs to rebuild the network."""
         from .sampling import mirror_axes
 
@@ -1002,10 +1082,17 @@ class _Trainer:
         plot_progress(self.history, self.output_dir / PROGRESS_PNG)
         write_json(self.output_dir / LOG_JSON, self.history)
         last = self.history[-1] if self.history else {}
-        atomic_torch_save(self.model_payload(self.network.state_dict(), self.settings.epochs - 1,
-                                             last.get("ema_pseudo_dice")), self.output_dir / MODEL_FINAL)
-        written.update(progress=str(self.output_dir / PROGRESS_PNG), log=str(self.output_dir / LOG_JSON),
-                       model_final=str(self.output_dir / MODEL_FINAL))
+        atomic_torch_save(
+            self.model_payload(
+                self.network.state_dict(), self.settings.epochs - 1, last.get("ema_pseudo_dice")
+            ),
+            self.output_dir / MODEL_FINAL,
+        )
+        written.update(
+            progress=str(self.output_dir / PROGRESS_PNG),
+            log=str(self.output_dir / LOG_JSON),
+            model_final=str(self.output_dir / MODEL_FINAL),
+        )
         return written
 
     # ---- the loop ---------------------------------------------------------------------------------------------
@@ -1013,8 +1100,10 @@ class _Trainer:
         """Save the mid-epoch state after a signal and leave with a non-zero exit status."""
         self.save_state()
         signum = int(self.stop.signum)
-        message = (f"training interrupted by {signal.Signals(signum).name} {where}; state saved to "
-                   f"{self.state_path}; run the same command again to continue")
+        message = (
+            f"training interrupted by {signal.Signals(signum).name} {where}; state saved to "
+            f"{self.state_path}; run the same command again to continue"
+        )
         log.error(message)
         raise TrainingInterrupted(signum, message)
 
@@ -1045,8 +1134,12 @@ class _Trainer:
             group["lr"] = lr
         started = time.perf_counter()
         if self.iteration == 0:
-            self.partial = {"train_loss_sum": 0.0, "elapsed_s": 0.0, "data_wait_s": 0.0,
-                            "started_at": _utc_now()}  # type: ignore[dict-item]
+            self.partial = {
+                "train_loss_sum": 0.0,
+                "elapsed_s": 0.0,
+                "data_wait_s": 0.0,
+                "started_at": _utc_now(),
+            }  # type: ignore[dict-item]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         data_wait = 0.0
         progress = _progress_bar(settings.iterations_per_epoch, f"epoch {epoch}", self.iteration)
@@ -1102,14 +1195,19 @@ class _Trainer:
         dice = global_dice(tp, fp, fn)
         mean_fg = _nanmean(dice)
         self.ema = ema_update(self.ema, mean_fg)
-        improved = self.ema is not None and not math.isnan(self.ema) and (
-            self.best_ema is None or self.ema > self.best_ema)
+        improved = (
+            self.ema is not None
+            and not math.isnan(self.ema)
+            and (self.best_ema is None or self.ema > self.best_ema)
+        )
         epoch_time = self.partial["elapsed_s"] + (ended - started)
         entry = {
             "epoch": epoch,
             "train_loss": _finite_or_none(train_loss),
             "val_loss": _finite_or_none(val_loss),
-            "pseudo_dice": {name: _finite_or_none(d) for name, d in zip(self.labels.names, dice, strict=True)},
+            "pseudo_dice": {
+                name: _finite_or_none(d) for name, d in zip(self.labels.names, dice, strict=True)
+            },
             "mean_fg_dice": _finite_or_none(mean_fg),
             "ema_pseudo_dice": _finite_or_none(self.ema),
             "lr": lr,
@@ -1131,15 +1229,25 @@ class _Trainer:
         if self.epoch == settings.epochs or (every and self.epoch % every == 0):
             self.save_state()
         write_json(self.state_dir / LOG_JSON, self.history)
-        if time.monotonic() - self._last_plot >= PLOT_INTERVAL_S:  # a plot costs ~1 s: not after every short epoch
+        if (
+            time.monotonic() - self._last_plot >= PLOT_INTERVAL_S
+        ):  # a plot costs ~1 s: not after every short epoch
             plot_progress(self.history, self.state_dir / PROGRESS_PNG)
             self._last_plot = time.monotonic()
         log.info(
             "epoch %d/%d: train loss %.4f, val loss %.4f, pseudo Dice %s, EMA %.4f%s, lr %.3g, %.1f s%s",
-            epoch + 1, settings.epochs, train_loss, val_loss,
-            "[" + ", ".join(f"{d:.4f}" for d in dice) + "]", self.ema if self.ema is not None else float("nan"),
-            " (new best)" if improved else "", lr, epoch_time,
-            f" ({entry['data_wait_s']:.1f} s waiting for data)" if entry["data_wait_s"] > 0.05 * epoch_time else "",
+            epoch + 1,
+            settings.epochs,
+            train_loss,
+            val_loss,
+            "[" + ", ".join(f"{d:.4f}" for d in dice) + "]",
+            self.ema if self.ema is not None else float("nan"),
+            " (new best)" if improved else "",
+            lr,
+            epoch_time,
+            f" ({entry['data_wait_s']:.1f} s waiting for data)"
+            if entry["data_wait_s"] > 0.05 * epoch_time
+            else "",
         )
         if self.epoch_callback is not None:
             self.epoch_callback(entry)
@@ -1198,7 +1306,9 @@ def train_fold(
     config = resolve_configuration(dict(plans), configuration)
     for key in ("patch_size", "batch_size", "architecture"):
         if key not in config:
-            raise ValueError(f"configuration {configuration!r} of the plans has no {key!r}; regenerate plans.json")
+            raise ValueError(
+                f"configuration {configuration!r} of the plans has no {key!r}; regenerate plans.json"
+            )
     stored = stored_case_ids(preprocessed_dir)
     train_ids, val_ids = fold_cases(splits, fold, case_ids=stored or None)
     missing = sorted(set(train_ids + val_ids) - set(stored))
@@ -1218,27 +1328,60 @@ def train_fold(
         previous_stage = previous_stage_files(previous_stage_dir, train_ids + val_ids)
     state_dir.mkdir(parents=True, exist_ok=True)
     stop = _StopRequest()
-    with exclusive_lock(state_dir / LOCK_FILE, wait=True), _handle_signals(stop), _workers_die_with_trainer(), \
-            contextlib.ExitStack() as stack:
+    with (
+        exclusive_lock(state_dir / LOCK_FILE, wait=True),
+        _handle_signals(stop),
+        _workers_die_with_trainer(),
+        contextlib.ExitStack() as stack,
+    ):
         if settings.device != "cpu":
             stack.enter_context(claim_gpu(settings.gpu_lock_dir))
         device = select_device(settings.device)
         runtime = _runtime(settings, device, config["patch_size"])
         stack.enter_context(_process_settings(runtime, settings))
         trainer = _Trainer(
-            preprocessed_dir, plans, configuration, dataset_json, train_ids, val_ids, fold, output_dir, state_dir,
-            settings, runtime, config, previous_stage, epoch_callback, stop,
+            preprocessed_dir,
+            plans,
+            configuration,
+            dataset_json,
+            train_ids,
+            val_ids,
+            fold,
+            output_dir,
+            state_dir,
+            settings,
+            runtime,
+            config,
+            previous_stage,
+            epoch_callback,
+            stop,
         )
         resumed = trainer.load_state()
         if resumed and trainer.epoch >= settings.epochs:
-            log.info("%s: training already finished (%d epochs); writing the outputs again", state_dir,
-                     settings.epochs)
+            log.info(
+                "%s: training already finished (%d epochs); writing the outputs again",
+                state_dir,
+                settings.epochs,
+            )
         elif resumed:
-            log.info("resuming %s fold %s at epoch %d%s (attempt %d)", configuration, fold, trainer.epoch,
-                     f", iteration {trainer.iteration}" if trainer.iteration else "", trainer.attempt)
+            log.info(
+                "resuming %s fold %s at epoch %d%s (attempt %d)",
+                configuration,
+                fold,
+                trainer.epoch,
+                f", iteration {trainer.iteration}" if trainer.iteration else "",
+                trainer.attempt,
+            )
         else:
-            log.info("training %s fold %s: %d train / %d val cases, %d epochs x %d iterations", configuration, fold,
-                     len(train_ids), len(val_ids), settings.epochs, settings.iterations_per_epoch)
+            log.info(
+                "training %s fold %s: %d train / %d val cases, %d epochs x %d iterations",
+                configuration,
+                fold,
+                len(train_ids),
+                len(val_ids),
+                settings.epochs,
+                settings.iterations_per_epoch,
+            )
         log.info("runtime: %s", runtime.describe())
         return trainer.run()
 
@@ -1267,6 +1410,14 @@ def train_fold_from_files(
         settings = TrainingSettings.from_mapping(settings)
     fold_value: int | str = fold if str(fold) == "all" else int(fold)
     return train_fold(
-        preprocessed_dir, read_json(plans_path), configuration, read_json(dataset_json_path), read_json(splits_path),
-        fold_value, output_dir, state_dir, settings, previous_stage_dir,
+        preprocessed_dir,
+        read_json(plans_path),
+        configuration,
+        read_json(dataset_json_path),
+        read_json(splits_path),
+        fold_value,
+        output_dir,
+        state_dir,
+        settings,
+        previous_stage_dir,
     )

@@ -97,7 +97,8 @@ def trained_configurations(wildcards):
 
 def split_folds():
     """Every fold of the splits: the cascade trains on the previous stage's predictions of all training cases,
-    each from the fold that held it out, so all of that stage's folds are needed whatever config 'folds' says."""
+    each from the fold that held it out, so all of that stage's folds are needed whatever config 'folds' says.
+    """
     for path in user_splits_file(None):
         try:
             with open(path) as fh:

@@ -13,20 +13,20 @@ rule validate:
         summary=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/validation/summary.json",
     log:
         f"{LOGS}/validate_{{configuration}}_fold_{{fold}}.log",
-    params:
-        configuration="{configuration}",
-        dataset=dataset_folder_of_json,
-        inference=config["inference"],
     wildcard_constraints:
         configuration="2d|3d_fullres|3d_cascade_fullres",
         fold=r"\d+",
+    conda:
+        CONDA_ENV
     threads: 4
     resources:
         gpu=1,
         mem_mb=16000,
         runtime=120,
-    conda:
-        CONDA_ENV
+    params:
+        configuration="{configuration}",
+        dataset=dataset_folder_of_json,
+        inference=config["inference"],
     script:
         "../scripts/validate.py"
 
@@ -47,19 +47,19 @@ rule validate_lowres:
         next_stage=directory(f"{RESULTS}/training/3d_lowres/fold_{{fold}}/predicted_next_stage"),
     log:
         f"{LOGS}/validate_3d_lowres_fold_{{fold}}.log",
-    params:
-        configuration="3d_lowres",
-        dataset=dataset_folder_of_json,
-        inference=config["inference"],
     wildcard_constraints:
         fold=r"\d+",
+    conda:
+        CONDA_ENV
     threads: 4
     resources:
         gpu=1,
         mem_mb=16000,
         runtime=120,
-    conda:
-        CONDA_ENV
+    params:
+        configuration="3d_lowres",
+        dataset=dataset_folder_of_json,
+        inference=config["inference"],
     script:
         "../scripts/validate.py"
 
@@ -76,16 +76,16 @@ rule crossval:
         f"{RESULTS}/crossval/{{configuration}}/summary.json",
     log:
         f"{LOGS}/crossval_{{configuration}}.log",
-    params:
-        dataset=dataset_folder_of_json,
     wildcard_constraints:
         configuration="2d|3d_fullres|3d_lowres|3d_cascade_fullres",
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        CONDA_ENV
+    params:
+        dataset=dataset_folder_of_json,
     script:
         "../scripts/crossval.py"
 
@@ -99,17 +99,17 @@ rule ensemble_crossval:
         f"{RESULTS}/crossval/ensemble_{{first}}+{{second}}/summary.json",
     log:
         f"{LOGS}/crossval_ensemble_{{first}}+{{second}}.log",
-    params:
-        dataset=dataset_folder_of_json,
     wildcard_constraints:
         first="2d|3d_fullres|3d_lowres|3d_cascade_fullres",
         second="2d|3d_fullres|3d_lowres|3d_cascade_fullres",
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=8000,
         runtime=60,
-    conda:
-        CONDA_ENV
+    params:
+        dataset=dataset_folder_of_json,
     script:
         "../scripts/ensemble_crossval.py"
 
@@ -130,16 +130,16 @@ rule select:
         ),
     log:
         f"{LOGS}/select.log",
-    params:
-        dataset=dataset_folder_of_json,
-        selection=config["selection"],
-        folds=config["folds"],
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        CONDA_ENV
+    params:
+        dataset=dataset_folder_of_json,
+        selection=config["selection"],
+        folds=config["folds"],
     script:
         "../scripts/select.py"
 
@@ -158,13 +158,13 @@ rule postprocess:
         ),
     log:
         f"{LOGS}/postprocess.log",
-    params:
-        dataset=dataset_folder_of_json,
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=8000,
         runtime=60,
-    conda:
-        CONDA_ENV
+    params:
+        dataset=dataset_folder_of_json,
     script:
         "../scripts/postprocess.py"

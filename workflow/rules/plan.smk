@@ -8,14 +8,14 @@ rule verify:
         f"{RESULTS}/verification.json",
     log:
         f"{LOGS}/verify.log",
-    params:
-        dataset=str(DATASET_DIR),
+    conda:
+        CONDA_ENV
     threads: 8
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        CONDA_ENV
+    params:
+        dataset=str(DATASET_DIR),
     script:
         "../scripts/verify.py"
 
@@ -28,14 +28,14 @@ rule fingerprint:
         f"{RESULTS}/fingerprint.json",
     log:
         f"{LOGS}/fingerprint.log",
-    params:
-        dataset=str(DATASET_DIR),
+    conda:
+        CONDA_ENV
     threads: 8
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        CONDA_ENV
+    params:
+        dataset=str(DATASET_DIR),
     script:
         "../scripts/fingerprint.py"
 
@@ -48,16 +48,16 @@ checkpoint plan:
         f"{RESULTS}/plans.json",
     log:
         f"{LOGS}/plan.log",
-    params:
-        dataset=dataset_folder_of_json,
-        gpu_memory_target_gb=config["planning"]["gpu_memory_target_gb"],
-        overwrite_target_spacing=config["planning"]["overwrite_target_spacing"],
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        CONDA_ENV
+    params:
+        dataset=dataset_folder_of_json,
+        gpu_memory_target_gb=config["planning"]["gpu_memory_target_gb"],
+        overwrite_target_spacing=config["planning"]["overwrite_target_spacing"],
     script:
         "../scripts/plan.py"
 
@@ -70,11 +70,11 @@ rule splits:
         f"{RESULTS}/splits.json",
     log:
         f"{LOGS}/splits.log",
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        CONDA_ENV
     script:
         "../scripts/splits.py"

@@ -12,17 +12,17 @@ rule predict:
         f"{RESULTS}/predictions/{{input_set}}/prediction.json",
     log:
         f"{LOGS}/predict_{{input_set}}.log",
-    params:
-        input_dir=prediction_input_dir,
-        results_dir=results_dir_of_selection,
-        inference=config["inference"],
-        prediction=config["prediction"],
+    conda:
+        CONDA_ENV
     threads: 4
     resources:
         gpu=1,
         mem_mb=16000,
         runtime=240,
-    conda:
-        CONDA_ENV
+    params:
+        input_dir=prediction_input_dir,
+        results_dir=results_dir_of_selection,
+        inference=config["inference"],
+        prediction=config["prediction"],
     script:
         "../scripts/predict.py"

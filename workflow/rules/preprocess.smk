@@ -12,15 +12,15 @@ rule preprocess:
         f"{RESULTS}/preprocessed/{{configuration}}/manifest.json",
     log:
         f"{LOGS}/preprocess_{{configuration}}.log",
-    params:
-        dataset=str(DATASET_DIR),
     wildcard_constraints:
         configuration="2d|3d_fullres|3d_lowres",
+    conda:
+        CONDA_ENV
     threads: 8
     resources:
         mem_mb=lambda wildcards, threads: 2000 + 2000 * threads,
         runtime=240,
-    conda:
-        CONDA_ENV
+    params:
+        dataset=str(DATASET_DIR),
     script:
         "../scripts/preprocess.py"

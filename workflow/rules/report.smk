@@ -17,12 +17,12 @@ rule crossval_table:
         csv=f"{RESULTS}/report/crossval.csv",
     log:
         f"{LOGS}/crossval_table.log",
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        CONDA_ENV
     script:
         "../scripts/crossval_table.py"
 
@@ -40,11 +40,11 @@ rule postprocessing_table:
         ),
     log:
         f"{LOGS}/postprocessing_table.log",
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        CONDA_ENV
     script:
         "../scripts/postprocessing_table.py"

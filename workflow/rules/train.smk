@@ -25,19 +25,19 @@ rule train:
         ),
     log:
         f"{LOGS}/train_{{configuration}}_fold_{{fold}}.log",
-    params:
-        state_dir=f"{WORK}/training/{{configuration}}/fold_{{fold}}",
-        gpu_lock_dir=f"{config['work']}/gpu_locks",
-        settings=training_settings,
     wildcard_constraints:
         configuration="2d|3d_fullres|3d_lowres|3d_cascade_fullres",
         fold=r"\d+|all",
+    conda:
+        CONDA_ENV
     threads: 4
     resources:
         gpu=1,
         mem_mb=16000,
         runtime=48 * 60,
-    conda:
-        CONDA_ENV
+    params:
+        state_dir=f"{WORK}/training/{{configuration}}/fold_{{fold}}",
+        gpu_lock_dir=f"{config['work']}/gpu_locks",
+        settings=training_settings,
     script:
         "../scripts/train.py"

@@ -2,7 +2,9 @@ from nnsnake import steps
 from nnsnake.evaluation import select
 
 steps.setup_logging(snakemake.log[0])
-candidates = {name: path for name, path in snakemake.input.items() if name.startswith(("ensemble_", "2d", "3d"))}
+candidates = {
+    name: path for name, path in snakemake.input.items() if name.startswith(("ensemble_", "2d", "3d"))
+}
 select(
     candidates,
     snakemake.output.selection,

@@ -4,7 +4,9 @@ from nnsnake import steps
 from nnsnake.training import train_fold_from_files
 
 steps.setup_logging(snakemake.log[0])
-settings = dict(snakemake.params.settings, threads=snakemake.threads, gpu_lock_dir=snakemake.params.gpu_lock_dir)
+settings = dict(
+    snakemake.params.settings, threads=snakemake.threads, gpu_lock_dir=snakemake.params.gpu_lock_dir
+)
 train_fold_from_files(
     Path(snakemake.input.preprocessed).parent,
     snakemake.input.plans,

@@ -21,6 +21,8 @@ validate_fold(
     autocast=snakemake.params.inference["autocast"],
     previous_stage_dir=list(inputs["previous_stage"]) or None,
     # validate_lowres also writes the cascade's input (at the 3d_fullres preprocessed shape)
-    next_stage_preprocessed_dir=Path(inputs["next_stage_manifest"]).parent if "next_stage_manifest" in inputs else None,
+    next_stage_preprocessed_dir=Path(inputs["next_stage_manifest"]).parent
+    if "next_stage_manifest" in inputs
+    else None,
     next_stage_output_dir=outputs.get("next_stage"),
 )
