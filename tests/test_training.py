@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnsnake import gpu, training
+from nnsnake import runtime as gpu, training
 from nnsnake.jsonio import read_json
 from nnsnake.preprocessing import sample_class_locations, save_case
 from nnsnake.training import (

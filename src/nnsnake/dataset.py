@@ -19,14 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DatasetError
 from .imageio import LOSSY_ENDINGS, SUPPORTED_ENDINGS, ImageReadError, read_file
 from .parallel import process_pool
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
-
-
-class DatasetError(RuntimeError):
-    """The dataset cannot be used as it is; the message lists every problem with its file and fix."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import EvaluationError, PredictionInputError
 from .jsonio import read_json, write_json
 from .parallel import process_pool
 
@@ -50,14 +51,6 @@ WORK_FOLDER = ".nnsnake_work"
 # nnU-Net's candidate order (find_best_configuration's default -c); it decides exact ties
 CONFIGURATION_ORDER = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 TRAINER_NAME = "nnsnake"
-
-
-class EvaluationError(RuntimeError):
-    """Inputs of an evaluation step that do not fit together; the message names the file or case and the fix."""
-
-
-class PredictionInputError(ValueError):
-    """The input folder of a prediction cannot be used; the message lists every problem with its file."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,7 +149,7 @@ def _compute_device(device: str, num_threads: int | None) -> Iterator[Any]:
     """
     import torch
 
-    from .gpu import claim_gpu, select_device
+    from .runtime import claim_gpu, select_device
     from .training import available_cpus
 
     saved_threads = torch.get_num_threads()

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import ImageReadError
+
 SITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl")
 NATURAL_2D_ENDINGS = (".png", ".bmp")
 TIFF_ENDINGS = (".tif", ".tiff")
@@ -31,10 +33,6 @@ SUPPORTED_ENDINGS = SITK_ENDINGS + NATURAL_2D_ENDINGS + TIFF_ENDINGS
 LOSSY_ENDINGS = (".jpg", ".jpeg")
 
 NATURAL_2D_SPACING = [999.0, 1.0, 1.0]
-
-
-class ImageReadError(RuntimeError):
-    """A file could not be read, or its channels do not fit together. The message names the file."""
 
 
 def file_ending_supported(file_ending: str) -> bool:

@@ -28,14 +28,11 @@ import numpy as np
 
 from nnsnake import imageio, jsonio
 
+from .errors import MetricsError
 from .parallel import process_pool
 
 LabelOrRegion = int | tuple[int, ...]
 METRIC_NAMES = ("Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref")
-
-
-class MetricsError(RuntimeError):
-    """Inputs that cannot be evaluated (missing predictions, shape mismatch); the message names the files."""
 
 
 def normalize_label_or_region(label_or_region: Any) -> LabelOrRegion:

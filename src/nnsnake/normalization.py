@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import NormalizationError
+
 EPSILON = 1e-8
 
 # channel name (case-insensitive) -> scheme; anything else is z-scored (MRI, T1, FLAIR, ...)
@@ -32,10 +34,6 @@ SCHEME_BY_CHANNEL_NAME = {
 }
 DEFAULT_SCHEME = "ZScoreNormalization"
 SCHEMES_ALLOWING_MASK = frozenset({"ZScoreNormalization"})
-
-
-class NormalizationError(ValueError):
-    """A channel cannot be normalised as planned; the message names the channel (and the case, if known)."""
 
 
 def scheme_for_channel_name(channel_name: str) -> str:

@@ -39,14 +39,11 @@ from nnsnake.metrics import (
     normalize_label_or_region,
 )
 
+from .errors import PostprocessingError
 from .parallel import process_pool
 
 OPERATION = "keep_largest_component"
 ALL_FOREGROUND = "all_foreground"
-
-
-class PostprocessingError(RuntimeError):
-    """Inputs that cannot be postprocessed; the message names the case or file."""
 
 
 def labels_of(labels_or_regions: Any) -> list[int]:

@@ -42,6 +42,7 @@ import numpy as np
 
 from . import jsonio
 from .cropping import crop_to_nonzero
+from .errors import PreprocessingError
 from .imageio import read_images, read_seg
 from .normalization import normalize
 from .parallel import process_pool
@@ -64,10 +65,6 @@ PROPERTIES_SUFFIX = ".json"
 MMAP_MIN_BYTES = 4 * 2**20
 
 ClassKey = int | tuple[int, ...]
-
-
-class PreprocessingError(RuntimeError):
-    """A case could not be preprocessed; the message names the case and the reason."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

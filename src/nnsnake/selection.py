@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import SelectionError
+
 ENSEMBLE_PREFIX = "ensemble_"
 ENSEMBLE_SEPARATOR = "+"
 
@@ -35,10 +37,6 @@ RULE = (
     "chosen instead and compared in turn with still cheaper ones. The pooled winner's win share is never below "
     "0.5, so min_win_share <= 0.5 always reproduces nnU-Net's choice."
 )
-
-
-class SelectionError(RuntimeError):
-    """Scores that cannot be compared (different case sets, nothing finite); the message names the candidate."""
 
 
 # --------------------------------------------------------------------------------------------------- candidates

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .errors import SignatureMismatchError, TrainingLockedError
 from .jsonio import atomic_open, dumps, read_json, write_json
 from .network import channels_last_format
 
@@ -323,14 +324,6 @@ def signature_differences(stored: Mapping[str, Any], current: Mapping[str, Any])
         else:
             out.append(f"{key}: {old!r} -> {new!r}")
     return out
-
-
-class SignatureMismatchError(RuntimeError):
-    """The state in ``state_dir`` belongs to a different training run."""
-
-
-class TrainingLockedError(RuntimeError):
-    """Another process is training the same fold (it holds the lock file)."""
 
 
 class TrainingInterrupted(SystemExit):  # noqa: N818 (it is an exit, like KeyboardInterrupt)
@@ -1296,7 +1289,7 @@ def train_fold(
     Returns a summary (best/final EMA, output paths, the runtime used). Raises :class:`TrainingInterrupted`
     (a ``SystemExit`` with status 128 + signal) after SIGTERM/SIGINT/SIGUSR1 once the state is saved.
     """
-    from .gpu import claim_gpu, select_device
+    from .runtime import claim_gpu, select_device
     from .planning import resolve_configuration
     from .preprocessing import stored_case_ids
     from .splits import fold_cases
