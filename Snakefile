@@ -1,6 +1,7 @@
 # nnsnake: the nnU-Net method as a Snakemake workflow.
 #   snakemake --cores all --resources gpu=1                      (the embedded demo dataset)
 #   snakemake --cores all --resources gpu=1 --config dataset=/data/Dataset004_Hippocampus
+#   snakemake preprocess_all | train_all                         (stop after a stage: workflow/rules/targets.smk)
 from snakemake.utils import min_version
 
 min_version("9.19")
@@ -19,6 +20,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/predict.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/targets.smk"
 
 
 rule all:

@@ -20,7 +20,7 @@ NNSNAKE_SNIPPET = """
 import sys
 from nnsnake import steps
 raw, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-steps.fingerprint(raw, out + "/fingerprint.json", num_processes=n)
+steps.fingerprint(raw, out + "/fingerprint.json", processes=n)
 steps.plan(out + "/fingerprint.json", raw, out + "/plans.json")
 """
 

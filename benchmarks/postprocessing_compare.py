@@ -84,7 +84,7 @@ def run_nnsnake(predictions: Path, references: Path, dataset_json: dict, process
         references,
         labels,
         dataset_json["file_ending"],
-        num_processes=processes,
+        processes=processes,
         log=messages.append,
     )
     decision["printed"] = messages

@@ -116,7 +116,7 @@ def prepare_models(work: Path, anchor_pre: Path, rebuild: bool) -> Path:
         )
     shutil.copy(plans, results / "plans.json")
     dataset = json.loads(dataset_json.read_text())
-    # the fields nnsnake.evaluation.predict_folder reads from a results folder (written by the select rule)
+    # the fields nnsnake.steps.predict reads from a results folder (written by the select rule)
     (results / "selection.json").write_text(
         json.dumps(
             {

@@ -32,9 +32,9 @@ NNSNAKE_SNIPPET = """
 import sys
 from nnsnake import steps
 raw, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-steps.fingerprint(raw, out + "/fingerprint.json", num_processes=n)
+steps.fingerprint(raw, out + "/fingerprint.json", processes=n)
 steps.plan(out + "/fingerprint.json", raw, out + "/plans.json")
-steps.preprocess(raw, out + "/plans.json", "3d_fullres", out + "/preprocessed/3d_fullres/manifest.json", num_processes=n)
+steps.preprocess(raw, out + "/plans.json", "3d_fullres", out + "/preprocessed/3d_fullres/manifest.json", processes=n)
 """
 
 

@@ -3,7 +3,7 @@
 Both train ``--epochs`` x ``--iterations`` (+ ``--val-iterations``) from nnunetv2's plans of the anchor run, then
 predict the fold's 52 validation cases with full sliding-window prediction (step 0.5, Gaussian, mirroring) and
 score them against the raw labels; nnunetv2 with its own ``perform_actual_validation``, nnsnake with
-``evaluation.validate_fold``. The table shows the per-class Dice of both (target: nnsnake >= nnunetv2 - 0.01).
+``steps.validate``. The table shows the per-class Dice of both (target: nnsnake >= nnunetv2 - 0.01).
 
 ``--bf16`` trains both under CPU bfloat16 autocast (nnunetv2 through the benchmark trainer's autocast context;
 about 2.4x faster per iteration on CPUs with native bf16), so that a budget large enough to learn fits in the time.
@@ -92,9 +92,9 @@ def child(spec: dict) -> None:
 
     from nnsnake import training
     from nnsnake.dataset import load_dataset_json
-    from nnsnake.evaluation import validate_fold
     from nnsnake.jsonio import read_json
     from nnsnake.preprocessing import preprocess_dataset
+    from nnsnake.steps import validate as validate_fold
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work, anchor_pre = Path(spec["work"]), Path(spec["anchor_pre"])
@@ -107,7 +107,7 @@ def child(spec: dict) -> None:
         read_json(plans_path),
         CONFIGURATION,
         pre,
-        num_processes=spec["threads"],
+        processes=spec["threads"],
         progress=False,
     )
     out = work / "nnsnake"
@@ -118,8 +118,8 @@ def child(spec: dict) -> None:
         val_iterations=spec["val_iterations"],
         device="cpu",
         threads=spec["threads"],
-        num_workers=0,
-        amp="bf16" if spec["bf16"] else "off",
+        workers=0,
+        autocast="bf16" if spec["bf16"] else "off",
         seed=spec["seed"],
     )
     start = time.perf_counter()
@@ -144,10 +144,8 @@ def child(spec: dict) -> None:
         0,
         out / "train" / "model_final.pt",
         out / "validation",
-        device="cpu",
-        mirroring=True,
+        settings={"device": "cpu", "mirroring": True, "threads": spec["threads"]},
         save_probabilities=False,
-        num_threads=spec["threads"],
         progress=False,
     )
     logging.info(

@@ -112,7 +112,7 @@ def ensure_preprocessed(work: Path, anchor_pre: Path, configuration: str) -> Pat
         read_json(anchor_pre / "nnUNetPlans.json"),
         configuration,
         out,
-        num_processes=2,
+        processes=2,
         progress=False,
     )
     return out
@@ -188,8 +188,8 @@ def child(spec: dict) -> None:
         val_iterations=1,
         device=spec["device"],
         threads=spec["threads"],
-        num_workers=spec["workers"],
-        amp=spec["amp"],
+        workers=spec["workers"],
+        autocast=spec["amp"],
         channels_last=spec["channels_last"],
         compile=spec["compile"],
     )

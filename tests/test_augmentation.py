@@ -1,4 +1,4 @@
-"""The augmentation pipeline (method §5.5): every step, probability and range, and the batch iterators."""
+"""The augmentation pipeline (docs/method.md §5.5): every step, probability and range, and the batch iterators."""
 
 from __future__ import annotations
 
@@ -18,11 +18,17 @@ from nnsnake.augmentation import (
     training_transforms,
     validation_transforms,
 )
+from nnsnake.labels import LabelModel
 from nnsnake.sampling import initial_patch_size, rotation_and_dummy_2d
 
 HIPPO_3D = (40, 56, 40)
 HIPPO_STRIDES_3D = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
 ROT_30 = (-math.radians(30), math.radians(30))
+LABELS = LabelModel.from_dataset_json({"labels": {"background": 0, "core": 1, "rim": 2}})
+# foreground labels [1, 2], regions [[1, 2], [2]], ignore label 3
+REGION_LABELS = LabelModel.from_dataset_json(
+    {"labels": {"background": 0, "whole": [1, 2], "core": 2, "ignore": 3}, "regions_class_order": [1, 2]}
+)
 
 
 def steps(compose):
@@ -165,9 +171,7 @@ def test_mask_cascade_and_region_steps_in_order():
             False,
             use_mask_for_norm=[True, False, True],
             is_cascaded=True,
-            foreground_labels=[1, 2],
-            regions=[[1, 2], [2]],
-            ignore_label=3,
+            labels=REGION_LABELS,
         )
     )
     names = [s[0] for s in pipeline]
@@ -210,7 +214,7 @@ def test_validation_pipeline_contents():
         "RemoveLabelTransform",
         "DownsampleSegForDSTransform",
     ]
-    names = [s[0] for s in steps(validation_transforms(ds, True, [1, 2], [[1, 2], [2]], 3))]
+    names = [s[0] for s in steps(validation_transforms(ds, True, REGION_LABELS))]
     assert names == [
         "RemoveLabelTransform",
         "MoveSegAsOneHotToDataTransform",
@@ -339,7 +343,7 @@ def test_iterators_3d_shapes_and_seeded_determinism():
 
     def make(seed):
         return make_data_iterators(
-            ids[:3], ids[3:], cases.__getitem__, HIPPO_3D, 3, ds, num_workers=0, seed=seed
+            ids[:3], ids[3:], cases.__getitem__, HIPPO_3D, 3, ds, workers=0, labels=LABELS, seed=seed
         )
 
     (train_a, val_a), (train_b, _), (train_c, _) = make(7), make(7), make(8)
@@ -368,7 +372,7 @@ def test_iterators_2d_shapes():
     cases = synthetic_cases(n=2)
     ds = deep_supervision_scales([[1, 1], [2, 2], [2, 2]])
     train, val = make_data_iterators(
-        ["case_0"], ["case_1"], cases.__getitem__, (56, 40), 12, ds, num_workers=0
+        ["case_0"], ["case_1"], cases.__getitem__, (56, 40), 12, ds, workers=0, labels=LABELS
     )
     batch = next(train)
     assert batch["data"].shape == (12, 1, 56, 40)
@@ -380,8 +384,8 @@ def test_iterators_2d_shapes():
 def test_one_seeded_worker_reproduces_in_process_batches():
     cases = synthetic_cases(n=3, shape=(20, 24, 22))
     args = (sorted(cases), sorted(cases), cases.__getitem__, (16, 16, 16), 2, None)
-    in_process, _ = make_data_iterators(*args, num_workers=0, seed=11)
-    with make_data_iterators(*args, num_workers=1, seed=11)[0] as worker:
+    in_process, _ = make_data_iterators(*args, workers=0, labels=LABELS, seed=11)
+    with make_data_iterators(*args, workers=1, labels=LABELS, seed=11)[0] as worker:
         deadline = time.time() + 30
         for _ in range(3):
             a, b = next(in_process), next(worker)
@@ -402,9 +406,9 @@ def test_cascade_iterator_appends_previous_stage_one_hot():
         (16, 16, 16),
         2,
         None,
-        num_workers=0,
+        workers=0,
         is_cascaded=True,
-        foreground_labels=[1, 2],
+        labels=LABELS,
         load_previous_stage=previous.__getitem__,
         seed=0,
     )
@@ -420,7 +424,7 @@ def test_cascade_iterator_appends_previous_stage_one_hot():
             (16, 16, 16),
             2,
             None,
-            num_workers=0,
+            workers=0,
             is_cascaded=True,
-            foreground_labels=[1, 2],
+            labels=LABELS,
         )

@@ -1,4 +1,4 @@
-"""The cascade (method §5.8, §9): 3d_lowres out-of-fold predictions feed 3d_cascade_fullres, through the workflow."""
+"""The cascade (docs/method.md §5.8, §9): 3d_lowres out-of-fold predictions feed 3d_cascade_fullres, through the workflow."""
 
 from __future__ import annotations
 

@@ -126,6 +126,27 @@ def test_predict_bf16_agrees_with_full_precision(finished, tmp_path, capsys):
         assert full.shape == half.shape and np.mean(full == half) > 0.95
 
 
+def test_autocast_flag_and_deprecated_bf16(finished, tmp_path, capsys):
+    """--autocast bf16 on the CPU is what --bf16 did; --bf16 still works and says it is deprecated."""
+    dataset, results = finished
+    common = ["-i", str(dataset / "imagesTs"), "-m", str(results), "--device", "cpu", "--no-mirroring"]
+    common += ["--threads", "1", "--quiet", "-f", "0"]
+    assert main(["predict", *common, "-o", str(tmp_path / "new"), "--autocast", "bf16"]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert main(["predict", *common, "-o", str(tmp_path / "old"), "--bf16"]) == 0
+    assert "--bf16 is deprecated; use --autocast bf16" in capsys.readouterr().err
+    assert read_json(tmp_path / "new" / "prediction.json")["autocast"] == "bf16"
+    for j in range(2):
+        new, old = (
+            sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / o / f"new_{j}.nii.gz")))
+            for o in ("new", "old")
+        )
+        np.testing.assert_array_equal(new, old)
+    with pytest.raises(SystemExit) as usage:
+        main(["predict", *common, "-o", str(tmp_path / "x"), "--bf16", "--autocast", "off"])
+    assert usage.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [

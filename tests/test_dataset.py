@@ -56,7 +56,7 @@ def dataset(tmp_path: Path) -> Path:
 
 
 def problems_of(root: Path) -> list[str]:
-    report = verify_dataset(root, num_processes=1)
+    report = verify_dataset(root, processes=1)
     return [str(p) for p in report.problems]
 
 
@@ -69,7 +69,7 @@ def assert_one_problem(root: Path, file_part: str, words: str) -> None:
 
 
 def test_valid_dataset_has_no_problem(dataset: Path) -> None:
-    report = verify_dataset(dataset, num_processes=2)
+    report = verify_dataset(dataset, processes=2)
     assert report.ok and report.n_cases == 3
     dataset_json, cases = training_cases(dataset)
     assert list(cases) == ["case_000", "case_001", "case_002"]
@@ -207,7 +207,7 @@ def test_every_problem_reported_in_one_run(dataset: Path) -> None:
     (dataset / "labelsTr" / "case_002.nii.gz").unlink()
     seg = np.full(SHAPE, 9, np.uint8)
     _write(dataset / "labelsTr" / "case_000.nii.gz", seg)
-    report = verify_dataset(dataset, num_processes=2)
+    report = verify_dataset(dataset, processes=2)
     text = "\n".join(map(str, report.problems))
     assert len(report.problems) == 3, text
     for name in ("case_001_0001.nii.gz", "labelsTr/case_002.nii.gz", "labelsTr/case_000.nii.gz"):

@@ -269,9 +269,7 @@ def world(tmp_path_factory) -> dict:
         plans_path=results / "plans.json",
         dataset_dir=dataset,
         splits_path=results / "splits.json",
-        device="cpu",
-        mirroring=False,
-        num_threads=1,
+        settings={"device": "cpu", "mirroring": False, "threads": 1},
         progress=False,
     )
     validations = {}
@@ -412,7 +410,7 @@ def test_validation_summary_has_nnunet_fields_and_numpy_dice(world):
 
 def test_validation_equals_prediction_from_raw_images(world):
     """The preprocessed (validation) path and the raw-image (inference) path give the same segmentation."""
-    from nnsnake.inference import predict_from_raw
+    from nnsnake.inference import InferenceSettings, predict_from_raw
 
     results, dataset = world["results"], world["dataset"]
     case = SPLITS[0]["val"][1]
@@ -424,8 +422,7 @@ def test_validation_equals_prediction_from_raw_images(world):
         PLANS,
         "3d_fullres",
         DATASET_JSON,
-        use_mirroring=False,
-        device="cpu",
+        settings=InferenceSettings(device="cpu", mirroring=False),
         progress=False,
     )
     np.testing.assert_array_equal(
@@ -462,10 +459,8 @@ def test_validation_removes_stale_cases_and_needs_previous_stage(world, tmp_path
         0,
         target / "model_final.pt",
         target / "validation",
-        device="cpu",
-        mirroring=False,
+        settings={"device": "cpu", "mirroring": False, "threads": 1},
         save_probabilities=False,
-        num_threads=1,
         progress=False,
     )
     assert sorted(p.name for p in (target / "validation").iterdir()) == sorted(
@@ -481,8 +476,7 @@ def test_validation_removes_stale_cases_and_needs_previous_stage(world, tmp_path
             0,
             target / "model_final.pt",
             tmp_path / "v",
-            device="cpu",
-            mirroring=False,
+            settings={"device": "cpu", "mirroring": False},
             progress=False,
         )
 
@@ -669,7 +663,11 @@ def test_predict_folder_writes_input_geometry_and_continues(world, tmp_path):
     results, dataset = world["results"], world["dataset"]
     out = tmp_path / "pred"
     info = predict_folder(
-        dataset / "imagesTs", out, results, mirroring=False, device="cpu", num_threads=1, progress=False
+        dataset / "imagesTs",
+        out,
+        results,
+        settings={"device": "cpu", "mirroring": False, "threads": 1},
+        progress=False,
     )
     assert info["n_cases"] == 2 and info["n_predicted"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["new_0.nii.gz", "new_1.nii.gz", "prediction.json"]
@@ -688,9 +686,7 @@ def test_predict_folder_writes_input_geometry_and_continues(world, tmp_path):
         dataset / "imagesTs",
         out,
         results,
-        mirroring=False,
-        device="cpu",
-        num_threads=1,
+        settings={"device": "cpu", "mirroring": False, "threads": 1},
         continue_prediction=True,
         progress=False,
     )
@@ -698,7 +694,7 @@ def test_predict_folder_writes_input_geometry_and_continues(world, tmp_path):
 
 
 def test_predict_folder_equals_fold_average_plus_postprocessing(world, tmp_path):
-    from nnsnake.inference import predict_from_raw
+    from nnsnake.inference import InferenceSettings, predict_from_raw
     from nnsnake.postprocessing import apply_postprocessing
 
     dataset = world["dataset"]
@@ -712,7 +708,11 @@ def test_predict_folder_equals_fold_average_plus_postprocessing(world, tmp_path)
     write_json(results / "postprocessing.json", decision)
     out, manual = tmp_path / "pred", tmp_path / "manual"
     predict_folder(
-        dataset / "imagesTs", out, results, mirroring=False, device="cpu", num_threads=1, progress=False
+        dataset / "imagesTs",
+        out,
+        results,
+        settings={"device": "cpu", "mirroring": False, "threads": 1},
+        progress=False,
     )
     predict_from_raw(
         {f"new_{j}": [dataset / "imagesTs" / f"new_{j}_0000.nii.gz"] for j in range(2)},
@@ -721,8 +721,7 @@ def test_predict_folder_equals_fold_average_plus_postprocessing(world, tmp_path)
         PLANS,
         "3d_fullres",
         DATASET_JSON,
-        use_mirroring=False,
-        device="cpu",
+        settings=InferenceSettings(device="cpu", mirroring=False),
         progress=False,
     )
     changed = 0
@@ -758,9 +757,7 @@ def test_predict_folder_ensemble_with_cascade_averages_member_probabilities(worl
             dataset / "imagesTs",
             out,
             results,
-            mirroring=False,
-            device="cpu",
-            num_threads=1,
+            settings={"device": "cpu", "mirroring": False, "threads": 1},
             save_probabilities=True,
             postprocess=False,
             progress=False,
@@ -802,18 +799,18 @@ def test_bad_input_folder_is_reported_file_by_file_before_predicting(world, tmp_
     (bad / "corrupt_0000.nii.gz").write_bytes(b"not an image at all")
     out = tmp_path / "out"
     with pytest.raises(PredictionInputError) as error:
-        predict_folder(bad, out, results, device="cpu", mirroring=False, progress=False)
+        predict_folder(bad, out, results, settings={"device": "cpu", "mirroring": False}, progress=False)
     message = str(error.value)
     for name in ("good_0001.nii.gz", "noindex.nii.gz", "other_0000.nrrd", "corrupt_0000.nii.gz"):
         assert name in message
     assert "has 4 problem(s); nothing was predicted" in message.splitlines()[0]
     assert not out.exists()
     with pytest.raises(PredictionInputError, match="does not exist"):
-        predict_folder(tmp_path / "absent", out, results, device="cpu", progress=False)
+        predict_folder(tmp_path / "absent", out, results, settings={"device": "cpu"}, progress=False)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(PredictionInputError, match="no images"):
-        predict_folder(empty, out, results, device="cpu", progress=False)
+        predict_folder(empty, out, results, settings={"device": "cpu"}, progress=False)
 
 
 def test_channels_must_be_complete_and_share_geometry(tmp_path):
@@ -847,13 +844,22 @@ def test_missing_models_and_results_are_named(world, tmp_path):
     dataset, results = world["dataset"], world["results"]
     with pytest.raises(EvaluationError, match="fold_7/model_final.pt"):
         predict_folder(
-            dataset / "imagesTs", tmp_path / "o", results, folds=[0, 7], device="cpu", progress=False
+            dataset / "imagesTs",
+            tmp_path / "o",
+            results,
+            folds=[0, 7],
+            settings={"device": "cpu"},
+            progress=False,
         )
     assert not (tmp_path / "o").exists()
     with pytest.raises(EvaluationError, match="did you mean .*Dataset990_Tiny"):
-        predict_folder(dataset / "imagesTs", tmp_path / "o", results.parent, device="cpu", progress=False)
+        predict_folder(
+            dataset / "imagesTs", tmp_path / "o", results.parent, settings={"device": "cpu"}, progress=False
+        )
     with pytest.raises(EvaluationError, match="must differ"):
-        predict_folder(dataset / "imagesTs", dataset / "imagesTs", results, device="cpu", progress=False)
+        predict_folder(
+            dataset / "imagesTs", dataset / "imagesTs", results, settings={"device": "cpu"}, progress=False
+        )
 
 
 def test_module_has_no_snakemake_import():

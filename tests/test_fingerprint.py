@@ -1,4 +1,4 @@
-"""Fingerprint (method §2): identical to nnunetv2's dataset_fingerprint.json on every shared dataset."""
+"""Fingerprint (docs/method.md §2): identical to nnunetv2's dataset_fingerprint.json on every shared dataset."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_fingerprint_equals_nnunetv2(name: str, shared_data: Path, fixtures_dir:
     if not reference_path.exists():
         pytest.skip(f"no nnunetv2 fixture {reference_path}")
     reference = read_json(reference_path)
-    ours = extract_fingerprint(shared_data / name, num_processes=2)
+    ours = extract_fingerprint(shared_data / name, processes=2)
     assert ours["spacings"] == reference["spacings"]
     assert ours["shapes_after_crop"] == reference["shapes_after_crop"]
     assert ours["median_relative_size_after_cropping"] == pytest.approx(

@@ -1,4 +1,4 @@
-"""Sliding-window prediction, fold ensembling and export to raw geometry (method §7.1–7.3, §9)."""
+"""Sliding-window prediction, fold ensembling and export to raw geometry (docs/method.md §7.1–7.3, §9)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from nnsnake import inference
+from nnsnake.errors import ConfigError
 from nnsnake.inference import (
-    LabelLayout,
     compute_gaussian,
     convert_logits_to_raw_geometry,
     export_prediction,
@@ -25,6 +25,7 @@ from nnsnake.inference import (
     predict_sliding_window,
     sliding_window_steps,
 )
+from nnsnake.labels import LabelModel
 
 # --------------------------------------------------------------------------------------------------------------
 # Gaussian and steps
@@ -190,7 +191,7 @@ def test_identity_network_recovers_input(shape, patch):
     assert exact.shape == data.shape and exact.dtype == torch.float32
     torch.testing.assert_close(exact, data, rtol=1e-6, atol=1e-6)
     no_gaussian = predict_sliding_window(
-        Identity(), data, patch, use_gaussian=False, batch_tiles=1, accumulation_dtype=torch.float32
+        Identity(), data, patch, use_gaussian=False, tile_batch=1, accumulation_dtype=torch.float32
     )
     torch.testing.assert_close(no_gaussian, data, rtol=1e-6, atol=1e-6)
     fp16 = predict_sliding_window(
@@ -262,16 +263,16 @@ def test_mirroring_averages_every_flip_combination():
     torch.testing.assert_close(out[0, 0, :, 0], torch.arange(6, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("batch_tiles", [1, 3, 8, 100])
-def test_fold_average_and_batching_do_not_change_result(batch_tiles):
+@pytest.mark.parametrize("tile_batch", [1, 3, 8, 100])
+def test_fold_average_and_batching_do_not_change_result(tile_batch):
     data = torch.randn((1, 30, 20, 10), generator=torch.Generator().manual_seed(1))
     nets = [Scale(1.0), Scale(3.0), AddRamp(2)]
     out = predict_sliding_window(
-        nets, data, (16, 12, 8), mirror_axes=(1, 2), batch_tiles=batch_tiles, accumulation_dtype=torch.float32
+        nets, data, (16, 12, 8), mirror_axes=(1, 2), tile_batch=tile_batch, accumulation_dtype=torch.float32
     )
     one_by_one = [
         predict_sliding_window(
-            n, data, (16, 12, 8), mirror_axes=(1, 2), batch_tiles=1, accumulation_dtype=torch.float32
+            n, data, (16, 12, 8), mirror_axes=(1, 2), tile_batch=1, accumulation_dtype=torch.float32
         )
         for n in nets
     ]
@@ -285,7 +286,7 @@ def test_2d_configuration_tiles_each_slice():
     net = RecordingIdentity()
     data = torch.randn((2, 5, 20, 9), generator=torch.Generator().manual_seed(2))
     out = predict_sliding_window(
-        net, data, (16, 8), mirror_axes=(0, 1), batch_tiles=4, accumulation_dtype=torch.float32
+        net, data, (16, 8), mirror_axes=(0, 1), tile_batch=4, accumulation_dtype=torch.float32
     )
     torch.testing.assert_close(out, data, rtol=1e-6, atol=1e-6)
     assert all(len(s) == 4 and s[1:] == (2, 16, 8) for s in net.input_shapes)  # (B, C, 16, 8): 2D patches
@@ -619,7 +620,7 @@ def test_export_matches_nnunetv2(fixtures_dir):
 
 
 def test_streamed_argmax_equals_argmax_with_ties():
-    layout = LabelLayout.from_dataset_json({"labels": {"background": 0, "a": 1, "b": 2, "c": 3}})
+    layout = LabelModel.from_dataset_json({"labels": {"background": 0, "a": 1, "b": 2, "c": 3}})
     rng = np.random.default_rng(0)
     logits = rng.integers(0, 3, size=(4, 7, 9, 5)).astype(np.float32)  # many ties
     streamed = inference._segmentation_streaming(iter(list(logits)), layout, logits.shape[1:])
@@ -631,7 +632,7 @@ def test_regions_are_painted_in_order():
         "labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": [3]},
         "regions_class_order": [1, 2, 3],
     }
-    layout = LabelLayout.from_dataset_json(dataset_json)
+    layout = LabelModel.from_dataset_json(dataset_json)
     assert (
         layout.has_regions
         and layout.num_outputs == 3
@@ -648,7 +649,7 @@ def test_regions_are_painted_in_order():
         inference.segmentation_from_probabilities(probabilities, layout), [0, 1, 2, 3]
     )
     with pytest.raises(ValueError, match="regions_class_order"):
-        LabelLayout.from_dataset_json({"labels": dataset_json["labels"]})
+        LabelModel.from_dataset_json({"labels": dataset_json["labels"]})
 
 
 def test_predict_from_raw_end_to_end(tmp_path):
@@ -754,7 +755,7 @@ def test_cuda_matches_cpu_and_falls_back_to_cpu_accumulation(monkeypatch):
             raise torch.OutOfMemoryError("simulated")
         return real(*args, results_device=results_device, **kwargs)
 
-    monkeypatch.setattr(inference, "_sliding_window_accumulate", out_of_memory_on_gpu)
+    monkeypatch.setattr(inference.sliding_window, "_sliding_window_accumulate", out_of_memory_on_gpu)
     fallback = predict_sliding_window(network, data, (16, 16, 16), (0, 1, 2), device="cuda")
     assert used == ["cuda", "cpu"]
     assert_close_enough(fallback)
@@ -854,7 +855,7 @@ def test_parallel_passes_do_not_change_the_result():
     torch.set_num_threads(2)
     try:
         kwargs = dict(
-            patch_size=(8, 8, 8), mirror_axes=(0, 1, 2), batch_tiles=4, accumulation_dtype=torch.float32
+            patch_size=(8, 8, 8), mirror_axes=(0, 1, 2), tile_batch=4, accumulation_dtype=torch.float32
         )
         serial = predict_sliding_window(networks, data, parallel_passes=1, **kwargs)
         parallel = predict_sliding_window(networks, data, parallel_passes=None, **kwargs)
@@ -862,3 +863,48 @@ def test_parallel_passes_do_not_change_the_result():
     finally:
         torch.set_num_threads(previous_threads)
     torch.testing.assert_close(parallel, serial, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# settings
+
+
+def test_inference_settings_from_mapping_validates_and_names_the_key():
+    settings = inference.InferenceSettings.from_mapping(
+        {"mirroring": False, "step_size": 0.25, "tile_batch": 4}
+    )
+    assert (settings.mirroring, settings.step_size, settings.tile_batch, settings.device) == (
+        False,
+        0.25,
+        4,
+        "auto",
+    )
+    assert inference.InferenceSettings.from_mapping(None) == inference.InferenceSettings()
+    assert settings.replace(threads=2).threads == 2 and settings.threads is None
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['use_mirroring'\].*known keys"):
+        inference.InferenceSettings.from_mapping({"use_mirroring": False})
+    for key, value in (
+        ("step_size", 0),
+        ("step_size", 1.5),
+        ("autocast", "fp8"),
+        ("tile_batch", 0),
+        ("threads", 0),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            inference.InferenceSettings.from_mapping({key: value})
+    with pytest.warns(DeprecationWarning, match="autocast True is deprecated"):
+        assert inference.InferenceSettings.from_mapping({"autocast": True}).autocast is True
+
+
+def test_loose_pipeline_keywords_still_work_with_a_deprecation_warning(tmp_path):
+    image_path, _, _ = _write_case(tmp_path)
+    ckpt = tmp_path / "model_final.pt"
+    torch.save({"network_weights": _tiny_network().state_dict(), "init": {}}, ckpt)
+    args = ({"case": [image_path]}, tmp_path / "old", [ckpt], _plans(), "3d_fullres", DATASET_JSON)
+    with pytest.warns(DeprecationWarning, match=r"use_mirroring=\.\.\.\) is deprecated"):
+        (old,) = predict_from_raw(*args, use_mirroring=False, progress=False)
+    settings = inference.InferenceSettings(device="cpu", mirroring=False)
+    (new,) = predict_from_raw(*args[:1], tmp_path / "new", *args[2:], settings=settings, progress=False)
+    np.testing.assert_array_equal(_read_array(old["segmentation"]), _read_array(new["segmentation"]))
+    with pytest.raises(TypeError, match="mirroring"):
+        predict_from_raw(*args, mirroring=False)

@@ -125,10 +125,10 @@ def test_library_edit_does_not_rerun_finished_trainings(completed: Path, library
         text=True,
         check=True,
     ).stdout.strip()
-    assert Path(imported) == library / "training.py"
+    assert Path(imported) == library / "training" / "__init__.py"
     before = output_mtimes(completed)
     future = max(before.values()) / 1e9 + 60
-    for module in ("training.py", "steps.py", "preprocessing.py", "inference.py"):
+    for module in ("training/trainer.py", "steps/data.py", "preprocessing.py", "inference/predictor.py"):
         path = library / module
         path.write_text(path.read_text() + "\n# an edit after the run\n")
         os.utime(path, (future, future))

@@ -1,4 +1,4 @@
-"""Training loss (method §5.3) and validation pseudo-Dice counts (§5.6).
+"""Training loss (docs/method.md §5.3) and validation pseudo-Dice counts (§5.6).
 
 Hand-computed cases spell out their arithmetic; ``loss_reference.*`` holds nnunetv2's DC_and_CE_loss values on
 fixed random tensors (see tests/fixtures/network/README.md).

@@ -100,7 +100,7 @@ def test_parallel_in_memory_and_written_summaries_agree(metrics_fixtures, tmp_pa
         ref_dir, pred_dir, ".nii.gz", [(1, 2), 1], 3, chill=True, output_file=tmp_path / "summary.json"
     )
     parallel = compute_metrics_on_folder(
-        ref_dir, pred_dir, ".nii.gz", [(1, 2), 1], 3, num_processes=2, chill=True
+        ref_dir, pred_dir, ".nii.gz", [(1, 2), 1], 3, processes=2, chill=True
     )
     assert_metric_dicts_equal(parallel["mean"], serial["mean"], "parallel")
 

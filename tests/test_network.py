@@ -1,4 +1,4 @@
-"""The plain U-Net against nnU-Net v2's PlainConvUNet (method §5.2) and the deep-supervision helpers (§5.3).
+"""The plain U-Net against nnU-Net v2's PlainConvUNet (docs/method.md §5.2) and the deep-supervision helpers (§5.3).
 
 Reference numbers come from ``tests/fixtures/network/`` (generated once by ``make_reference.py`` with the
 official dynamic_network_architectures; see the README there).

@@ -66,7 +66,7 @@ def proxy_of(configuration, n_label_keys):
     )
 
 
-# ---- golden plans of spec §12.1 ----------------------------------------------------------------------------
+# ---- golden plans of docs/method.md §12.1 ----------------------------------------------------------------------------
 def test_hippocampus_golden_plan():
     fingerprint, dataset_json = synthetic_inputs(260, [1.0, 1.0, 1.0], [36, 50, 35], ("MRI",), 3)
     plans = plan_experiment(fingerprint, dataset_json, "Dataset004_Hippocampus")

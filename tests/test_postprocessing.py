@@ -89,7 +89,7 @@ def test_decision_agrees_with_nnunetv2(fixtures_dir, scenario, tmp_path):
         labels,
         ".nii.gz",
         ignore,
-        num_processes=2 if scenario == "regions" else 1,
+        processes=2 if scenario == "regions" else 1,
         work_dir=tmp_path,
         log=quiet,
     )
@@ -179,9 +179,7 @@ def test_apply_matches_the_decision_and_keeps_geometry(fixtures_dir, tmp_path):
     write_decision(tmp_path / "postprocessing.json", decision)
     reread = read_decision(tmp_path / "postprocessing.json")
     assert reread["steps"] == decision["steps"]
-    names = apply_postprocessing_to_folder(
-        folder / "pred", tmp_path / "out", reread, ".nii.gz", num_processes=1
-    )
+    names = apply_postprocessing_to_folder(folder / "pred", tmp_path / "out", reread, ".nii.gz", processes=1)
     assert names
     summary = compute_metrics_on_folder(folder / "ref", tmp_path / "out", ".nii.gz", labels, ignore)
     assert_nested_close(summary["mean"], decision["postprocessed"]["mean"])

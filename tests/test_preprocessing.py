@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from nnsnake import preprocessing
+from nnsnake.labels import LabelModel
 from nnsnake.normalization import NormalizationError, normalize, normalize_channel, scheme_for_channel_name
 from nnsnake.preprocessing import (
     PreprocessingError,
     case_files,
-    class_location_keys,
     load_case,
     preprocess_case,
     preprocess_dataset,
@@ -213,12 +213,20 @@ def test_class_location_counts_and_draws():
     assert all(np.array_equal(locations[k], again[k]) for k in locations)
 
 
+def class_location_keys(dataset_json):
+    return LabelModel.from_dataset_json(dataset_json).class_location_keys
+
+
 def test_class_location_keys():
     labels = {"background": 0, "b": 2, "a": 1}
     assert class_location_keys({"labels": labels}) == [1, 2]
     assert class_location_keys({"labels": {**labels, "ignore": 3}}) == [1, 2, (-1, 0, 1, 2)]
     regions = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
-    assert class_location_keys({"labels": regions}) == [(1, 2, 3), (2, 3), 3]
+    assert class_location_keys({"labels": regions, "regions_class_order": [1, 2, 3]}) == [
+        (1, 2, 3),
+        (2, 3),
+        3,
+    ]
 
 
 def test_region_locations_union_of_labels():
@@ -378,9 +386,7 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def test_preprocess_dataset_is_incremental(raw_dataset, tmp_path):
     raw, dataset_json, plans = raw_dataset
     out = tmp_path / "pre"
-    manifest = preprocess_dataset(
-        raw, dataset_json, plans, "3d_fullres", out, num_processes=2, progress=False
-    )
+    manifest = preprocess_dataset(raw, dataset_json, plans, "3d_fullres", out, processes=2, progress=False)
     assert sorted(manifest["cases"]) == ["c1", "c2", "c3"] and manifest["data_identifier"]
     assert manifest["cases"]["c1"] == manifest["cases"]["c3"]
     first = _mtimes(out)
@@ -422,15 +428,13 @@ def test_preprocessed_case_matches_preprocess_case(raw_dataset, tmp_path):
         preprocess_dataset(raw, dataset_json, plans, "2d", out, case_ids=["nope"], progress=False)
 
 
-@pytest.mark.parametrize("num_processes", [1, 2])
-def test_failing_case_names_itself(raw_dataset, tmp_path, num_processes):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_failing_case_names_itself(raw_dataset, tmp_path, processes):
     raw, dataset_json, plans = raw_dataset
     (raw / "imagesTr" / "c2_0000.nii.gz").write_bytes(b"not an image")
     out = tmp_path / "pre"
     with pytest.raises(PreprocessingError, match="c2") as info:
-        preprocess_dataset(
-            raw, dataset_json, plans, "3d_fullres", out, num_processes=num_processes, progress=False
-        )
+        preprocess_dataset(raw, dataset_json, plans, "3d_fullres", out, processes=processes, progress=False)
     assert "c2_0000.nii.gz" in str(info.value)
     assert "c2" not in stored_case_ids(out)
     assert not list(out.glob("c2*")) and not [p for p in out.iterdir() if p.name.startswith(".")]

@@ -53,7 +53,10 @@ SUMMARIES = {ENS: summary(0.78, 0.80), "3d_fullres": summary(0.82, 0.78), "2d": 
 
 def test_label_names_skip_background_and_name_regions() -> None:
     assert label_names(DATASET_JSON) == {"1": "Anterior (1)", "2": "Posterior (2)"}
-    regions = {"labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "ignore": 4}}
+    regions = {
+        "labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "ignore": 4},
+        "regions_class_order": [1, 2],
+    }
     assert label_names(regions) == {"(1, 2, 3)": "whole (1, 2, 3)", "(2, 3)": "core (2, 3)"}
 
 

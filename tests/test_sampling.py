@@ -1,4 +1,4 @@
-"""Patch sampling (method §5.4) and patch geometry (§5.5) on synthetic in-memory cases."""
+"""Patch sampling (docs/method.md §5.4) and patch geometry (§5.5) on synthetic in-memory cases."""
 
 from __future__ import annotations
 

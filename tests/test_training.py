@@ -1,4 +1,4 @@
-"""The trainer (method §5) on tiny synthetic preprocessed data: schedule, metrics, outputs, checkpoints, resume.
+"""The trainer (docs/method.md §5) on tiny synthetic preprocessed data: schedule, metrics, outputs, checkpoints, resume.
 
 Budgets are a few iterations of a 3-stage U-Net with 4-16 features on 16³ patches, so every run takes a second
 or two on one thread; what is tested is the machinery (and its exactness), not learning.
@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnsnake import runtime as gpu, training
+from nnsnake import runtime as gpu
+from nnsnake import training
+from nnsnake.errors import ConfigError
 from nnsnake.jsonio import read_json
 from nnsnake.preprocessing import sample_class_locations, save_case
 from nnsnake.training import (
@@ -89,7 +91,7 @@ def tiny_settings(**overrides) -> TrainingSettings:
         val_iterations=1,
         device="cpu",
         threads=1,
-        num_workers=0,
+        workers=0,
         deterministic=True,
         seed=7,
     )
@@ -179,8 +181,33 @@ def test_default_settings_are_nnunets():
     assert (s.initial_lr, s.momentum, s.weight_decay, s.grad_clip_norm) == (1e-2, 0.99, 3e-5, 12.0)
     with pytest.raises(ValueError, match="unknown key"):
         TrainingSettings.from_mapping({"epochs": 10, "epoch": 3})
-    with pytest.raises(ValueError, match="amp"):
-        TrainingSettings(amp="fp8")
+    with pytest.raises(ValueError, match="autocast"):
+        TrainingSettings(autocast="fp8")
+
+
+def test_deprecated_setting_names_are_mapped_with_a_warning():
+    with pytest.warns(DeprecationWarning) as warned:
+        old = TrainingSettings.from_mapping({"amp": "off", "num_workers": 3, "epochs": 5})
+    assert sorted(str(w.message) for w in warned) == [
+        "training setting amp is deprecated; use autocast",
+        "training setting num_workers is deprecated; use workers",
+    ]
+    assert old == TrainingSettings.from_mapping({"autocast": "off", "workers": 3, "epochs": 5})
+    with pytest.warns(DeprecationWarning, match="num_workers is deprecated; use workers"):
+        assert TrainingSettings(num_workers=2).workers == 2
+    with pytest.raises(ConfigError, match="keep only autocast"):
+        TrainingSettings.from_mapping({"amp": "off", "autocast": "bf16"})
+    with pytest.raises(ConfigError, match="unknown key"):
+        TrainingSettings.from_mapping({"amps": "off"})
+    # the signature (what a stored state must match) does not depend on which name was used
+    args = ("3d_fullres", {"patch_size": [16]}, DATASET_JSON, 0, CASES[:4], CASES[4:])
+    with pytest.warns(DeprecationWarning):
+        renamed = TrainingSettings.from_mapping({"num_workers": 1, "deterministic": True})
+    assert training.training_signature(*args, renamed, 1) == training.training_signature(
+        *args, TrainingSettings(workers=1, deterministic=True), 1
+    )
+    # the key keeps the name that earlier states were saved with
+    assert training.training_signature(*args, renamed, 1)["num_workers"] == 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,7 +364,7 @@ def test_mismatching_signature_is_refused_with_the_difference(preprocessed, tmp_
             tiny_settings(epochs=2, iterations_per_epoch=1),
         )
     # speed-only settings may change between attempts
-    run(preprocessed, tmp_path, tiny_settings(epochs=2, iterations_per_epoch=1, threads=2, amp="off"))
+    run(preprocessed, tmp_path, tiny_settings(epochs=2, iterations_per_epoch=1, threads=2, autocast="off"))
     assert (tmp_path / "out" / "model_final.pt").is_file()
 
 
@@ -402,7 +429,7 @@ def test_augmentation_workers_die_with_a_killed_trainer(preprocessed, tmp_path):
             return loss
         training._Trainer.train_step = reporting_step
         run(Path({str(preprocessed)!r}), Path({str(tmp_path)!r}),
-            tiny_settings(epochs=2, iterations_per_epoch=200, deterministic=False, num_workers=2))
+            tiny_settings(epochs=2, iterations_per_epoch=200, deterministic=False, workers=2))
     """)
     process = subprocess.Popen(
         [sys.executable, "-c", script],
@@ -549,7 +576,7 @@ def test_claim_gpu_takes_a_free_slot_and_respects_the_scheduler(tmp_path, monkey
 
 def test_log_json_stays_strict_json_without_any_dice(preprocessed, tmp_path, monkeypatch):
     """Epochs without a defined pseudo-Dice log null (NaN is not JSON), set no best, and model_best.pt still exists."""
-    monkeypatch.setattr(training, "global_dice", lambda tp, fp, fn: [float("nan")] * len(tp))
+    monkeypatch.setattr(training.trainer, "global_dice", lambda tp, fp, fn: [float("nan")] * len(tp))
     run(preprocessed, tmp_path, tiny_settings(epochs=2, iterations_per_epoch=1))
     assert "NaN" not in (tmp_path / "out" / "log.json").read_text()
     log = read_json(tmp_path / "out" / "log.json")

@@ -14,7 +14,7 @@ from .conftest import REPO
 from .test_dataset import make_dataset
 
 DEMO = REPO / "examples" / "Dataset104_HippocampusDemo"
-WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "envs")
+WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles")
 
 
 def workflow_copy(tmp_path: Path) -> Path:
@@ -160,3 +160,18 @@ def test_demo_main_job_runs_and_reruns_nothing(finished_demo: Path) -> None:
         )
     again = snakemake(wd, "--config", f"dataset={DEMO}", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_deprecated_config_keys_are_renamed_with_a_warning(tmp_path: Path) -> None:
+    """training.amp / training.num_workers and the boolean inference.autocast still work for one release."""
+    wd = workflow_copy(tmp_path)
+    old = snakemake(wd, "-n", "--config", f"dataset={DEMO}", "training={amp: bf16, num_workers: 2}")
+    output = old.stdout + old.stderr
+    assert "config training.amp is deprecated; use training.autocast" in output
+    assert "config training.num_workers is deprecated; use training.workers" in output
+    null = snakemake(wd, "-n", "--config", f"dataset={DEMO}", "inference={autocast: null}")
+    assert "inference.autocast: null is deprecated" in null.stdout + null.stderr
+    both = snakemake(
+        wd, "-n", "--config", f"dataset={DEMO}", "training={amp: bf16, autocast: fp16}", check=False
+    )
+    assert both.returncode != 0 and "both given" in both.stdout + both.stderr

@@ -36,7 +36,7 @@ def timed_step(self, batch):
 
 training._Trainer.train_step = timed_step
 if os.environ.get("GPUBENCH_CUDNN_BENCHMARK") == "0":  # nnsnake's default on a GPU is cudnn.benchmark on
-    _settings = training._process_settings
+    _settings = training.trainer._process_settings
 
     def settings_without_cudnn_benchmark(*args, **kwargs):
         import contextlib
@@ -51,7 +51,7 @@ if os.environ.get("GPUBENCH_CUDNN_BENCHMARK") == "0":  # nnsnake's default on a 
 
         return inner()
 
-    training._process_settings = settings_without_cudnn_benchmark
+    training.trainer._process_settings = settings_without_cudnn_benchmark
 run = Path("/tmp/gpubench_nnsnake_run") / cfg
 shutil.rmtree(run, ignore_errors=True)
 settings = training.TrainingSettings(
@@ -60,7 +60,7 @@ settings = training.TrainingSettings(
     val_iterations=1,
     device=device,
     threads=16 if device == "cuda" else 1,
-    num_workers=workers,
+    workers=workers,
     compile=compile_,
 )
 t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The nnU-Net augmentation pipeline (method §5.5) built from batchgeneratorsv2 transforms, and the data
+"""The nnU-Net augmentation pipeline (docs/method.md §5.5) built from batchgeneratorsv2 transforms, and the data
 iterators that run sampling + augmentation in background worker processes (§5.4).
 
 Every probability and range below is a constant of the method; ``tests/test_augmentation.py`` pins them.
@@ -38,7 +38,8 @@ from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
 from scipy.ndimage import generate_binary_structure, label
 
-from nnsnake.sampling import (
+from .labels import LabelModel
+from .sampling import (
     CASE_CACHE_BYTES,
     OVERSAMPLE_FOREGROUND_PERCENT,
     SEG_PAD_VALUE,
@@ -49,7 +50,7 @@ from nnsnake.sampling import (
     initial_patch_size,
     rotation_and_dummy_2d,
 )
-from nnsnake.sampling import mirror_axes as allowed_mirror_axes
+from .sampling import mirror_axes as allowed_mirror_axes
 
 # §5.5, one constant per table cell
 P_ROTATION = 0.2
@@ -149,24 +150,28 @@ def _spatial_transform(patch_size: Sequence[int], rotation: RandomScalar) -> Spa
 def _label_transforms(
     deep_supervision_scales: Sequence[Sequence[float]] | None,
     is_cascaded: bool,
-    foreground_labels: Sequence[int] | None,
-    regions: Sequence[int | Sequence[int]] | None,
-    ignore_label: int | None,
+    labels: LabelModel | None,
     augment_cascade: bool,
 ) -> list[BasicTransform]:
-    """Steps 11-16: shared by training and validation (validation without the cascade augmentations)."""
+    """Steps 11-16: shared by training and validation (validation without the cascade augmentations).
+
+    ``labels`` None stands for a plain label map (no regions, no ignore label); the cascade needs the label
+    model for the previous stage's one-hot channels.
+    """
     transforms: list[BasicTransform] = [RemoveLabelTransform(SEG_PAD_VALUE, 0)]
     if is_cascaded:
-        if not foreground_labels:
-            raise ValueError("the cascade needs foreground_labels (the plan's labels without background)")
-        labels = [int(label) for label in foreground_labels]
+        if labels is None or not labels.foreground_labels:
+            raise ValueError(
+                "the cascade needs labels with foreground_labels (the labels without background)"
+            )
+        foreground = [int(label) for label in labels.foreground_labels]
         transforms.append(
             MoveSegAsOneHotToDataTransform(
-                source_channel_idx=1, all_labels=labels, remove_channel_from_source=True
+                source_channel_idx=1, all_labels=foreground, remove_channel_from_source=True
             )
         )
         if augment_cascade:
-            previous_stage_channels = list(range(-len(labels), 0))
+            previous_stage_channels = list(range(-len(foreground), 0))
             transforms.append(
                 RandomTransform(
                     ApplyRandomBinaryOperatorTransform(
@@ -187,42 +192,18 @@ def _label_transforms(
                     apply_probability=P_REMOVE_COMPONENT,
                 )
             )
-    if regions is not None:
-        region_list = list(regions) + ([ignore_label] if ignore_label is not None else [])
+    if labels is not None and labels.regions is not None:
+        ignore = [labels.ignore_label] if labels.ignore_label is not None else []
+        region_list = [*labels.regions, *ignore]  # the ignore channel last, as the region loss expects
         transforms.append(ConvertSegmentationToRegionsTransform(regions=region_list, channel_in_seg=0))
     if deep_supervision_scales is not None:
         transforms.append(DownsampleSegForDSTransform(ds_scales=[list(s) for s in deep_supervision_scales]))
     return transforms
 
 
-def training_transforms(
-    patch_size: Sequence[int],
-    rotation_ranges: RandomScalar,
-    deep_supervision_scales: Sequence[Sequence[float]] | None,
-    mirror_axes: Sequence[int] | None,
-    dummy_2d: bool,
-    use_mask_for_norm: Sequence[bool] | None = None,
-    is_cascaded: bool = False,
-    foreground_labels: Sequence[int] | None = None,
-    regions: Sequence[int | Sequence[int]] | None = None,
-    ignore_label: int | None = None,
-    time_blur_methods: bool = True,
-) -> ComposeTransforms:
-    """The training pipeline of §5.5 in the table's order, applied to one enlarged patch per call.
-
-    ``time_blur_methods`` lets the blur pick FFT or direct convolution per shape by timing both (faster, as in
-    nnU-Net); turn it off for bit-reproducible runs, since the two differ in the last bits.
-    """
+def _intensity_transforms(dummy_2d: bool, time_blur_methods: bool) -> list[BasicTransform]:
+    """Steps 2-9 of the training pipeline: noise, blur, brightness, contrast, low resolution, gamma."""
     transforms: list[BasicTransform] = []
-    if dummy_2d:
-        transforms.append(Convert3DTo2DTransform())
-        spatial_patch = tuple(patch_size)[1:]
-    else:
-        spatial_patch = tuple(patch_size)
-    transforms.append(_spatial_transform(spatial_patch, rotation_ranges))
-    if dummy_2d:
-        transforms.append(Convert2DTo3DTransform())
-
     transforms.append(
         RandomTransform(
             GaussianNoiseTransform(
@@ -303,6 +284,39 @@ def training_transforms(
             apply_probability=P_GAMMA,
         )
     )
+    return transforms
+
+
+def training_transforms(
+    patch_size: Sequence[int],
+    rotation_ranges: RandomScalar,
+    deep_supervision_scales: Sequence[Sequence[float]] | None,
+    mirror_axes: Sequence[int] | None,
+    dummy_2d: bool,
+    use_mask_for_norm: Sequence[bool] | None = None,
+    is_cascaded: bool = False,
+    labels: LabelModel | None = None,
+    time_blur_methods: bool = True,
+) -> ComposeTransforms:
+    """The training pipeline of §5.5 in the table's order, applied to one enlarged patch per call.
+
+    ``labels`` (the dataset's label model) decides the label steps: region targets, the ignore label, the
+    cascade's one-hot channels; None means a plain label map without regions or ignore label.
+
+    ``time_blur_methods`` lets the blur pick FFT or direct convolution per shape by timing both (faster, as in
+    nnU-Net); turn it off for bit-reproducible runs, since the two differ in the last bits.
+    """
+    transforms: list[BasicTransform] = []
+    if dummy_2d:
+        transforms.append(Convert3DTo2DTransform())
+        spatial_patch = tuple(patch_size)[1:]
+    else:
+        spatial_patch = tuple(patch_size)
+    transforms.append(_spatial_transform(spatial_patch, rotation_ranges))
+    if dummy_2d:
+        transforms.append(Convert2DTo3DTransform())
+
+    transforms += _intensity_transforms(dummy_2d, time_blur_methods)
     if mirror_axes:
         transforms.append(MirrorTransform(allowed_axes=tuple(int(a) for a in mirror_axes)))
     if use_mask_for_norm is not None and any(use_mask_for_norm):
@@ -313,29 +327,18 @@ def training_transforms(
                 set_outside_to=0,
             )
         )
-    transforms += _label_transforms(
-        deep_supervision_scales, is_cascaded, foreground_labels, regions, ignore_label, augment_cascade=True
-    )
+    transforms += _label_transforms(deep_supervision_scales, is_cascaded, labels, augment_cascade=True)
     return ComposeTransforms(transforms)
 
 
 def validation_transforms(
     deep_supervision_scales: Sequence[Sequence[float]] | None,
     is_cascaded: bool = False,
-    foreground_labels: Sequence[int] | None = None,
-    regions: Sequence[int | Sequence[int]] | None = None,
-    ignore_label: int | None = None,
+    labels: LabelModel | None = None,
 ) -> ComposeTransforms:
     """Validation patches get only the label steps (11, 12, 15, 16): no spatial or intensity augmentation."""
     return ComposeTransforms(
-        _label_transforms(
-            deep_supervision_scales,
-            is_cascaded,
-            foreground_labels,
-            regions,
-            ignore_label,
-            augment_cascade=False,
-        )
+        _label_transforms(deep_supervision_scales, is_cascaded, labels, augment_cascade=False)
     )
 
 
@@ -343,25 +346,25 @@ def validation_transforms(
 # Iterators
 # --------------------------------------------------------------------------------------------------------
 class BatchIterator:
-    """Endless batches from a ``PatchDataLoader``, built in-process (``num_workers=0``) or in worker processes.
+    """Endless batches from a ``PatchDataLoader``, built in-process (``workers=0``) or in worker processes.
 
     Worker processes use batchgenerators' augmenters: ``NonDetMultiThreadedAugmenter`` normally (batches in
     whatever order workers finish, like nnU-Net), ``MultiThreadedAugmenter`` for a seeded loader (round-robin
     over workers, so the batch sequence is reproducible). Call ``close()`` (or use ``with``) to stop workers.
     """
 
-    def __init__(self, loader: PatchDataLoader, num_workers: int, num_cached: int, pin_memory: bool = False):
+    def __init__(self, loader: PatchDataLoader, workers: int, num_cached: int, pin_memory: bool = False):
         self.loader = loader
-        self.num_workers = int(num_workers)
-        if self.num_workers <= 0:
+        self.workers = int(workers)
+        if self.workers <= 0:
             self._augmenter: Any = SingleThreadedAugmenter(loader, None)
         elif loader.seed is not None:
-            seeds = [derive_seed(loader.seed, 1000 + i) for i in range(self.num_workers)]
+            seeds = [derive_seed(loader.seed, 1000 + i) for i in range(self.workers)]
             self._augmenter = MultiThreadedAugmenter(
                 loader,
                 None,
-                self.num_workers,
-                num_cached_per_queue=max(2, num_cached // self.num_workers),
+                self.workers,
+                num_cached_per_queue=max(2, num_cached // self.workers),
                 seeds=seeds,
                 pin_memory=pin_memory,
                 wait_time=0.002,
@@ -370,7 +373,7 @@ class BatchIterator:
             self._augmenter = NonDetMultiThreadedAugmenter(
                 loader,
                 None,
-                self.num_workers,
+                self.workers,
                 num_cached=num_cached,
                 seeds=None,
                 pin_memory=pin_memory,
@@ -385,7 +388,7 @@ class BatchIterator:
 
     def rng_state(self) -> dict[str, torch.Tensor]:
         """Random state of in-process loading; with workers, restart the iterator with a new seed instead."""
-        if self.num_workers > 0:
+        if self.workers > 0:
             raise RuntimeError(
                 "worker processes hold their own random state; for reproducible resumes with "
                 "workers, rebuild the iterators each epoch with derive_seed(seed, epoch)"
@@ -393,8 +396,8 @@ class BatchIterator:
         return self.loader.rng_state()
 
     def set_rng_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        if self.num_workers > 0:
-            raise RuntimeError("cannot set the random state of worker processes; use num_workers=0")
+        if self.workers > 0:
+            raise RuntimeError("cannot set the random state of worker processes; use workers=0")
         self.loader.set_rng_state(state)
 
     def close(self) -> None:
@@ -416,13 +419,12 @@ def make_data_iterators(
     patch_size: Sequence[int],
     batch_size: int,
     deep_supervision_scales: Sequence[Sequence[float]] | None,
-    num_workers: int,
-    num_val_workers: int | None = None,
+    workers: int,
+    val_workers: int | None = None,
+    *,
+    labels: LabelModel,
     use_mask_for_norm: Sequence[bool] | None = None,
     is_cascaded: bool = False,
-    foreground_labels: Sequence[int] | None = None,
-    regions: Sequence[int | Sequence[int]] | None = None,
-    ignore_label: int | None = None,
     load_previous_stage: LoadPreviousStage | None = None,
     oversample_foreground_percent: float = OVERSAMPLE_FOREGROUND_PERCENT,
     seed: int | None = None,
@@ -431,8 +433,9 @@ def make_data_iterators(
 ) -> tuple[BatchIterator, BatchIterator]:
     """Training and validation batch iterators of a configuration (§5.4-5.5), ready for the trainer.
 
-    ``num_workers`` training worker processes (0: build batches in the calling process);
-    ``num_val_workers`` defaults to ``max(1, num_workers // 2)``, or 0 when ``num_workers`` is 0.
+    ``workers`` training worker processes (0: build batches in the calling process); ``val_workers`` defaults
+    to ``max(1, workers // 2)``, or 0 when ``workers`` is 0. ``labels`` (the dataset's label model) gives the
+    targets (labels or regions), the ignore label and the cascade's one-hot channels.
     ``case_cache_bytes`` bounds the cases each process keeps in memory (0: read every patch from ``load_case``).
     ``seed`` makes both streams reproducible (training and validation get different derived seeds; with
     workers the batch order is then round-robin over workers, and the blur does not choose its method by timing).
@@ -443,13 +446,13 @@ def make_data_iterators(
     enlarged = initial_patch_size(patch_size, rotation, dummy_2d)
     if is_cascaded and load_previous_stage is None:
         raise ValueError("the cascade needs load_previous_stage (the 3d_lowres out-of-fold predictions)")
-    common = dict(
+    common: dict[str, Any] = dict(
         load_case=load_case,
         batch_size=batch_size,
         patch_size=patch_size,
         oversample_foreground_percent=oversample_foreground_percent,
         load_previous_stage=load_previous_stage if is_cascaded else None,
-        has_ignore_label=ignore_label is not None,
+        has_ignore_label=labels.has_ignore_label,
         case_cache_bytes=case_cache_bytes,
     )
     train_loader = PatchDataLoader(
@@ -464,9 +467,7 @@ def make_data_iterators(
             dummy_2d,
             use_mask_for_norm,
             is_cascaded,
-            foreground_labels,
-            regions,
-            ignore_label,
+            labels,
             time_blur_methods=seed is None,
         ),
         **common,
@@ -475,17 +476,11 @@ def make_data_iterators(
         val_ids,
         sampling_patch_size=patch_size,
         seed=None if seed is None else derive_seed(seed, 1),
-        transforms=validation_transforms(
-            deep_supervision_scales, is_cascaded, foreground_labels, regions, ignore_label
-        ),
+        transforms=validation_transforms(deep_supervision_scales, is_cascaded, labels),
         **common,
     )
-    if num_val_workers is None:
-        num_val_workers = max(1, num_workers // 2) if num_workers > 0 else 0
-    train = BatchIterator(
-        train_loader, num_workers, num_cached=max(6, num_workers // 2), pin_memory=pin_memory
-    )
-    val = BatchIterator(
-        val_loader, num_val_workers, num_cached=max(3, num_val_workers // 4), pin_memory=pin_memory
-    )
+    if val_workers is None:
+        val_workers = max(1, workers // 2) if workers > 0 else 0
+    train = BatchIterator(train_loader, workers, num_cached=max(6, workers // 2), pin_memory=pin_memory)
+    val = BatchIterator(val_loader, val_workers, num_cached=max(3, val_workers // 4), pin_memory=pin_memory)
     return train, val

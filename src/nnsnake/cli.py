@@ -1,10 +1,11 @@
 """The ``nnsnake`` command: segment new images with a finished workflow's results, check a raw dataset.
 
-``nnsnake predict -i IN -o OUT -m results/<DatasetName>`` runs :func:`nnsnake.evaluation.predict_folder`: the
-selected configuration or ensemble, all its folds, mirroring, the postprocessing, the input's exact geometry.
+``nnsnake predict -i IN -o OUT -m results/<DatasetName>`` runs :func:`nnsnake.steps.predict`: the selected
+configuration or ensemble, all its folds, mirroring, the postprocessing, the input's exact geometry.
 ``nnsnake verify DATASET`` reports every problem of a raw dataset at once (the workflow's verify rule).
-Expected failures (bad input folder, missing results, unknown device) print one clear message and exit with
-status 1; ``--traceback`` shows where they came from.
+Deliberate errors (:class:`nnsnake.errors.NnsnakeError`: bad input folder, missing results, unknown device) and
+file-system errors print one line ``nnsnake <command>: error: <message>`` and exit with status 1;
+``--traceback`` shows where they came from. Anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, KeyError)
+from nnsnake import steps
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (steps.NnsnakeError, OSError)
+AUTOCAST_CHOICES = ("auto", "off", "fp16", "bf16")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -84,11 +88,19 @@ def _build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="sliding-window step, a fraction of the patch (default 0.5, nnU-Net's)",
     )
-    predict.add_argument(
+    precision = predict.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--autocast",
+        choices=AUTOCAST_CHOICES,
+        default=None,
+        help="reduced precision of the forward passes: auto (default: fp16 on CUDA, full precision elsewhere, "
+        "as nnU-Net), off, fp16 (CUDA only), bf16 (about 2-5x faster on CPUs with bf16 support, logits at bf16 "
+        "precision)",
+    )
+    precision.add_argument(
         "--bf16",
         action="store_true",
-        help="bfloat16 autocast also on the CPU (about 2-5x faster "
-        "on CPUs with bf16 support, logits at bf16 precision; CUDA always uses fp16 autocast)",
+        help="deprecated: use --autocast bf16 (on the CPU; on CUDA it meant fp16, as --autocast auto)",
     )
     predict.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
     predict.add_argument(
@@ -110,24 +122,36 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from .evaluation import predict_folder
+def _autocast(args: argparse.Namespace) -> str | bool | None:
+    """The autocast choice of the flags; ``--bf16`` keeps its old meaning (True: bf16 on the CPU, fp16 on CUDA)."""
+    if not args.bf16:
+        return args.autocast  # None (not given) means auto
+    print(
+        "nnsnake predict: warning: --bf16 is deprecated; use --autocast bf16 (CUDA: --autocast auto keeps fp16)",
+        file=sys.stderr,
+    )
+    return True
 
-    result = predict_folder(
+
+def _predict(args: argparse.Namespace) -> int:
+    settings = {
+        "device": args.device,
+        "mirroring": not args.no_mirroring,
+        "step_size": args.step_size,
+        "autocast": _autocast(args),
+        "threads": args.threads,
+    }
+    result = steps.predict(
         args.input,
         args.output,
         args.model,
         folds=args.folds,
-        mirroring=not args.no_mirroring,
-        device=args.device,
+        settings=settings,
         save_probabilities=args.save_probabilities,
         continue_prediction=args.continue_prediction,
-        num_threads=args.threads,
-        step_size=args.step_size,
         postprocess=not args.no_postprocessing,
-        num_processes=args.processes,
+        processes=args.processes,
         progress=not args.quiet,
-        autocast=True if args.bf16 else None,
     )
     print(
         f"{result['n_predicted']} of {result['n_cases']} case(s) segmented with {result['selected']} into "
@@ -137,12 +161,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .dataset import verify_dataset
-    from .jsonio import write_json
-
-    report = verify_dataset(args.dataset, num_processes=args.processes, progress=False)
-    if args.output is not None:
-        write_json(args.output, report.to_dict())
+    report = steps.check_dataset(args.dataset, args.output, processes=args.processes)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.problems:
@@ -173,8 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EXPECTED_ERRORS as error:
         if args.traceback:
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"nnsnake {args.command}: error: {message}", file=sys.stderr)
+        print(f"nnsnake {args.command}: error: {error}", file=sys.stderr)
         return 1
 
 

@@ -1,4 +1,4 @@
-"""Crop to the nonzero region, shared by fingerprinting and preprocessing (method §2.2, §4.3).
+"""Crop to the nonzero region, shared by fingerprinting and preprocessing (docs/method.md §2.2, §4.3).
 
 The nonzero mask is ``any over channels of (image != 0)`` with holes filled. Both the images and the
 segmentation are cropped to the mask's half-open bounding box; inside the crop, background voxels of the
@@ -45,12 +45,13 @@ def crop_to_nonzero(
     mask = nonzero_mask(data)
     bbox = bbox_of_mask(mask)
     sl = slicer(bbox)
-    data = data[(slice(None), *sl)]
+    with_channels = (slice(None), *sl)
+    data = data[with_channels]
     mask = mask[sl]
     if seg is None:
         seg = np.where(mask, 0, OUTSIDE_MASK_LABEL).astype(np.int8)[None]
     else:
         # unsigned label files (uint8) cannot hold -1: promote to the smallest signed type that fits
-        seg = np.array(seg[(slice(None), *sl)], dtype=np.promote_types(seg.dtype, np.int8), copy=True)
+        seg = np.array(seg[with_channels], dtype=np.promote_types(seg.dtype, np.int8), copy=True)
         seg[(seg == 0) & ~mask[None]] = OUTSIDE_MASK_LABEL
     return data, seg, bbox

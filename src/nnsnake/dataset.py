@@ -1,4 +1,4 @@
-"""Raw datasets in nnU-Net v2 layout: dataset.json, case discovery and verification (method §1).
+"""Raw datasets in nnU-Net v2 layout: dataset.json, case discovery and verification (docs/method.md §1).
 
 A dataset folder holds ``dataset.json``, ``imagesTr/{CASE}_{XXXX}{ending}`` (one file per channel),
 ``labelsTr/{CASE}{ending}`` and optionally ``imagesTs/``. Alternatively ``dataset.json`` may list the files
@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import DatasetError
 from .imageio import LOSSY_ENDINGS, SUPPORTED_ENDINGS, ImageReadError, read_file
-from .parallel import process_pool
+from .parallel import process_pool, processes_argument
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 
@@ -184,15 +184,8 @@ def load_dataset_json(root: str | os.PathLike) -> dict[str, Any]:
     return dataset_json
 
 
-def labels_of(dataset_json: dict[str, Any]) -> dict[str, int]:
-    return {k: int(v) for k, v in dataset_json["labels"].items()}
-
-
-def foreground_labels(dataset_json: dict[str, Any]) -> list[int]:
-    return sorted(v for v in labels_of(dataset_json).values() if v != 0)
-
-
 def num_channels(dataset_json: dict[str, Any]) -> int:
+    """Number of input channels (images per case)."""
     return len(dataset_json["channel_names"])
 
 
@@ -216,18 +209,25 @@ def discover_cases(
     files that exist) and its label file (None if missing); problems for files that do not fit the layout.
     """
     root = Path(root)
-    ending = dataset_json["file_ending"]
     n_channels = num_channels(dataset_json)
-    problems: list[Problem] = []
     if "dataset" in dataset_json:
         return _cases_from_json(root, dataset_json, n_channels, labels_folder is not None)
     image_dir = root / images_folder
     if not image_dir.is_dir():
-        problems.append(Problem(str(image_dir), "folder is missing", f"put the images in {images_folder}/"))
-        return {}, problems
-    pattern = _channel_pattern(ending)
-    channels: dict[str, dict[int, Path]] = {}
-    for path in sorted(image_dir.iterdir()):
+        return {}, [Problem(str(image_dir), "folder is missing", f"put the images in {images_folder}/")]
+    cases, problems = _image_cases(image_dir, dataset_json["file_ending"], n_channels, images_folder)
+    if labels_folder is not None:
+        label_dir = root / labels_folder
+        problems += _attach_labels(
+            cases, label_dir, dataset_json["file_ending"], images_folder, labels_folder
+        )
+    return cases, problems
+
+
+def _files_with_ending(folder: Path, ending: str, problems: list[Problem], shown: str) -> list[Path]:
+    """The visible files of a folder that have the dataset's file ending; a problem for every other file."""
+    files = []
+    for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir():
             continue
         if not path.name.endswith(ending):
@@ -235,10 +235,22 @@ def discover_cases(
                 Problem(
                     str(path),
                     f"file ending is not the dataset's file_ending {ending!r}",
-                    f"convert it to {ending} or remove it from {images_folder}/",
+                    f"convert it to {ending} or remove it from {shown}/",
                 )
             )
             continue
+        files.append(path)
+    return files
+
+
+def _image_cases(
+    image_dir: Path, ending: str, n_channels: int, images_folder: str
+) -> tuple[dict[str, CaseFiles], list[Problem]]:
+    """Cases of an images folder named ``{CASE}_{XXXX}{ending}``, and the files or channels that do not fit."""
+    problems: list[Problem] = []
+    pattern = _channel_pattern(ending)
+    channels: dict[str, dict[int, Path]] = {}
+    for path in _files_with_ending(image_dir, ending, problems, images_folder):
         match = pattern.match(path.name)
         if match is None:
             problems.append(
@@ -271,49 +283,41 @@ def discover_cases(
                         "declare the channel in dataset.json or remove the file",
                     )
                 )
-        images = [found[c] for c in range(n_channels) if c in found]
-        cases[case_id] = CaseFiles(images=images, label=None)
-    if labels_folder is not None:
-        label_dir = root / labels_folder
-        if not label_dir.is_dir():
-            problems.append(
-                Problem(str(label_dir), "folder is missing", f"put the label files in {labels_folder}/")
-            )
-            return cases, problems
-        label_files = {}
-        for path in sorted(label_dir.iterdir()):
-            if path.name.startswith(".") or path.is_dir():
-                continue
-            if not path.name.endswith(ending):
-                problems.append(
-                    Problem(
-                        str(path),
-                        f"file ending is not the dataset's file_ending {ending!r}",
-                        f"convert it to {ending} or remove it from {labels_folder}/",
-                    )
-                )
-                continue
-            label_files[path.name[: -len(ending)]] = path
-        for case_id, files in cases.items():
-            if case_id in label_files:
-                files.label = label_files[case_id]
-            else:
-                problems.append(
-                    Problem(
-                        str(label_dir / f"{case_id}{ending}"),
-                        "label file is missing",
-                        f"add the segmentation of case {case_id} or remove its images",
-                    )
-                )
-        for case_id in sorted(set(label_files) - set(cases)):
+        cases[case_id] = CaseFiles(images=[found[c] for c in range(n_channels) if c in found], label=None)
+    return cases, problems
+
+
+def _attach_labels(
+    cases: dict[str, CaseFiles], label_dir: Path, ending: str, images_folder: str, labels_folder: str
+) -> list[Problem]:
+    """Give every case its label file from ``label_dir``; problems for missing labels and labels without images."""
+    if not label_dir.is_dir():
+        return [Problem(str(label_dir), "folder is missing", f"put the label files in {labels_folder}/")]
+    problems: list[Problem] = []
+    label_files = {
+        path.name[: -len(ending)]: path
+        for path in _files_with_ending(label_dir, ending, problems, labels_folder)
+    }
+    for case_id, files in cases.items():
+        if case_id in label_files:
+            files.label = label_files[case_id]
+        else:
             problems.append(
                 Problem(
-                    str(label_files[case_id]),
-                    "label file has no image",
-                    f"add {images_folder}/{case_id}_0000{ending} or remove the label file",
+                    str(label_dir / f"{case_id}{ending}"),
+                    "label file is missing",
+                    f"add the segmentation of case {case_id} or remove its images",
                 )
             )
-    return cases, problems
+    for case_id in sorted(set(label_files) - set(cases)):
+        problems.append(
+            Problem(
+                str(label_files[case_id]),
+                "label file has no image",
+                f"add {images_folder}/{case_id}_0000{ending} or remove the label file",
+            )
+        )
+    return problems
 
 
 def _cases_from_json(
@@ -394,7 +398,7 @@ def nonfinite_counts(path: Path, array: np.ndarray) -> tuple[int, int]:
     if path.name.lower().endswith((".nii", ".nii.gz")):
         import nibabel
 
-        image = nibabel.load(path)
+        image: Any = nibabel.load(path)  # a NIfTI image (the stubs type it as the generic base class)
         if np.issubdtype(image.get_data_dtype(), np.floating):
             array = np.asarray(image.dataobj)
     if not np.issubdtype(array.dtype, np.floating):
@@ -404,10 +408,29 @@ def nonfinite_counts(path: Path, array: np.ndarray) -> tuple[int, int]:
 
 def verify_case(case_id: str, files: CaseFiles, allowed_labels: list[int]) -> tuple[list[Problem], list[str]]:
     """Read one case and report everything wrong with it (runs in a worker process)."""
+    problems, reference = _check_images(files.images)
+    if files.label is not None and files.label.exists():
+        problems += _check_label(files.label, allowed_labels, reference)
+    return problems, []
+
+
+_Reference = tuple[Path, tuple[int, ...], dict[str, Any]]
+"""The first readable channel of a case: path, spatial shape and properties, which the others must match."""
+
+
+def _same_grid(props: dict[str, Any], ref_props: dict[str, Any]) -> bool:
+    """Same origin and direction (when the reader knows them)."""
+    g, rg = _geometry(props), _geometry(ref_props)
+    if not (g and rg):
+        return True
+    return _same(g["origin"], rg["origin"], 1e-3) and _same(g["direction"], rg["direction"], 1e-4)
+
+
+def _check_images(images: list[Path]) -> tuple[list[Problem], _Reference | None]:
+    """Problems of a case's channel files (unreadable, non-finite, not on one grid) and the reference channel."""
     problems: list[Problem] = []
-    warnings: list[str] = []
-    ref_path, ref_shape, ref_props = None, None, None
-    for path in files.images:
+    reference: _Reference | None = None
+    for path in images:
         try:
             array, props = read_file(path)
         except ImageReadError as exc:
@@ -425,9 +448,10 @@ def verify_case(case_id: str, files: CaseFiles, allowed_labels: list[int]) -> tu
                 )
             )
         shape = array.shape[1:]
-        if ref_path is None:
-            ref_path, ref_shape, ref_props = path, shape, props
+        if reference is None:
+            reference = (path, shape, props)
             continue
+        ref_path, ref_shape, ref_props = reference
         if shape != ref_shape:
             problems.append(
                 Problem(
@@ -444,12 +468,7 @@ def verify_case(case_id: str, files: CaseFiles, allowed_labels: list[int]) -> tu
                     "give all channels of a case the same spacing",
                 )
             )
-        g, rg = _geometry(props), _geometry(ref_props)
-        if (
-            g
-            and rg
-            and not (_same(g["origin"], rg["origin"], 1e-3) and _same(g["direction"], rg["direction"], 1e-4))
-        ):
+        if not _same_grid(props, ref_props):
             problems.append(
                 Problem(
                     str(path),
@@ -457,75 +476,67 @@ def verify_case(case_id: str, files: CaseFiles, allowed_labels: list[int]) -> tu
                     "register/resample the channels onto the same physical grid",
                 )
             )
-    if files.label is not None and files.label.exists():
-        try:
-            seg, seg_props = read_file(files.label)
-        except ImageReadError as exc:
-            problems.append(
-                Problem(str(files.label), f"unreadable or corrupt ({exc})", "re-export or replace it")
+    return problems, reference
+
+
+def _check_label(label: Path, allowed_labels: list[int], reference: _Reference | None) -> list[Problem]:
+    """Problems of a label file: unreadable, not one integer map of declared labels, not on the image's grid."""
+    try:
+        seg, seg_props = read_file(label)
+    except ImageReadError as exc:
+        return [Problem(str(label), f"unreadable or corrupt ({exc})", "re-export or replace it")]
+    if seg.shape[0] != 1:
+        return [Problem(str(label), f"label file has {seg.shape[0]} channels", "store a label map")]
+    if np.issubdtype(seg.dtype, np.floating) and not np.isfinite(seg).all():
+        return [Problem(str(label), "contains NaN/inf", "store integer labels")]
+    problems: list[Problem] = []
+    values = np.unique(seg)
+    non_integer = values[values != np.round(values)]
+    if non_integer.size:
+        problems.append(
+            Problem(
+                str(label),
+                f"holds non-integer values {non_integer[:5].tolist()}",
+                "store integer labels (nearest-neighbour resampling only)",
             )
-            return problems, warnings
-        if seg.shape[0] != 1:
-            problems.append(
-                Problem(str(files.label), f"label file has {seg.shape[0]} channels", "store a label map")
+        )
+    undeclared = sorted(set(values.astype(np.int64).tolist()) - set(allowed_labels))
+    if undeclared:
+        problems.append(
+            Problem(
+                str(label),
+                f"label value(s) {undeclared} are not declared in dataset.json labels {allowed_labels}",
+                "declare them in dataset.json 'labels' or fix the segmentation",
             )
-            return problems, warnings
-        if np.issubdtype(seg.dtype, np.floating) and not np.isfinite(seg).all():
-            problems.append(Problem(str(files.label), "contains NaN/inf", "store integer labels"))
-            return problems, warnings
-        values = np.unique(seg)
-        non_integer = values[values != np.round(values)]
-        if non_integer.size:
-            problems.append(
-                Problem(
-                    str(files.label),
-                    f"holds non-integer values {non_integer[:5].tolist()}",
-                    "store integer labels (nearest-neighbour resampling only)",
-                )
+        )
+    if reference is None:
+        return problems
+    ref_path, ref_shape, ref_props = reference
+    if seg.shape[1:] != ref_shape:
+        problems.append(
+            Problem(
+                str(label),
+                f"shape {list(seg.shape[1:])} differs from image {ref_path.name} {list(ref_shape)}",
+                "segment on the image's own grid",
             )
-        undeclared = sorted(set(values.astype(np.int64).tolist()) - set(allowed_labels))
-        if undeclared:
-            problems.append(
-                Problem(
-                    str(files.label),
-                    f"label value(s) {undeclared} are not declared in dataset.json labels {allowed_labels}",
-                    "declare them in dataset.json 'labels' or fix the segmentation",
-                )
+        )
+    elif not _same(seg_props["spacing"], ref_props["spacing"], 1e-6):
+        problems.append(
+            Problem(
+                str(label),
+                f"spacing {seg_props['spacing']} differs from image {ref_path.name} {ref_props['spacing']}",
+                "write the label with the image's spacing",
             )
-        if ref_path is not None:
-            if seg.shape[1:] != ref_shape:
-                problems.append(
-                    Problem(
-                        str(files.label),
-                        f"shape {list(seg.shape[1:])} differs from image {ref_path.name} {list(ref_shape)}",
-                        "segment on the image's own grid",
-                    )
-                )
-            elif not _same(seg_props["spacing"], ref_props["spacing"], 1e-6):
-                problems.append(
-                    Problem(
-                        str(files.label),
-                        f"spacing {seg_props['spacing']} differs from image "
-                        f"{ref_path.name} {ref_props['spacing']}",
-                        "write the label with the image's spacing",
-                    )
-                )
-            g, rg = _geometry(seg_props), _geometry(ref_props)
-            if (
-                g
-                and rg
-                and not (
-                    _same(g["origin"], rg["origin"], 1e-3) and _same(g["direction"], rg["direction"], 1e-4)
-                )
-            ):
-                problems.append(
-                    Problem(
-                        str(files.label),
-                        f"origin/direction differ from image {ref_path.name}",
-                        "copy the image's origin and direction into the label file",
-                    )
-                )
-    return problems, warnings
+        )
+    if not _same_grid(seg_props, ref_props):
+        problems.append(
+            Problem(
+                str(label),
+                f"origin/direction differ from image {ref_path.name}",
+                "copy the image's origin and direction into the label file",
+            )
+        )
+    return problems
 
 
 def _verify_case_star(args: tuple[str, CaseFiles, list[int]]) -> tuple[list[Problem], list[str]]:
@@ -533,9 +544,21 @@ def _verify_case_star(args: tuple[str, CaseFiles, list[int]]) -> tuple[list[Prob
 
 
 def verify_dataset(
-    root: str | os.PathLike, num_processes: int = 1, progress: bool = False
+    root: str | os.PathLike,
+    processes: int = 1,
+    progress: bool = False,
+    *,
+    num_processes: int | None = None,
 ) -> VerificationReport:
-    """Check a raw dataset completely and return every problem found (does not raise)."""
+    """Check a raw dataset completely and return every problem found (does not raise).
+
+    ``processes`` worker processes read the cases (``num_processes`` is its deprecated name).
+    """
+    from .runtime import (
+        progress as progress_bar,
+    )  # imports torch: not at module level (the Snakefile imports us)
+
+    processes = processes_argument(processes, num_processes, "verify_dataset")
     root = Path(root)
     report = VerificationReport(dataset=root.name, n_cases=0)
     json_path = root / "dataset.json"
@@ -579,20 +602,14 @@ def verify_dataset(
     labels = dataset_json.get("labels", {})
     allowed = sorted(int(v) for v in labels.values() if isinstance(v, int) and not isinstance(v, bool))
     jobs = [(cid, files, allowed) for cid, files in cases.items()]
-    if num_processes > 1:
-        with process_pool(num_processes) as pool:
-            results = list(_progress(pool.map(_verify_case_star, jobs, chunksize=4), len(jobs), progress))
+    if processes > 1:
+        with process_pool(processes) as pool:
+            checked = pool.map(_verify_case_star, jobs, chunksize=4)
+            results = list(progress_bar(checked, total=len(jobs), description="verify", enabled=progress))
     else:
-        results = list(_progress(map(_verify_case_star, jobs), len(jobs), progress))
+        checked = map(_verify_case_star, jobs)
+        results = list(progress_bar(checked, total=len(jobs), description="verify", enabled=progress))
     for problems, warnings in results:
         report.problems.extend(problems)
         report.warnings.extend(warnings)
     return report
-
-
-def _progress(iterable: Iterable[Any], total: int, enabled: bool) -> Iterable[Any]:
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc="verify", unit="case")

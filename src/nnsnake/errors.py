@@ -17,6 +17,10 @@ class ConfigError(NnsnakeError, ValueError):
     """A configuration value (config key, CLI flag, settings mapping) that nnsnake cannot use."""
 
 
+class DeviceError(NnsnakeError, RuntimeError):
+    """The requested compute device is not available here (no CUDA GPU, no MPS, a GPU index out of range)."""
+
+
 class LabelDefinitionError(NnsnakeError, ValueError):
     """The ``labels`` of dataset.json cannot be interpreted (e.g. regions without ``regions_class_order``)."""
 

@@ -1,4 +1,4 @@
-"""Dataset fingerprint (method §2), in nnU-Net's ``dataset_fingerprint.json`` format.
+"""Dataset fingerprint (docs/method.md §2), in nnU-Net's ``dataset_fingerprint.json`` format.
 
 Per case: read, crop to the nonzero region, record spacing and cropped shape, and draw
 ``int(1e8 // n_cases)`` foreground intensities per channel with replacement from ``RandomState(1234)``
@@ -21,7 +21,7 @@ import numpy as np
 from .cropping import crop_to_nonzero
 from .dataset import CaseFiles, training_cases
 from .imageio import read_images, read_seg
-from .parallel import process_pool
+from .parallel import process_pool, processes_argument
 
 TOTAL_FOREGROUND_SAMPLES = 10e7  # nnU-Net's num_foreground_voxels_for_intensitystats
 SAMPLING_SEED = 1234
@@ -54,6 +54,8 @@ def _draw_counts(rs: np.random.RandomState, n_foreground: int, n_samples: int) -
 
 def fingerprint_case(files: CaseFiles, n_samples: int) -> CaseFingerprint:
     """Fingerprint one case: spacing, cropped shape, relative size and sampled foreground intensities."""
+    if files.label is None:
+        raise ValueError(f"case of {files.images[0]} has no label file; run the verify rule")
     data, props = read_images(files.images)
     seg, _ = read_seg(files.label)
     original_size = int(np.prod(data.shape[1:]))
@@ -139,19 +141,33 @@ def _fingerprint_job(args: tuple[CaseFiles, int]) -> CaseFingerprint:
 
 
 def extract_fingerprint(
-    raw_dir: str | os.PathLike, num_processes: int = 1, progress: bool = False
+    raw_dir: str | os.PathLike,
+    processes: int = 1,
+    progress: bool = False,
+    *,
+    num_processes: int | None = None,
 ) -> dict[str, Any]:
-    """Fingerprint a verified raw dataset; returns nnU-Net's ``dataset_fingerprint.json`` content."""
+    """Fingerprint a verified raw dataset; returns nnU-Net's ``dataset_fingerprint.json`` content.
+
+    ``processes`` worker processes read the cases (``num_processes`` is its deprecated name).
+    """
+    from .runtime import progress as progress_bar  # imports torch: only when a fingerprint is computed
+
+    processes = processes_argument(processes, num_processes, "extract_fingerprint")
     dataset_json, cases = training_cases(Path(raw_dir))
     n_samples = int(TOTAL_FOREGROUND_SAMPLES // len(cases))
     jobs = [(cases[cid], n_samples) for cid in sorted(cases)]
-    if num_processes > 1:
-        with process_pool(num_processes) as pool:
+    if processes > 1:
+        with process_pool(processes) as pool:
+            fingerprints = pool.map(_fingerprint_job, jobs, chunksize=2)
             results = list(
-                _maybe_progress(pool.map(_fingerprint_job, jobs, chunksize=2), len(jobs), progress)
+                progress_bar(fingerprints, total=len(jobs), description="fingerprint", enabled=progress)
             )
     else:
-        results = list(_maybe_progress(map(_fingerprint_job, jobs), len(jobs), progress))
+        fingerprints = map(_fingerprint_job, jobs)
+        results = list(
+            progress_bar(fingerprints, total=len(jobs), description="fingerprint", enabled=progress)
+        )
     n_channels = len(dataset_json["channel_names"])
     properties = {
         str(c): intensity_properties(
@@ -167,11 +183,3 @@ def extract_fingerprint(
         "shapes_after_crop": [r.shape_after_crop for r in results],
         "spacings": [r.spacing for r in results],
     }
-
-
-def _maybe_progress(iterable: Any, total: int, enabled: bool) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc="fingerprint", unit="case")

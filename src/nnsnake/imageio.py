@@ -35,10 +35,6 @@ LOSSY_ENDINGS = (".jpg", ".jpeg")
 NATURAL_2D_SPACING = [999.0, 1.0, 1.0]
 
 
-def file_ending_supported(file_ending: str) -> bool:
-    return file_ending.lower() in SUPPORTED_ENDINGS
-
-
 def _read_sitk(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         image = sitk.ReadImage(str(path))

@@ -227,7 +227,7 @@ class LabelModel:
     def segmentation_from_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
         """Label map of ``(K, *spatial)`` probabilities: argmax, or regions > 0.5 painted in order."""
         if self.has_regions:
-            seg = np.zeros(probabilities.shape[1:], dtype=self.seg_dtype)
+            seg: np.ndarray = np.zeros(probabilities.shape[1:], dtype=self.seg_dtype)
             for p, label in zip(probabilities, self.regions_class_order, strict=True):
                 seg[p > 0.5] = label
             return seg
@@ -238,7 +238,7 @@ class LabelModel:
     ) -> np.ndarray:
         """Label map from logits seen one channel at a time, so memory holds one channel and the running maximum,
         not all channels: argmax (first maximum wins), or sigmoid > 0.5 painted in ``regions_class_order``."""
-        seg = np.zeros(tuple(shape), dtype=self.seg_dtype)
+        seg: np.ndarray = np.zeros(tuple(shape), dtype=self.seg_dtype)
         if self.has_regions:
             import torch  # the exact sigmoid rounding of the network's own nonlinearity
 

@@ -1,4 +1,4 @@
-"""The nnU-Net v2 training loss (method §5.3) and the validation pseudo-Dice counts (§5.6).
+"""The nnU-Net v2 training loss (docs/method.md §5.3) and the validation pseudo-Dice counts (§5.6).
 
 Label mode: cross-entropy + soft Dice (both weight 1) on every deep-supervision head, heads weighted
 ``1/2^k`` with the lowest-resolution head at 0. The Dice is nnU-Net's memory-efficient variant: softmax,
@@ -184,12 +184,13 @@ class DeepSupervisionLoss(nn.Module):
                 f"DeepSupervisionLoss: {len(outputs)} outputs, {len(targets)} targets and "
                 f"{len(self.weights)} weights do not match; build the targets with deep_supervision_scales"
             )
-        total = None
+        total: torch.Tensor | None = None
         for weight, output, target in zip(self.weights, outputs, targets, strict=True):
             if weight == 0:
                 continue
             term = weight * self.loss(output, target)
             total = term if total is None else total + term
+        assert total is not None, "DeepSupervisionLoss: every weight is 0"
         return total
 
 
@@ -261,7 +262,8 @@ def pseudo_dice_counts(
         tp = (predicted & reference).sum(axes)
         fp = (predicted & ~reference).sum(axes)
         fn = (~predicted & reference).sum(axes)
-        return tuple(t.cpu().numpy().astype(np.int64) for t in (tp, fp, fn))
+        tp_np, fp_np, fn_np = (t.cpu().numpy().astype(np.int64) for t in (tp, fp, fn))
+        return tp_np, fp_np, fn_np
     target = _with_channel_axis(target, logits_top)
     num_classes = logits_top.shape[1]
     # max(dim).indices is ~10x faster than argmax(dim) over the channel axis on CPU; ties go to the lower class.
@@ -271,12 +273,12 @@ def pseudo_dice_counts(
         keep = reference != ignore_label
         prediction, reference = prediction[keep], reference[keep]
     # Confusion matrix in one bincount: row = predicted class, column = reference class.
-    confusion = torch.bincount(prediction * num_classes + reference, minlength=num_classes**2)
-    confusion = confusion.reshape(num_classes, num_classes).cpu().numpy().astype(np.int64)
-    tp = np.diag(confusion)
-    fp = confusion.sum(1) - tp
-    fn = confusion.sum(0) - tp
-    return tp[1:], fp[1:], fn[1:]
+    flat = torch.bincount(prediction * num_classes + reference, minlength=num_classes**2)
+    confusion = flat.reshape(num_classes, num_classes).cpu().numpy().astype(np.int64)
+    true_positives = np.diag(confusion)
+    false_positives = confusion.sum(1) - true_positives
+    false_negatives = confusion.sum(0) - true_positives
+    return true_positives[1:], false_positives[1:], false_negatives[1:]
 
 
 def _split_region_target(

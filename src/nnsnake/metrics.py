@@ -1,7 +1,7 @@
 """Segmentation metrics with nnU-Net's rules and its ``summary.json`` layout.
 
 Cross-validation scores, model selection and the postprocessing decision all read these numbers, and users
-compare them with nnU-Net's, so the rules are nnU-Net's (method spec §7.4):
+compare them with nnU-Net's, so the rules are nnU-Net's (docs/method.md §7.4):
 
 * only the given foreground labels or regions are scored; background is never scored, and a region's mask is
   the union of its labels;
@@ -28,10 +28,11 @@ import numpy as np
 
 from nnsnake import imageio, jsonio
 
+from .deprecation import warn_deprecated
 from .errors import MetricsError
+from .labels import LabelModel, LabelOrRegion, label_or_region_key
 from .parallel import process_pool
 
-LabelOrRegion = int | tuple[int, ...]
 METRIC_NAMES = ("Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref")
 
 
@@ -44,7 +45,7 @@ def normalize_label_or_region(label_or_region: Any) -> LabelOrRegion:
 
 def label_key(label_or_region: Any) -> str:
     """nnU-Net's key of a label (``"1"``) or region (``"(1, 2)"``, ``"(2,)"``) in ``summary.json``."""
-    return str(normalize_label_or_region(label_or_region))
+    return label_or_region_key(normalize_label_or_region(label_or_region))
 
 
 def parse_label_key(key: str) -> LabelOrRegion:
@@ -64,25 +65,15 @@ def region_mask(seg: np.ndarray, label_or_region: Any) -> np.ndarray:
 
 
 def foreground_labels_or_regions(dataset_json: Mapping[str, Any]) -> tuple[list[LabelOrRegion], int | None]:
-    """What nnU-Net scores for a dataset: its foreground labels, or its foreground regions, plus the ignore label.
+    """What nnU-Net scores for a dataset and its ignore label: ``(LabelModel.evaluated, LabelModel.ignore_label)``
+    (kept for callers that hold a ``dataset.json`` mapping rather than the label model)."""
+    labels = LabelModel.from_dataset_json(dataset_json)
+    return labels.evaluated, labels.ignore_label
 
-    Mirrors nnU-Net's label manager: the ``ignore`` entry is excluded; a dataset is region-based when any label
-    value is a list; labels are the sorted unique foreground values; regions keep dataset.json order.
-    """
-    labels = dataset_json["labels"]
-    ignore = labels.get("ignore")
-    entries = {k: v for k, v in labels.items() if k != "ignore"}
-    has_regions = any(isinstance(v, (list, tuple)) for v in entries.values())
-    if has_regions:
-        regions: list[LabelOrRegion] = []
-        for value in entries.values():
-            region = normalize_label_or_region(value)
-            if region == 0 or (isinstance(region, tuple) and set(region) == {0}):
-                continue
-            regions.append(region)
-        return regions, (int(ignore) if ignore is not None else None)
-    fg = sorted({int(v) for v in entries.values()} - {0})
-    return list(fg), (int(ignore) if ignore is not None else None)
+
+def warn_renamed_keyword(function: str, old: str, new: str) -> None:
+    """Log and warn (DeprecationWarning) that ``function``'s keyword ``old`` is now ``new``."""
+    warn_deprecated(f"{function}({old}=...) is deprecated; use {new}=...", stacklevel=3)
 
 
 def confusion_counts(
@@ -238,15 +229,21 @@ def compute_metrics_on_folder(
     file_ending: str,
     labels_or_regions: Sequence[Any],
     ignore_label: int | None = None,
-    num_processes: int = 1,
+    processes: int = 1,
     chill: bool = False,
     output_file: str | os.PathLike | None = None,
+    *,
+    num_processes: int | None = None,
 ) -> dict[str, Any]:
     """Score every prediction in ``prediction_dir`` against the same file name in ``reference_dir``.
 
     Without ``chill`` every reference must have a prediction (a cross-validation that lost a case would
     otherwise score too well). The result has nnU-Net's ``summary.json`` structure; ``output_file`` writes it.
+    ``processes`` worker processes score the cases (``num_processes`` is its deprecated name).
     """
+    if num_processes is not None:
+        warn_renamed_keyword("compute_metrics_on_folder", "num_processes", "processes")
+        processes = num_processes
     reference_dir, prediction_dir = str(reference_dir), str(prediction_dir)
     for folder, what in ((reference_dir, "reference"), (prediction_dir, "prediction")):
         if not os.path.isdir(folder):
@@ -275,8 +272,8 @@ def compute_metrics_on_folder(
         )
         for name in predicted
     ]
-    if num_processes > 1 and len(jobs) > 1:
-        with process_pool(min(num_processes, len(jobs))) as pool:
+    if processes > 1 and len(jobs) > 1:
+        with process_pool(min(processes, len(jobs))) as pool:
             entries = list(pool.map(compute_metrics_for_files, *zip(*jobs, strict=True)))
     else:
         entries = [compute_metrics_for_files(*job) for job in jobs]

@@ -1,4 +1,4 @@
-"""The plain U-Net of nnU-Net v2 (method §5.2), built from a configuration's ``architecture`` entry.
+"""The plain U-Net of nnU-Net v2 (docs/method.md §5.2), built from a configuration's ``architecture`` entry.
 
 The topology (stages, features, kernels, strides, convs per stage) comes from the plans, so a user can hold our
 plans beside nnU-Net's and get the same network: same parameter count, same output shapes, the same
@@ -8,7 +8,7 @@ traces it without graph breaks and channels-last tensors flow through ``torch.ca
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,7 +80,8 @@ class ConvNormAct(nn.Sequential):
         negative_slope: float,
         dropout_p: float,
     ) -> None:
-        conv_cls = nn.Conv3d if dim == 3 else nn.Conv2d
+        # Callable: torch's stubs want fixed-length tuples per dimension, the plans give sequences
+        conv_cls: Callable[..., nn.Module] = nn.Conv3d if dim == 3 else nn.Conv2d
         layers: list[nn.Module] = [
             conv_cls(
                 in_channels,
@@ -145,7 +146,7 @@ class PlainConvUNet(nn.Module):
                 raise ValueError(
                     f"architecture: every entry of {name} must have {dim} values for a {dim}D conv_op"
                 )
-        block = {
+        block: dict[str, Any] = {
             "conv_bias": conv_bias,
             "norm_eps": norm_eps,
             "norm_affine": norm_affine,
@@ -178,8 +179,8 @@ class PlainConvUNet(nn.Module):
 
         # Decoder lists run from the bottleneck upwards (order of computation): level 0 upsamples the
         # bottleneck to skip level n_stages-2.
-        transp_cls = nn.ConvTranspose3d if dim == 3 else nn.ConvTranspose2d
-        conv_cls = nn.Conv3d if dim == 3 else nn.Conv2d
+        transp_cls: Callable[..., nn.Module] = nn.ConvTranspose3d if dim == 3 else nn.ConvTranspose2d
+        conv_cls: Callable[..., nn.Module] = nn.Conv3d if dim == 3 else nn.Conv2d
         upsamplers, decoder, heads = [], [], []
         for level in range(n_stages - 1):
             skip = n_stages - 2 - level
@@ -266,7 +267,7 @@ def build_network(
         n_conv_dec = kw.get("n_conv_per_stage_decoder", [2] * (n_stages - 1))
     except KeyError as err:
         raise ValueError(
-            f"architecture: arch_kwargs lacks {err}; regenerate the plans (method §3.5(c))"
+            f"architecture: arch_kwargs lacks {err}; regenerate the plans (docs/method.md §3.5(c))"
         ) from None
     if isinstance(n_conv, int):
         n_conv = [n_conv] * n_stages

@@ -1,4 +1,4 @@
-"""Per-channel intensity normalisation (method §3.8 for the choice, §4.5 for the arithmetic).
+"""Per-channel intensity normalisation (docs/method.md §3.8 for the choice, §4.5 for the arithmetic).
 
 The plans name one scheme per channel (nnU-Net's class names, so plans stay comparable). The arithmetic is
 nnU-Net's, in float32 and in the same order of operations, because preprocessed arrays are compared with

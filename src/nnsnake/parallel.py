@@ -11,7 +11,18 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 
+from .deprecation import warn_deprecated
+
 
 def process_pool(max_workers: int) -> ProcessPoolExecutor:
+    """A pool of ``max_workers`` processes, forked where the platform allows (see the module docstring)."""
     method = "fork" if os.name == "posix" else "spawn"
     return ProcessPoolExecutor(max_workers, mp_context=multiprocessing.get_context(method))
+
+
+def processes_argument(processes: int, num_processes: int | None, function: str) -> int:
+    """``processes``, or the deprecated ``num_processes`` keyword when a caller still passes it (one release)."""
+    if num_processes is None:
+        return processes
+    warn_deprecated(f"{function}(num_processes=...) is deprecated; use processes", stacklevel=3)
+    return num_processes

@@ -1,4 +1,4 @@
-"""Experiment planning: from a dataset fingerprint to nnU-Net v2's plans (method spec §3).
+"""Experiment planning: from a dataset fingerprint to nnU-Net v2's plans (docs/method.md §3).
 
 The result has the structure, key names and string values of nnU-Net v2's ``nnUNetPlans.json`` so a user can
 hold both files side by side. Every number is computed with the same float64 operations, in the same order, as
@@ -10,13 +10,16 @@ output feature maps, computed analytically here instead of by instantiating the 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-# ---- constants of nnU-Net's default ExperimentPlanner (spec §3.1) ------------------------------------------
+from .labels import LabelModel
+
+# ---- constants of nnU-Net's default ExperimentPlanner (docs/method.md §3.1) ------------------------------------------
 ANISO_THRESHOLD = 3
 REFERENCE_VRAM_PROXY_3D = 560_000_000
 REFERENCE_VRAM_PROXY_2D = 85_000_000
@@ -49,7 +52,7 @@ NORM_OP_NAMES = {
 RESAMPLING_FN_NAME = "resample_data_or_seg_to_shape"
 
 # channel name (case-folded) -> (normalisation class name, whether a nonzero mask may be used); anything else
-# gets z-scoring (spec §3.8)
+# gets z-scoring (docs/method.md §3.8)
 NORMALIZATION_BY_CHANNEL_NAME = {
     "ct": ("CTNormalization", False),
     "nonorm": ("NoNormalization", False),
@@ -66,7 +69,7 @@ def determine_fullres_target_spacing(
     shapes_after_crop: Sequence[Sequence[int]],
     overwrite_target_spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Median spacing, except that a clearly anisotropic axis gets its 10th percentile (spec §3.2).
+    """Median spacing, except that a clearly anisotropic axis gets its 10th percentile (docs/method.md §3.2).
 
     The median alone would make the few thick-slice cases of an anisotropic dataset dominate the interpolation;
     the 10th percentile keeps more resolution on that axis. Reader axis order, not transposed.
@@ -98,8 +101,8 @@ def determine_fullres_target_spacing(
     return target
 
 
-def determine_transpose(target_spacing: Sequence[float]) -> tuple[list[int], list[int]]:
-    """Put the coarsest axis first (spec §3.3); ties go to the first axis. Returns (forward, backward)."""
+def determine_transpose(target_spacing: Sequence[float] | np.ndarray) -> tuple[list[int], list[int]]:
+    """Put the coarsest axis first (docs/method.md §3.3); ties go to the first axis. Returns (forward, backward)."""
     worst_axis = int(np.argmax(np.asarray(target_spacing)))
     forward = [worst_axis] + [i for i in range(3) if i != worst_axis]
     backward = [forward.index(i) for i in range(3)]
@@ -107,7 +110,7 @@ def determine_transpose(target_spacing: Sequence[float]) -> tuple[list[int], lis
 
 
 def compute_new_shape(
-    old_shape: Sequence[int], old_spacing: Sequence[float], new_spacing: Sequence[float]
+    old_shape: Sequence[int], old_spacing: Sequence[float], new_spacing: Sequence[float] | np.ndarray
 ) -> list[int]:
     """Shape after resampling to ``new_spacing``: round(old_spacing / new_spacing * old_shape) per axis."""
     if not len(old_shape) == len(old_spacing) == len(new_spacing):
@@ -123,7 +126,7 @@ def compute_new_shape(
 def determine_normalization(
     dataset_json: dict, median_relative_size_after_cropping: float
 ) -> tuple[list[str], list[bool]]:
-    """Normalisation class name and use-mask flag per channel (spec §3.8).
+    """Normalisation class name and use-mask flag per channel (docs/method.md §3.8).
 
     The nonzero mask is only worth using when cropping removed a lot (median relative size < 3/4), i.e. when
     there is a large zero background (brain MRI) that would otherwise distort the z-score statistics.
@@ -146,7 +149,7 @@ def determine_normalization(
 
 
 def resampling_settings() -> dict[str, Any]:
-    """Resampling function names and kwargs written into every configuration (spec §3.9)."""
+    """Resampling function names and kwargs written into every configuration (docs/method.md §3.9)."""
     return {
         "resampling_fn_data": RESAMPLING_FN_NAME,
         "resampling_fn_seg": RESAMPLING_FN_NAME,
@@ -164,12 +167,12 @@ def resampling_settings() -> dict[str, Any]:
 
 # ---- network topology and memory proxy ---------------------------------------------------------------------
 def get_pool_and_conv_props(
-    spacing: Sequence[float],
+    spacing: Sequence[float] | np.ndarray,
     patch_size: Sequence[float],
     min_feature_map_size: int = MIN_FEATURE_MAP_EDGE,
     max_numpool: int = 999999,
 ) -> tuple[list[int], list[list[int]], list[list[int]], list[int], list[int]]:
-    """U-Net topology for a patch (spec §3.5 b).
+    """U-Net topology for a patch (docs/method.md §3.5 b).
 
     Pools an axis only while its feature map stays >= 2*min_feature_map_size and its current spacing is within a
     factor 2 of the finest valid axis, so anisotropic data is first pooled in-plane until the voxels are roughly
@@ -231,10 +234,11 @@ def estimate_vram_proxy(
     n_conv_per_stage: Sequence[int] | None = None,
     n_conv_per_stage_decoder: Sequence[int] | None = None,
 ) -> int:
-    """nnU-Net's GPU-memory proxy: elements of every conv output feature map of a PlainConvUNet (spec §3.5 d).
+    """nnU-Net's GPU-memory proxy: elements of every conv output feature map of a PlainConvUNet (docs/method.md §3.5 d).
 
     Batch and input channels are not counted; nor are norm/nonlinearity outputs or deep-supervision heads.
-    ``num_label_keys`` is ``len(dataset_json["labels"])`` (background and ignore included), as in nnU-Net.
+    ``num_label_keys`` counts every entry of dataset.json's labels (background and ignore included), as in
+    nnU-Net.
     """
     n_stages = len(strides)
     if len(features) != n_stages:
@@ -322,7 +326,7 @@ def get_plans_for_configuration(
     gpu_memory_target_gb: float = 8.0,
     cache: dict | None = None,
 ) -> dict:
-    """Patch size, topology and batch size for one configuration (spec §3.5).
+    """Patch size, topology and batch size for one configuration (docs/method.md §3.5).
 
     Starts from a 256^3 (2048^2) voxel patch that is isotropic in mm and clipped to the median image, then shrinks
     the axis that is largest relative to the median image until the memory proxy fits the GPU budget. Leftover
@@ -409,12 +413,72 @@ def plan_experiment(
     overwrite_target_spacing: list[float] | None = None,
     image_reader_writer: str = "SimpleITKIO",
 ) -> dict:
-    """All configurations of nnU-Net's default planner (spec §3.6), as a plans dict in nnU-Net's format.
+    """All configurations of nnU-Net's default planner (docs/method.md §3.6), as a plans dict in nnU-Net's format.
 
     ``fingerprint`` has the keys of nnU-Net's ``dataset_fingerprint.json``. Configurations: ``2d`` always;
     ``3d_fullres`` unless the images are 2D; ``3d_lowres`` + ``3d_cascade_fullres`` when the fullres patch covers
     less than 25 % of the median image and a coarser spacing makes the images at least 2x smaller.
     """
+    spacings, shapes = _checked_inputs(fingerprint, dataset_json, dataset_name)
+    num_training = dataset_json["numTraining"]
+    normalization_schemes, use_mask_for_norm = determine_normalization(
+        dataset_json, fingerprint["median_relative_size_after_cropping"]
+    )
+    plan_configuration = functools.partial(
+        _plan_configuration,
+        num_label_keys=_num_label_keys(dataset_json),
+        normalization_schemes=normalization_schemes,
+        use_mask_for_norm=use_mask_for_norm,
+        gpu_memory_target_gb=gpu_memory_target_gb,
+        cache={},
+    )
+
+    fullres_spacing = determine_fullres_target_spacing(spacings, shapes, overwrite_target_spacing)
+    transpose_forward, transpose_backward = determine_transpose(fullres_spacing)
+    fullres_spacing_transposed = fullres_spacing[transpose_forward]
+
+    new_shapes = [
+        compute_new_shape(shape, spacing, fullres_spacing)
+        for spacing, shape in zip(spacings, shapes, strict=True)
+    ]
+    new_median_shape_transposed = np.median(new_shapes, 0)[transpose_forward]
+    n_voxels_dataset = float(np.prod(new_median_shape_transposed, dtype=np.float64) * num_training)
+
+    plan_3d_fullres = plan_3d_lowres = None
+    if new_median_shape_transposed[0] != 1:
+        plan_3d_fullres, plan_3d_lowres = _plan_3d(
+            fullres_spacing_transposed,
+            new_median_shape_transposed,
+            n_voxels_dataset,
+            num_training,
+            plan_configuration,
+        )
+    plan_2d = plan_configuration(
+        fullres_spacing_transposed[1:], new_median_shape_transposed[1:], "2d", n_voxels_dataset
+    )
+    plan_2d["batch_dice"] = True
+
+    median_spacing = np.median(np.asarray(spacings, dtype=np.float64), 0)[transpose_forward]
+    median_shape = np.median(np.asarray(shapes), 0)[transpose_forward]
+    return {
+        "dataset_name": dataset_name,
+        "plans_name": PLANS_NAME,
+        "original_median_spacing_after_transp": [float(s) for s in median_spacing],
+        "original_median_shape_after_transp": [int(round(s)) for s in median_shape],
+        "image_reader_writer": image_reader_writer,
+        "transpose_forward": [int(i) for i in transpose_forward],
+        "transpose_backward": [int(i) for i in transpose_backward],
+        "configurations": _configurations(plan_2d, plan_3d_fullres, plan_3d_lowres),
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": copy.deepcopy(
+            fingerprint["foreground_intensity_properties_per_channel"]
+        ),
+    }
+
+
+def _checked_inputs(fingerprint: dict, dataset_json: dict, dataset_name: str) -> tuple[list, list]:
+    """The fingerprint's spacings and cropped shapes, after checking that the planner has what it needs."""
     for key in (
         "spacings",
         "shapes_after_crop",
@@ -432,62 +496,61 @@ def plan_experiment(
         raise ValueError(
             f"fingerprint of {dataset_name} has {len(spacings)} spacings and {len(shapes)} shapes; recompute it"
         )
-    num_training = dataset_json["numTraining"]
-    num_label_keys = len(dataset_json["labels"])
-    normalization_schemes, use_mask_for_norm = determine_normalization(
-        dataset_json, fingerprint["median_relative_size_after_cropping"]
+    return spacings, shapes
+
+
+def _num_label_keys(dataset_json: dict) -> int:
+    """The entries of dataset.json's labels, background and ignore included: what nnU-Net's planner counts as
+    the segmentation head's channels in its memory estimate (also in region mode), so the plans match."""
+    labels = LabelModel.from_dataset_json(dataset_json)
+    return len(labels.names) + int(labels.has_ignore_label)
+
+
+def _plan_configuration(
+    spacing: Any,
+    median_shape: Any,
+    name: str,
+    n_voxels: float,
+    *,
+    num_label_keys: int,
+    normalization_schemes: list[str],
+    use_mask_for_norm: list[bool],
+    gpu_memory_target_gb: float,
+    cache: dict,
+) -> dict:
+    """One configuration with the dataset-wide settings; ``cache`` shares topology estimates between calls."""
+    return get_plans_for_configuration(
+        spacing,
+        median_shape,
+        f"{PLANS_NAME}_{name}",
+        n_voxels,
+        num_label_keys,
+        normalization_schemes,
+        use_mask_for_norm,
+        gpu_memory_target_gb,
+        cache,
     )
-    cache: dict = {}
 
-    def plan_configuration(spacing, median_shape, name, n_voxels):
-        return get_plans_for_configuration(
-            spacing,
-            median_shape,
-            f"{PLANS_NAME}_{name}",
-            n_voxels,
-            num_label_keys,
-            normalization_schemes,
-            use_mask_for_norm,
-            gpu_memory_target_gb,
-            cache,
-        )
 
-    fullres_spacing = determine_fullres_target_spacing(spacings, shapes, overwrite_target_spacing)
-    transpose_forward, transpose_backward = determine_transpose(fullres_spacing)
-    fullres_spacing_transposed = fullres_spacing[transpose_forward]
+def _plan_3d(
+    spacing: Any, median_shape: Any, n_voxels_dataset: float, num_training: int, plan_configuration: Any
+) -> tuple[dict, dict | None]:
+    """The 3d_fullres configuration and, when the images are large for its patch, a 3d_lowres one (§3.6.2);
+    batch Dice goes to the configuration that sees the whole image at once."""
+    plan_3d_fullres = plan_configuration(spacing, median_shape, "3d_fullres", n_voxels_dataset)
+    plan_3d_lowres = _search_lowres(plan_3d_fullres, spacing, median_shape, num_training, plan_configuration)
+    if plan_3d_lowres is not None:
+        plan_3d_lowres["batch_dice"] = False
+        plan_3d_fullres["batch_dice"] = True
+    else:
+        plan_3d_fullres["batch_dice"] = False
+    return plan_3d_fullres, plan_3d_lowres
 
-    new_shapes = [
-        compute_new_shape(shape, spacing, fullres_spacing)
-        for spacing, shape in zip(spacings, shapes, strict=True)
-    ]
-    new_median_shape_transposed = np.median(new_shapes, 0)[transpose_forward]
-    n_voxels_dataset = float(np.prod(new_median_shape_transposed, dtype=np.float64) * num_training)
 
-    plan_3d_fullres = plan_3d_lowres = None
-    if new_median_shape_transposed[0] != 1:
-        plan_3d_fullres = plan_configuration(
-            fullres_spacing_transposed, new_median_shape_transposed, "3d_fullres", n_voxels_dataset
-        )
-        plan_3d_lowres = _search_lowres(
-            plan_3d_fullres,
-            fullres_spacing_transposed,
-            new_median_shape_transposed,
-            num_training,
-            plan_configuration,
-        )
-        if plan_3d_lowres is not None:
-            plan_3d_lowres["batch_dice"] = False
-            plan_3d_fullres["batch_dice"] = True
-        else:
-            plan_3d_fullres["batch_dice"] = False
-
-    plan_2d = plan_configuration(
-        fullres_spacing_transposed[1:], new_median_shape_transposed[1:], "2d", n_voxels_dataset
-    )
-    plan_2d["batch_dice"] = True
-
-    median_spacing = np.median(np.asarray(spacings, dtype=np.float64), 0)[transpose_forward]
-    median_shape = np.median(np.asarray(shapes), 0)[transpose_forward]
+def _configurations(
+    plan_2d: dict, plan_3d_fullres: dict | None, plan_3d_lowres: dict | None
+) -> dict[str, dict]:
+    """The plans' configurations in nnU-Net's order, the cascade linking 3d_lowres to 3d_fullres."""
     configurations: dict[str, dict] = {"2d": plan_2d}
     if plan_3d_lowres is not None:
         configurations["3d_lowres"] = plan_3d_lowres
@@ -499,32 +562,18 @@ def plan_experiment(
                 "inherits_from": "3d_fullres",
                 "previous_stage": "3d_lowres",
             }
-    return {
-        "dataset_name": dataset_name,
-        "plans_name": PLANS_NAME,
-        "original_median_spacing_after_transp": [float(s) for s in median_spacing],
-        "original_median_shape_after_transp": [int(round(s)) for s in median_shape],
-        "image_reader_writer": image_reader_writer,
-        "transpose_forward": [int(i) for i in transpose_forward],
-        "transpose_backward": [int(i) for i in transpose_backward],
-        "configurations": configurations,
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": copy.deepcopy(
-            fingerprint["foreground_intensity_properties_per_channel"]
-        ),
-    }
+    return configurations
 
 
 def _search_lowres(plan_3d_fullres, fullres_spacing, fullres_median_shape, num_training, plan_configuration):
-    """Coarsen the spacing by x1.03 steps until the patch covers >= 25 % of the median image (spec §3.6.2).
+    """Coarsen the spacing by x1.03 steps until the patch covers >= 25 % of the median image (docs/method.md §3.6.2).
 
     Axes more than 2x finer than the coarsest are coarsened first. Returns None when no lowres configuration is
     needed or it would not be at least 2x smaller than fullres.
     """
     fullres_median_voxels = np.prod(fullres_median_shape, dtype=np.float64)
     median_voxels = fullres_median_voxels
-    voxels_in_patch = np.prod(plan_3d_fullres["patch_size"], dtype=np.float64)
+    voxels_in_patch: np.number = np.prod(plan_3d_fullres["patch_size"], dtype=np.float64)
     lowres_spacing = np.array(fullres_spacing, dtype=np.float64)
     plan_3d_lowres = None
     while voxels_in_patch / median_voxels < LOWRES_CREATION_THRESHOLD:
@@ -576,7 +625,7 @@ def resolve_configuration(plans: dict, name: str) -> dict:
 
 
 def merge_custom_configurations(new_plans: dict, old_plans: dict | None) -> dict:
-    """Keep configurations of an existing plans file that the planner does not generate (spec §3.6.6).
+    """Keep configurations of an existing plans file that the planner does not generate (docs/method.md §3.6.6).
 
     Custom entries (e.g. ``3d_fullres_bs40``) survive re-planning; regenerated names are replaced.
     """

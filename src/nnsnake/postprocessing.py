@@ -1,4 +1,4 @@
-"""Keep-the-largest-component postprocessing, decided on cross-validation as nnU-Net does (method spec §8.2).
+"""Keep-the-largest-component postprocessing, decided on cross-validation as nnU-Net does (docs/method.md §8.2).
 
 The only operation is "keep the largest connected component" of a mask (full connectivity: 26 neighbours in 3D,
 8 in 2D; every component of maximal size survives; removed voxels become background). Whether it is used is
@@ -37,9 +37,11 @@ from nnsnake.metrics import (
     label_key,
     list_files_with_ending,
     normalize_label_or_region,
+    warn_renamed_keyword,
 )
 
 from .errors import PostprocessingError
+from .labels import LabelModel
 from .parallel import process_pool
 
 OPERATION = "keep_largest_component"
@@ -296,13 +298,15 @@ def _decide(
 def determine_postprocessing(
     predictions: str | os.PathLike | Mapping[str, np.ndarray],
     references: str | os.PathLike | Mapping[str, np.ndarray],
-    labels_or_regions: Sequence[Any],
+    labels_or_regions: Sequence[Any] | LabelModel,
     file_ending: str | None = None,
     ignore_label: int | None = None,
     foreground_labels: Sequence[int] | None = None,
-    num_processes: int = 1,
+    processes: int = 1,
     work_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
+    *,
+    num_processes: int | None = None,
 ) -> dict[str, Any]:
     """Decide nnU-Net's keep-largest-component postprocessing on cross-validation predictions.
 
@@ -310,8 +314,18 @@ def determine_postprocessing(
     scored against the reference of the same name; folder mode keeps intermediate results as .npy files in a
     temporary folder under ``work_dir``, so memory stays at one case per process) or mappings
     ``case -> label map`` (in memory). ``foreground_labels`` forms the all-foreground mask (default: every label
-    of ``labels_or_regions``). Returns the JSON-able decision; write it with :func:`write_decision`.
+    of ``labels_or_regions``). ``labels_or_regions`` may be the dataset's :class:`~nnsnake.labels.LabelModel`:
+    then what it evaluates is scored and its ignore label left out. ``processes`` worker processes score the
+    cases (``num_processes`` is its deprecated name). Returns the JSON-able decision; write it with
+    :func:`write_decision`.
     """
+    if num_processes is not None:
+        warn_renamed_keyword("determine_postprocessing", "num_processes", "processes")
+        processes = num_processes
+    if isinstance(labels_or_regions, LabelModel):
+        if ignore_label is None:
+            ignore_label = labels_or_regions.ignore_label
+        labels_or_regions = labels_or_regions.evaluated
     labels_or_regions = [normalize_label_or_region(r) for r in labels_or_regions]
     if not labels_or_regions:
         raise PostprocessingError("no labels or regions to postprocess")
@@ -360,8 +374,8 @@ def determine_postprocessing(
         )
     tmp = Path(tempfile.mkdtemp(prefix="nnsnake_pp_", dir=work_dir))
     pool = None
-    if num_processes > 1 and len(names) > 1:  # one pool for all steps: spawning workers costs seconds
-        pool = process_pool(min(num_processes, len(names)))
+    if processes > 1 and len(names) > 1:  # one pool for all steps: spawning workers costs seconds
+        pool = process_pool(min(processes, len(names)))
     try:
         case_ids = [n[: -len(file_ending)] for n in names]
         cases = _Cases(
@@ -402,15 +416,21 @@ def apply_postprocessing_to_folder(
     output_dir: str | os.PathLike,
     decision: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     file_ending: str,
-    num_processes: int = 1,
+    processes: int = 1,
+    *,
+    num_processes: int | None = None,
 ) -> list[str]:
-    """Postprocess every label file of ``input_dir`` into ``output_dir`` (same names, same geometry)."""
+    """Postprocess every label file of ``input_dir`` into ``output_dir`` (same names, same geometry), with
+    ``processes`` worker processes (``num_processes`` is its deprecated name)."""
+    if num_processes is not None:
+        warn_renamed_keyword("apply_postprocessing_to_folder", "num_processes", "processes")
+        processes = num_processes
     steps = list(decision["steps"] if isinstance(decision, Mapping) else decision)
     names = list_files_with_ending(input_dir, file_ending)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     jobs = [(os.path.join(input_dir, n), os.path.join(output_dir, n), steps) for n in names]
-    if num_processes > 1 and len(jobs) > 1:
-        with process_pool(min(num_processes, len(jobs))) as pool:
+    if processes > 1 and len(jobs) > 1:
+        with process_pool(min(processes, len(jobs))) as pool:
             list(pool.map(_postprocess_file, *zip(*jobs, strict=True)))
     else:
         for job in jobs:

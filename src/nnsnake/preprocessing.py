@@ -1,4 +1,4 @@
-"""Preprocessing of raw cases for one configuration, and the on-disk store of preprocessed cases (method §4).
+"""Preprocessing of raw cases for one configuration, and the on-disk store of preprocessed cases (docs/method.md §4).
 
 Per case, in nnU-Net's order: read (float32) → transpose (``transpose_forward``) → crop to the nonzero
 bounding box → normalise per channel (before resampling, so the nonzero mask still fits) → resample data
@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -44,8 +44,9 @@ from . import jsonio
 from .cropping import crop_to_nonzero
 from .errors import PreprocessingError
 from .imageio import read_images, read_seg
+from .labels import LabelModel
 from .normalization import normalize
-from .parallel import process_pool
+from .parallel import process_pool, processes_argument
 from .resampling import compute_new_shape, resample_data_or_seg_to_shape
 
 log = logging.getLogger(__name__)
@@ -106,28 +107,6 @@ def _target_spacing(config: Mapping[str, Any], original_spacing: Sequence[float]
 
 # ---------------------------------------------------------------------------------------------------------------
 # labels and class locations
-
-
-def class_location_keys(dataset_json: Mapping[str, Any]) -> list[ClassKey]:
-    """Keys to sample locations for (§4.7): foreground labels (or regions), plus all annotated voxels
-    ``(-1, *all_labels)`` when the dataset has an ignore label."""
-    labels = {k: v for k, v in dataset_json["labels"].items() if k != "ignore"}
-    has_regions = any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values())
-    keys: list[ClassKey] = []
-    all_labels: set[int] = set()
-    for value in labels.values():
-        values = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-        all_labels.update(values)
-        if has_regions:
-            if set(values) != {0}:
-                keys.append(tuple(values) if isinstance(value, (list, tuple)) else values[0])
-        elif values[0] != 0:
-            keys.append(values[0])
-    if not has_regions:
-        keys = sorted(set(keys))  # type: ignore[type-var]
-    if "ignore" in dataset_json["labels"]:
-        keys.append((-1, *sorted(all_labels)))
-    return keys
 
 
 def sample_class_locations(
@@ -198,13 +177,16 @@ def preprocess_arrays(
     dataset_json: Mapping[str, Any],
     class_locations: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Preprocess arrays already read (reader axis order): the body of :func:`preprocess_case`."""
+    """Preprocess arrays already read (reader axis order): the body of :func:`preprocess_case`.
+
+    ``dataset_json`` is read only for the label model's class location keys (with ``class_locations``).
+    """
     config = (
         resolve_configuration(plans, configuration) if isinstance(configuration, str) else dict(configuration)
     )
     has_seg = seg is not None
     data = np.asarray(data, dtype=np.float32)
-    if has_seg:
+    if seg is not None:
         if tuple(seg.shape[1:]) != tuple(data.shape[1:]):
             raise PreprocessingError(
                 f"image shape {list(data.shape[1:])} and segmentation shape {list(seg.shape[1:])} differ; "
@@ -213,7 +195,7 @@ def preprocess_arrays(
         seg = _signed_labels(seg)
     transpose = [int(a) for a in plans["transpose_forward"]]
     data = data.transpose([0, *[a + 1 for a in transpose]])
-    if has_seg:
+    if seg is not None:
         seg = seg.transpose([0, *[a + 1 for a in transpose]])
     original_spacing = [float(properties["spacing"][a]) for a in transpose]
     properties = dict(properties)
@@ -239,7 +221,8 @@ def preprocess_arrays(
         seg, new_shape, original_spacing, target_spacing, is_seg=True, **_resampling_kwargs(config, "seg")
     )
     if has_seg and class_locations:
-        properties["class_locations"] = sample_class_locations(seg[0], class_location_keys(dataset_json))
+        keys = LabelModel.from_dataset_json(dataset_json).class_location_keys
+        properties["class_locations"] = sample_class_locations(seg[0], keys)
     lo, hi = (int(seg.min()), int(seg.max())) if seg.size else (0, 0)
     seg = seg.astype(np.int8 if -128 <= lo and hi <= 127 else np.int16, copy=False)
     return np.ascontiguousarray(data, dtype=np.float32), np.ascontiguousarray(seg), properties
@@ -253,7 +236,7 @@ def preprocess_case(
     dataset_json: Mapping[str, Any],
     class_locations: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Read and preprocess one case for a configuration (method §4).
+    """Read and preprocess one case for a configuration (docs/method.md §4).
 
     Returns ``(data float32 (C, *spatial), seg int8/int16 (1, *spatial), properties)`` in the preprocessed
     axis order. Without ``seg_path`` (test images) the seg is synthesised (0 inside the nonzero mask, -1
@@ -340,12 +323,14 @@ def case_digest(data: np.ndarray, seg: np.ndarray) -> str:
     for array in (data, seg):
         array = np.ascontiguousarray(array)
         digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(memoryview(array).cast("B"))  # type: ignore[arg-type]  # ndarrays are buffers
     return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=8192)
-def _npy_header(path: str, mtime_ns: int, size: int) -> tuple[tuple[int, ...], np.dtype, str, int]:
+def _npy_header(
+    path: str, mtime_ns: int, size: int
+) -> tuple[tuple[int, ...], np.dtype, Literal["C", "F"], int]:
     with open(path, "rb") as fh:
         version = np.lib.format.read_magic(fh)
         reader = (
@@ -537,12 +522,6 @@ def _clean_temporaries(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _progress(total: int, enabled: bool, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="case")
-
-
 def preprocess_dataset(
     raw_dir: str | os.PathLike,
     dataset_json: Mapping[str, Any],
@@ -550,20 +529,24 @@ def preprocess_dataset(
     configuration: str,
     out_dir: str | os.PathLike,
     case_ids: Sequence[str] | None = None,
-    num_processes: int = 1,
+    processes: int = 1,
     progress: bool = True,
+    *,
+    num_processes: int | None = None,
 ) -> dict[str, Any]:
     """Preprocess the training cases of a raw dataset for one configuration into ``out_dir``.
 
-    Parallel over cases (``num_processes`` worker processes, each holding one case at a time, so memory stays
-    bounded), incremental (cases whose signature is unchanged are skipped), atomic per case. With
-    ``case_ids=None`` every training case is processed and stored cases no longer in the dataset are
-    removed. Returns a deterministic manifest ``{configuration, data_identifier, format, cases: {id: {shape,
+    Parallel over cases (``processes`` worker processes, each holding one case at a time, so memory stays
+    bounded; ``num_processes`` is its deprecated name), incremental (cases whose signature is unchanged are
+    skipped), atomic per case. With ``case_ids=None`` every training case is processed and stored cases no
+    longer in the dataset are removed. Returns a deterministic manifest ``{configuration, data_identifier, format, cases: {id: {shape,
     seg_dtype}}}`` (write it as the job's JSON output); counts and timings go to the log.
     A failing case raises :class:`PreprocessingError` naming it, after the running cases have finished.
     """
     from .dataset import discover_cases
+    from .runtime import progress as progress_bar  # runtime imports torch: load it only when needed
 
+    processes = processes_argument(processes, num_processes, "preprocess_dataset")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clean_temporaries(out)
@@ -604,9 +587,12 @@ def preprocess_dataset(
     log.info(
         "%s: %d case(s) to preprocess, %d unchanged", configuration, len(jobs), len(selected) - len(jobs)
     )
-    with _progress(len(jobs), progress, f"preprocess {configuration}") as bar:
-        for case_id, summary in _run_jobs(jobs, num_processes, bar.update):
+    bar = progress_bar(total=len(jobs), description=f"preprocess {configuration}", enabled=progress)
+    try:
+        for case_id, summary in _run_jobs(jobs, processes, bar.update):
             manifest_cases[case_id] = summary
+    finally:
+        bar.close()
     config = resolve_configuration(plans, configuration)
     return {
         "configuration": configuration,
@@ -616,15 +602,16 @@ def preprocess_dataset(
     }
 
 
-def _run_jobs(jobs: list[tuple], num_processes: int, on_done: Callable[[int], Any]) -> list[tuple[str, dict]]:
+def _run_jobs(jobs: list[tuple], processes: int, on_done: Callable[[int], Any]) -> list[tuple[str, dict]]:
+    """Run the case jobs in ``processes`` workers; the first failure cancels the rest and is raised."""
     results = []
-    if num_processes <= 1 or len(jobs) <= 1:
+    if processes <= 1 or len(jobs) <= 1:
         for job in jobs:
             results.append((job[0], _preprocess_and_save(*job)))
             on_done(1)
         return results
     # fork: workers start instantly and inherit the imported modules; each holds one case at a time
-    with process_pool(min(num_processes, len(jobs))) as pool:
+    with process_pool(min(processes, len(jobs))) as pool:
         pending = {pool.submit(_preprocess_and_save, *job): job[0] for job in jobs}
         while pending:
             done, _ = wait(pending, return_when=FIRST_EXCEPTION)
@@ -645,8 +632,3 @@ def _run_jobs(jobs: list[tuple], num_processes: int, on_done: Callable[[int], An
                 results.append((case_id, future.result()))
                 on_done(1)
     return results
-
-
-def disk_usage(folder: str | os.PathLike) -> int:
-    """Bytes used by the files of a store folder."""
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())

@@ -3,22 +3,21 @@
 Snakemake's HTML report shows images inline and HTML files in a frame, but offers JSON and CSV files only as
 downloads. The numbers a reader needs to trust the chosen model (every candidate's cross-validation Dice, its
 bootstrap interval and probability of being best, and the postprocessing trials) therefore become small
-self-contained HTML pages here, built with pandas from the files the workflow already wrote; a CSV copy of the
-cross-validation table is kept for further analysis.
+self-contained HTML pages, built here with pandas from the contents of the files the workflow already wrote;
+:mod:`nnsnake.steps.report` reads those files and writes the pages (and a CSV copy of the cross-validation table,
+for further analysis).
 """
 
 from __future__ import annotations
 
 import html
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
-from .jsonio import atomic_write_bytes, read_json
-from .metrics import label_key
+from .labels import LabelModel
 
 FOREGROUND = "all_foreground"
 _HIGHLIGHT = "background-color: #fff3c4; font-weight: 600"
@@ -37,16 +36,9 @@ td { text-align: right; font-variant-numeric: tabular-nums; }
 
 
 def label_names(dataset_json: Mapping[str, Any]) -> dict[str, str]:
-    """Summary key of every foreground label or region -> ``"<name> (<key>)"``, so columns say what they score."""
-    names = {}
-    for name, value in dataset_json.get("labels", {}).items():
-        if name in ("background", "ignore"):
-            continue
-        key = label_key(value)
-        if key in ("0", "(0,)"):
-            continue
-        names[key] = f"{name} {key}" if key.startswith("(") else f"{name} ({key})"
-    return names
+    """Summary key of every foreground label or region -> ``"<name> (<key>)"``, so columns say what they score
+    (the label model's :meth:`~nnsnake.labels.LabelModel.display_names`, from a dataset.json mapping)."""
+    return LabelModel.from_dataset_json(dataset_json).display_names()
 
 
 def _candidate_dice(summary: Mapping[str, Any], keys: Sequence[str]) -> dict[str, float]:
@@ -228,32 +220,10 @@ def postprocessing_page(
     return html_page("Postprocessing decision", lines)
 
 
-def write_crossval_report(
-    summaries: Mapping[str, str | os.PathLike],
-    bootstrap_path: str | os.PathLike,
-    dataset_json_path: str | os.PathLike,
-    html_path: str | os.PathLike,
-    csv_path: str | os.PathLike | None = None,
-) -> pd.DataFrame:
-    """Read the candidates' summaries and ``bootstrap.json``; write the table page (and CSV) atomically."""
-    dataset_json = read_json(dataset_json_path)
-    bootstrap = read_json(bootstrap_path)
-    table = crossval_table(
-        {name: read_json(path) for name, path in summaries.items()}, bootstrap, label_names(dataset_json)
-    )
-    dataset = os.path.basename(os.path.dirname(os.path.abspath(dataset_json_path)))
-    atomic_write_bytes(html_path, crossval_page(table, bootstrap, dataset).encode("utf-8"))
-    if csv_path is not None:
-        atomic_write_bytes(csv_path, table.to_csv(index=False).encode("utf-8"))
-    return table
+def __getattr__(name: str) -> Any:
+    """The file-level report functions moved to :mod:`nnsnake.steps.report`; the old names still resolve."""
+    if name in ("write_crossval_report", "write_postprocessing_report"):
+        from .steps import report
 
-
-def write_postprocessing_report(
-    decision_path: str | os.PathLike, dataset_json_path: str | os.PathLike, html_path: str | os.PathLike
-) -> pd.DataFrame:
-    """Read ``postprocessing.json``; write its decision and trials as a page atomically."""
-    names = label_names(read_json(dataset_json_path))
-    decision = read_json(decision_path)
-    table = postprocessing_table(decision, names)
-    atomic_write_bytes(html_path, postprocessing_page(table, decision, names).encode("utf-8"))
-    return table
+        return getattr(report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Resampling of images and label maps to a new voxel grid, numerically equal to nnU-Net v2 (method §3.9, §4.6).
+"""Resampling of images and label maps to a new voxel grid, numerically equal to nnU-Net v2 (docs/method.md §3.9, §4.6).
 
 nnU-Net resamples every channel with ``skimage.transform.resize(order=3, mode='edge', anti_aliasing=False)``
 (a ``scipy.ndimage.zoom`` with ``grid_mode=True`` followed by clipping to the input range) and every label map
@@ -60,8 +60,8 @@ def _is_anisotropic(spacing: Sequence[float], threshold: float) -> bool:
 
 
 def _lowres_axes(spacing: Sequence[float]) -> np.ndarray:
-    spacing = np.asarray(spacing, dtype=float)
-    return np.flatnonzero(np.max(spacing) / spacing == 1)
+    values = np.asarray(spacing, dtype=float)
+    return np.flatnonzero(np.max(values) / values == 1)
 
 
 def separate_z_axis(
@@ -180,13 +180,13 @@ def _apply_along_axis(array: np.ndarray, axis: int, matrix: np.ndarray, band_row
         for r0, r1, c0, c1 in _bands(matrix, band_rows):
             np.matmul(source[:, c0:c1], matrix[r0:r1, c0:c1].T, out=out[:, r0:r1])
         return out.reshape(out_shape)
-    source = array.reshape(before, n_in, after)
+    stacked = array.reshape(before, n_in, after)
     if n_out <= band_rows:
-        return np.matmul(matrix, source).reshape(out_shape)
-    out = np.empty((before, n_out, after), dtype=dtype)
+        return np.matmul(matrix, stacked).reshape(out_shape)
+    out3 = np.empty((before, n_out, after), dtype=dtype)
     for r0, r1, c0, c1 in _bands(matrix, band_rows):
-        np.matmul(matrix[r0:r1, c0:c1], source[:, c0:c1], out=out[:, r0:r1])
-    return out.reshape(out_shape)
+        np.matmul(matrix[r0:r1, c0:c1], stacked[:, c0:c1], out=out3[:, r0:r1])
+    return out3.reshape(out_shape)
 
 
 def _bands(matrix: np.ndarray, band_rows: int) -> list[tuple[int, int, int, int]]:
@@ -323,14 +323,16 @@ def _score_contested(
             tap_lists.append([(index[contested[a], t], weight[contested[a], t]) for t in range(2)])
         else:
             tap_lists.append([(contested[a], None)])
-    tap_labels, tap_weights = [], []
+    tap_labels: list[np.ndarray] = []
+    tap_weights: list[np.ndarray] = []
     for combo in np.ndindex(*[len(t) for t in tap_lists]):
         coords = tuple(tap_lists[a][combo[a]][0] for a in range(ndim))
-        w = None
+        w: np.ndarray | None = None
         for a in range(ndim):
             wa = tap_lists[a][combo[a]][1]
             if wa is not None:
                 w = wa if w is None else w * wa
+        assert w is not None  # a contested voxel is resampled along at least one axis
         tap_labels.append(labels[coords])
         tap_weights.append(w)
     candidates = np.unique(np.stack(tap_labels))
@@ -351,7 +353,8 @@ def _highest_scoring_label(
 ) -> np.ndarray:
     """Per voxel, the label with the highest (non-negative) score; a tie that includes the nearest-neighbour
     label goes to it, other ties to the label that came first (ascending). This is batchgenerators' rule."""
-    best = winner = nn_score = None
+    best: np.ndarray | None = None
+    winner = nn_score = np.zeros(0)
     for value, score in scores:
         if best is None:
             best, winner, nn_score = score, np.full(score.shape, value, dtype), np.zeros(score.shape)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, DeviceError
 
 log = logging.getLogger("nnsnake")
 
@@ -58,20 +58,18 @@ def select_device(requested: str = "auto") -> torch.device:
         ) from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(
+            raise DeviceError(
                 f"device {requested!r} was requested but torch {torch.__version__} sees no CUDA GPU "
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!s}); install a CUDA build "
                 "of torch, or set the training device to cpu / auto"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise DeviceError(
                 f"device {requested!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
             )
     elif device.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise RuntimeError(
-                "device 'mps' was requested but this torch build or machine has no MPS support"
-            )
+            raise DeviceError("device 'mps' was requested but this torch build or machine has no MPS support")
     elif device.type != "cpu":
         raise ConfigError(f"device {requested!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
@@ -270,6 +268,12 @@ class _NoProgress:
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._iterable if self._iterable is not None else ())
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        pass
 
     def update(self, n: int = 1) -> None:
         pass

@@ -1,4 +1,4 @@
-"""Training patch sampling with foreground oversampling (method §5.4) and the patch geometry of §5.5.
+"""Training patch sampling with foreground oversampling (docs/method.md §5.4) and the patch geometry of §5.5.
 
 A batch draws its cases uniformly with replacement; the last ``bs - round(bs * (1 - 0.33))`` samples are
 forced to be centred on a foreground voxel so that small structures are seen often enough. The training
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from batchgenerators.augmentations.utils import rotate_coords_2d, rotate_coords_3d
 from batchgenerators.dataloading.data_loader import DataLoader
+from numpy.typing import DTypeLike
 
 OVERSAMPLE_FOREGROUND_PERCENT = 0.33
 ANISOTROPY_THRESHOLD = 3  # max(P) / P[0] above this switches 3D augmentation to dummy 2D
@@ -116,7 +117,7 @@ def forced_foreground_count(
 # Crop with padding
 # --------------------------------------------------------------------------------------------------------
 def crop_with_pad(
-    array: np.ndarray, lower: Sequence[int], size: Sequence[int], pad_value: float, dtype: np.dtype
+    array: np.ndarray, lower: Sequence[int], size: Sequence[int], pad_value: float, dtype: DTypeLike
 ) -> np.ndarray:
     """Copy the box ``[lower, lower + size)`` of the spatial axes of ``array`` (C, *spatial), padding outside.
 
@@ -151,7 +152,7 @@ class _PrivateRandomState:
     """
 
     def __init__(self, seed: int) -> None:
-        self.numpy_state = np.random.RandomState(derive_seed(seed, 0)).get_state()
+        self.numpy_state: Any = np.random.RandomState(derive_seed(seed, 0)).get_state()  # legacy tuple form
         generator = torch.Generator()
         generator.manual_seed(derive_seed(seed, 1))
         self.torch_state = generator.get_state()
@@ -393,7 +394,8 @@ class PatchDataLoader(DataLoader):
 
     def _batch(self) -> dict[str, Any]:
         keys = [str(k) for k in self.get_indices()]
-        data_all = target_all = None
+        data_all: torch.Tensor | None = None
+        target_all: Any = None  # one tensor, or a list of them (one per deep-supervision scale)
         for j, case_id in enumerate(keys):
             image, seg = self.sample(case_id, self.force_foreground(j))
             if self.transforms is not None:

@@ -1,10 +1,10 @@
 """Model selection over the cross-validation: nnU-Net's choice plus a bootstrap of the cases.
 
-nnU-Net (method spec §8.1) scores every candidate (each configuration and every pair of configurations, whose
+nnU-Net (docs/method.md §8.1) scores every candidate (each configuration and every pair of configurations, whose
 probabilities are averaged) by the foreground-mean Dice of its pooled 5-fold cross-validation and takes the
 highest; on an exact tie the first candidate wins, and single configurations come before ensembles.
 
-nnsnake keeps that choice by default and adds what a point estimate cannot say (DESIGN.md, "Beyond nnU-Net"):
+nnsnake keeps that choice by default and adds what a point estimate cannot say (docs/method.md §8.4):
 1000 seeded resamples of the cross-validation cases (drawn with replacement, the same draws for every candidate)
 give each candidate a bootstrap mean, a 95 % percentile interval and the probability of being best, and let a
 cheaper candidate (fewer members: a single configuration over an ensemble) stand when the better one does not
@@ -218,21 +218,49 @@ def bootstrap_selection(
             f"every candidate's pooled score is NaN ({', '.join(names)}); no foreground label "
             "has a finite Dice in any case"
         )
+    counts = _resample_counts(len(cases), n_bootstrap, seed)
+    resampled = {name: _resampled_scores(tables[name], counts) for name in names}
+    alpha = (1.0 - confidence) / 2.0
+    selected, comparisons = _cheaper_candidate_rule(
+        nnunet_choice, order, costs, pooled, resampled, min_win_share, alpha
+    )
+    return {
+        "selected": selected,
+        "nnunet_choice": nnunet_choice,
+        "candidates": _candidate_summaries(order, costs, pooled, resampled, alpha),
+        "order": order,
+        "comparisons": comparisons,
+        "n_bootstrap": n_bootstrap,
+        "seed": seed,
+        "confidence": confidence,
+        "min_win_share": min_win_share,
+        "n_cases": len(cases),
+        "labels": labels,
+        "rule": RULE,
+        "resample_scores": {name: resampled[name].tolist() for name in order},
+    }
 
-    n_cases = len(cases)
+
+def _resample_counts(n_cases: int, n_bootstrap: int, seed: int) -> np.ndarray:
+    """``counts[b, i]``: how often case i is drawn in resample b (``default_rng(seed)``, with replacement)."""
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_cases, size=(n_bootstrap, n_cases))
     flat = (draws + n_cases * np.arange(n_bootstrap)[:, None]).ravel()
-    counts = (
-        np.bincount(flat, minlength=n_bootstrap * n_cases).reshape(n_bootstrap, n_cases).astype(np.float64)
-    )
-    resampled = {name: _resampled_scores(tables[name], counts) for name in names}
+    return np.bincount(flat, minlength=n_bootstrap * n_cases).reshape(n_bootstrap, n_cases).astype(np.float64)
 
+
+def _candidate_summaries(
+    order: Sequence[str],
+    costs: Mapping[str, int],
+    pooled: Mapping[str, float],
+    resampled: Mapping[str, np.ndarray],
+    alpha: float,
+) -> dict[str, dict[str, Any]]:
+    """Each candidate's pooled score, bootstrap mean, percentile interval and probability of being best."""
     stacked = np.stack([resampled[name] for name in order])  # (K, B) in tie-breaking order
     filled = np.where(np.isfinite(stacked), stacked, -np.inf)
     winners = np.argmax(filled, axis=0)  # first maximum wins ties
     has_winner = np.isfinite(filled).any(axis=0)
-    alpha = (1.0 - confidence) / 2.0
     summary = {}
     for k, name in enumerate(order):
         values = resampled[name][np.isfinite(resampled[name])]
@@ -246,7 +274,20 @@ def bootstrap_selection(
             "p_best": float(np.mean((winners == k) & has_winner)),
             "n_finite_resamples": int(values.size),
         }
+    return summary
 
+
+def _cheaper_candidate_rule(
+    nnunet_choice: str,
+    order: Sequence[str],
+    costs: Mapping[str, int],
+    pooled: Mapping[str, float],
+    resampled: Mapping[str, np.ndarray],
+    min_win_share: float,
+    alpha: float,
+) -> tuple[str, list[dict[str, Any]]]:
+    """From nnU-Net's choice, step to the best cheaper candidate while the current one wins less than
+    ``min_win_share`` of the resamples; returns the choice and every comparison made."""
     current = nnunet_choice
     comparisons = []
     while True:
@@ -274,22 +315,7 @@ def bootstrap_selection(
         if keep:
             break
         current = challenger
-
-    return {
-        "selected": current,
-        "nnunet_choice": nnunet_choice,
-        "candidates": summary,
-        "order": order,
-        "comparisons": comparisons,
-        "n_bootstrap": n_bootstrap,
-        "seed": seed,
-        "confidence": confidence,
-        "min_win_share": min_win_share,
-        "n_cases": n_cases,
-        "labels": labels,
-        "rule": RULE,
-        "resample_scores": {name: resampled[name].tolist() for name in order},
-    }
+    return current, comparisons
 
 
 def selection_record(result: Mapping[str, Any]) -> dict[str, Any]:

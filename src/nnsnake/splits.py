@@ -1,4 +1,4 @@
-"""Cross-validation splits in nnU-Net's ``splits_final.json`` format (method spec §6).
+"""Cross-validation splits in nnU-Net's ``splits_final.json`` format (docs/method.md §6).
 
 The default 5-fold split reproduces ``sklearn.model_selection.KFold(n_splits=5, shuffle=True,
 random_state=12345)`` over the sorted case ids, without sklearn, so nnsnake and nnU-Net train on the same folds.
@@ -122,7 +122,7 @@ def splits_for_dataset(case_ids: Sequence[str], user_splits_path: Path | None = 
 def fold_cases(
     splits: list[dict], fold: int | str, case_ids: Sequence[str] | None = None
 ) -> tuple[list[str], list[str]]:
-    """Training and validation case ids of one fold, as nnU-Net's trainer chooses them (spec §6).
+    """Training and validation case ids of one fold, as nnU-Net's trainer chooses them (docs/method.md §6).
 
     ``fold="all"`` trains on every case and "validates" on the same cases. A fold index beyond the splits gives
     a seeded random 80:20 split (RandomState(12345 + fold)); it needs ``case_ids`` (defaults to all ids named

@@ -1,4 +1,4 @@
-# validate[configuration, fold] -> crossval[candidate] -> select -> postprocess   (method sections 5.10, 7, 8)
+# validate[configuration, fold] -> crossval[candidate] -> select -> postprocess   (docs/method.md §5.10, 7, 8)
 
 
 rule validate:
@@ -7,15 +7,12 @@ rule validate:
         plans=f"{RESULTS}/plans.json",
         splits=f"{RESULTS}/splits.json",
         preprocessed=preprocessed_manifest,
-        dataset_json=str(DATASET_DIR / "dataset.json"),
+        dataset_json=DATASET_JSON,
         previous_stage=previous_stage_for_validation,
     output:
         summary=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/validation/summary.json",
     log:
         f"{LOGS}/validate_{{configuration}}_fold_{{fold}}.log",
-    wildcard_constraints:
-        configuration="2d|3d_fullres|3d_cascade_fullres",
-        fold=r"\d+",
     conda:
         CONDA_ENV
     threads: 4
@@ -31,37 +28,30 @@ rule validate:
         "../scripts/validate.py"
 
 
-# The 3d_lowres validation also writes what the cascade trains on (method section 5.8): each validation case's
-# segmentation at the 3d_fullres preprocessed shape, as nnU-Net's predicted_next_stage/.
-rule validate_lowres:
+# The 3d_lowres validation also writes what the cascade trains on (docs/method.md §5.8): each validation case's
+# segmentation at the 3d_fullres preprocessed shape, as nnU-Net's predicted_next_stage/. It is the validate rule
+# with other paths; the ruleorder gives it the 3d_lowres folds, which validate's own pattern also matches.
+use rule validate as validate_lowres with:
     input:
         model=f"{RESULTS}/training/3d_lowres/fold_{{fold}}/model_final.pt",
         plans=f"{RESULTS}/plans.json",
         splits=f"{RESULTS}/splits.json",
         preprocessed=f"{RESULTS}/preprocessed/3d_lowres/manifest.json",
         next_stage_manifest=f"{RESULTS}/preprocessed/3d_fullres/manifest.json",
-        dataset_json=str(DATASET_DIR / "dataset.json"),
+        dataset_json=DATASET_JSON,
         previous_stage=[],
     output:
         summary=f"{RESULTS}/training/3d_lowres/fold_{{fold}}/validation/summary.json",
         next_stage=directory(f"{RESULTS}/training/3d_lowres/fold_{{fold}}/predicted_next_stage"),
     log:
         f"{LOGS}/validate_3d_lowres_fold_{{fold}}.log",
-    wildcard_constraints:
-        fold=r"\d+",
-    conda:
-        CONDA_ENV
-    threads: 4
-    resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=120,
     params:
         configuration="3d_lowres",
         dataset=dataset_folder_of_json,
         inference=config["inference"],
-    script:
-        "../scripts/validate.py"
+
+
+ruleorder: validate_lowres > validate
 
 
 rule crossval:
@@ -71,13 +61,11 @@ rule crossval:
             fold=config["folds"],
         ),
         splits=f"{RESULTS}/splits.json",
-        dataset_json=str(DATASET_DIR / "dataset.json"),
+        dataset_json=DATASET_JSON,
     output:
         f"{RESULTS}/crossval/{{configuration}}/summary.json",
     log:
         f"{LOGS}/crossval_{{configuration}}.log",
-    wildcard_constraints:
-        configuration="2d|3d_fullres|3d_lowres|3d_cascade_fullres",
     conda:
         CONDA_ENV
     threads: 2
@@ -94,14 +82,11 @@ rule ensemble_crossval:
     input:
         first=f"{RESULTS}/crossval/{{first}}/summary.json",
         second=f"{RESULTS}/crossval/{{second}}/summary.json",
-        dataset_json=str(DATASET_DIR / "dataset.json"),
+        dataset_json=DATASET_JSON,
     output:
         f"{RESULTS}/crossval/ensemble_{{first}}+{{second}}/summary.json",
     log:
         f"{LOGS}/crossval_ensemble_{{first}}+{{second}}.log",
-    wildcard_constraints:
-        first="2d|3d_fullres|3d_lowres|3d_cascade_fullres",
-        second="2d|3d_fullres|3d_lowres|3d_cascade_fullres",
     conda:
         CONDA_ENV
     threads: 2
@@ -118,7 +103,7 @@ rule select:
     input:
         unpack(candidate_summaries),
         plans=f"{RESULTS}/plans.json",
-        dataset_json=str(DATASET_DIR / "dataset.json"),
+        dataset_json=DATASET_JSON,
     output:
         selection=f"{RESULTS}/selection.json",
         bootstrap=f"{RESULTS}/bootstrap.json",
@@ -137,6 +122,7 @@ rule select:
         mem_mb=4000,
         runtime=30,
     params:
+        candidates=candidate_summaries,
         dataset=dataset_folder_of_json,
         selection=config["selection"],
         folds=config["folds"],
@@ -148,7 +134,7 @@ rule postprocess:
     input:
         unpack(candidate_summaries),
         selection=f"{RESULTS}/selection.json",
-        dataset_json=str(DATASET_DIR / "dataset.json"),
+        dataset_json=DATASET_JSON,
     output:
         report(
             f"{RESULTS}/postprocessing.json",
@@ -165,6 +151,7 @@ rule postprocess:
         mem_mb=8000,
         runtime=60,
     params:
+        candidates=candidate_summaries,
         dataset=dataset_folder_of_json,
     script:
         "../scripts/postprocess.py"

@@ -1,4 +1,4 @@
-# verify -> fingerprint -> plan (checkpoint) -> splits   (method sections 1, 2, 3, 6)
+# verify -> fingerprint -> plan (checkpoint) -> splits   (docs/method.md §1, 2, 3, 6)
 
 
 rule verify:
@@ -43,7 +43,7 @@ rule fingerprint:
 checkpoint plan:
     input:
         fingerprint=f"{RESULTS}/fingerprint.json",
-        dataset_json=str(DATASET_DIR / "dataset.json"),
+        dataset_json=DATASET_JSON,
     output:
         f"{RESULTS}/plans.json",
     log:

@@ -1,5 +1,5 @@
 # predict[input set]: segment new images with the selected model or ensemble, all its folds and the postprocessing
-# (method section 9). The same code runs as `nnsnake predict -i IN -o OUT -m results/<DatasetName>`.
+# (docs/method.md §9). The same code runs as `nnsnake predict -i IN -o OUT -m results/<DatasetName>`.
 
 
 rule predict:

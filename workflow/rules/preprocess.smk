@@ -1,4 +1,4 @@
-# preprocess[configuration]   (method section 4)
+# preprocess[configuration]   (docs/method.md §4)
 # Case files are written next to the manifest but only the manifest is a declared output: Snakemake then never
 # deletes the cases, so a rerun after a plan edit or a crash recomputes only the cases that changed.
 
@@ -12,8 +12,6 @@ rule preprocess:
         f"{RESULTS}/preprocessed/{{configuration}}/manifest.json",
     log:
         f"{LOGS}/preprocess_{{configuration}}.log",
-    wildcard_constraints:
-        configuration="2d|3d_fullres|3d_lowres",
     conda:
         CONDA_ENV
     threads: 8

@@ -6,7 +6,7 @@ rule crossval_table:
     input:
         unpack(candidate_summaries),
         bootstrap=f"{RESULTS}/bootstrap.json",
-        dataset_json=str(DATASET_DIR / "dataset.json"),
+        dataset_json=DATASET_JSON,
     output:
         html=report(
             f"{RESULTS}/report/crossval.html",
@@ -23,6 +23,8 @@ rule crossval_table:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        candidates=candidate_summaries,
     script:
         "../scripts/crossval_table.py"
 
@@ -30,7 +32,7 @@ rule crossval_table:
 rule postprocessing_table:
     input:
         decision=f"{RESULTS}/postprocessing.json",
-        dataset_json=str(DATASET_DIR / "dataset.json"),
+        dataset_json=DATASET_JSON,
     output:
         report(
             f"{RESULTS}/report/postprocessing.html",

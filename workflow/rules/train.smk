@@ -1,8 +1,8 @@
-# train[configuration, fold]   (method section 5)
+# train[configuration, fold]   (docs/method.md §5)
 # The resumable state (checkpoint_latest.pt, a running log and plot) lives under work/, which is never a declared
 # output: Snakemake deletes outputs when a job starts or fails, never the state. The declared outputs are written
 # last, atomically, so a killed or timed-out job simply reruns and resumes where it stopped.
-# 3d_cascade_fullres (method section 5.8) also takes the 3d_lowres out-of-fold predictions of every training case
+# 3d_cascade_fullres (docs/method.md §5.8) also takes the 3d_lowres out-of-fold predictions of every training case
 # (written by validate_lowres, one folder per lowres fold) as extra one-hot input channels.
 
 
@@ -11,7 +11,7 @@ rule train:
         plans=f"{RESULTS}/plans.json",
         splits=f"{RESULTS}/splits.json",
         preprocessed=preprocessed_manifest,
-        dataset_json=str(DATASET_DIR / "dataset.json"),
+        dataset_json=DATASET_JSON,
         previous_stage=previous_stage_for_training,
     output:
         model=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/model_final.pt",
@@ -25,9 +25,6 @@ rule train:
         ),
     log:
         f"{LOGS}/train_{{configuration}}_fold_{{fold}}.log",
-    wildcard_constraints:
-        configuration="2d|3d_fullres|3d_lowres|3d_cascade_fullres",
-        fold=r"\d+|all",
     conda:
         CONDA_ENV
     threads: 4

@@ -1,13 +1,12 @@
 from pathlib import Path
 
 from nnsnake import steps
-from nnsnake.evaluation import crossval
 
 steps.setup_logging(snakemake.log[0])
-crossval(
+steps.crossval(
     [Path(summary).parent for summary in snakemake.input.folds],
     snakemake.params.dataset,
     Path(snakemake.output[0]).parent,
     splits_path=snakemake.input.splits,
-    num_processes=snakemake.threads,
+    processes=snakemake.threads,
 )

@@ -1,10 +1,11 @@
 from nnsnake import steps
 
+p = snakemake.params
 steps.setup_logging(snakemake.log[0])
 steps.plan(
     snakemake.input.fingerprint,
-    snakemake.params.dataset,
+    p.dataset,
     snakemake.output[0],
-    gpu_memory_target_gb=snakemake.params.gpu_memory_target_gb,
-    overwrite_target_spacing=snakemake.params.overwrite_target_spacing,
+    gpu_memory_target_gb=p.gpu_memory_target_gb,
+    overwrite_target_spacing=p.overwrite_target_spacing,
 )

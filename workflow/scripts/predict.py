@@ -1,18 +1,14 @@
 from pathlib import Path
 
 from nnsnake import steps
-from nnsnake.evaluation import predict_folder
 
+p = snakemake.params
 steps.setup_logging(snakemake.log[0])
-predict_folder(
-    snakemake.params.input_dir,
+steps.predict(
+    p.input_dir,
     Path(snakemake.output[0]).parent,
-    snakemake.params.results_dir,
-    folds=snakemake.params.prediction["folds"],
-    mirroring=snakemake.params.inference["mirroring"],
-    device=snakemake.params.inference["device"],
-    step_size=snakemake.params.inference["step_size"],
-    save_probabilities=snakemake.params.prediction["save_probabilities"],
-    num_threads=snakemake.threads,
-    autocast=snakemake.params.inference["autocast"],
+    p.results_dir,
+    folds=p.prediction["folds"],
+    settings=dict(p.inference, threads=snakemake.threads),
+    save_probabilities=p.prediction["save_probabilities"],
 )

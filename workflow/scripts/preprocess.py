@@ -6,5 +6,5 @@ steps.preprocess(
     snakemake.input.plans,
     snakemake.wildcards.configuration,
     snakemake.output[0],
-    num_processes=snakemake.threads,
+    processes=snakemake.threads,
 )

@@ -1,4 +1,4 @@
 from nnsnake import steps
 
 steps.setup_logging(snakemake.log[0])
-steps.verify(snakemake.params.dataset, snakemake.output[0], num_processes=snakemake.threads)
+steps.verify(snakemake.params.dataset, snakemake.output[0], processes=snakemake.threads)

@@ -1,48 +1,34 @@
-"""File-level entry points of the workflow's rules.
+"""Entry functions of the data rules: verify, fingerprint, plan, splits, preprocess (docs/method.md §1–§4, §6).
 
-Each function reads its input files, calls the stage's library function and writes its outputs atomically.
-The Snakemake scripts in ``workflow/scripts`` are thin adapters onto these, and the CLI and tests call them
-directly, so everything a rule does can be run from Python.
+Each reads its input files, calls the stage's library function and writes its output atomically (the JSON that
+marks the step as done). ``processes`` is the number of worker processes over cases (``num_processes`` is its
+deprecated name).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .jsonio import read_json, write_json
+from ..deprecation import renamed_keywords
+from ..jsonio import read_json, write_json
+
+if TYPE_CHECKING:
+    from ..dataset import VerificationReport
 
 log = logging.getLogger("nnsnake")
 
 
-def setup_logging(log_path: str | os.PathLike | None = None) -> None:
-    """Log to stderr and, when given, to ``log_path`` (the rule's log file)."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="w"))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True
-    )
-
-    def log_uncaught(exc_type, exc, tb):  # the reason a job failed belongs in its log file too
-        log.critical("%s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
-
-    sys.excepthook = log_uncaught
-
-
-def verify(
-    dataset_dir: str | os.PathLike, output: str | os.PathLike, num_processes: int = 1
-) -> dict[str, Any]:
+@renamed_keywords(num_processes="processes")
+def verify(dataset_dir: str | os.PathLike, output: str | os.PathLike, processes: int = 1) -> dict[str, Any]:
     """Verify a raw dataset; write the report only if it is usable, else raise listing every problem."""
-    from .dataset import discover_cases, load_dataset_json, verify_dataset
+    from ..dataset import discover_cases, load_dataset_json, verify_dataset
 
     start = time.perf_counter()
-    report = verify_dataset(dataset_dir, num_processes=num_processes, progress=True)
+    report = verify_dataset(dataset_dir, processes, progress=True)
     for warning in report.warnings:
         log.warning(warning)
     for problem in report.problems:
@@ -61,13 +47,28 @@ def verify(
     return result
 
 
+def check_dataset(
+    dataset_dir: str | os.PathLike, output: str | os.PathLike | None = None, processes: int = 1
+) -> VerificationReport:
+    """Verify a raw dataset and return the report whatever it finds (``nnsnake verify``: the caller shows the
+    problems); with ``output`` the report is also written as JSON."""
+    from ..dataset import verify_dataset
+
+    report = verify_dataset(dataset_dir, processes, progress=False)
+    if output is not None:
+        write_json(output, report.to_dict())
+    return report
+
+
+@renamed_keywords(num_processes="processes")
 def fingerprint(
-    dataset_dir: str | os.PathLike, output: str | os.PathLike, num_processes: int = 1
+    dataset_dir: str | os.PathLike, output: str | os.PathLike, processes: int = 1
 ) -> dict[str, Any]:
-    from .fingerprint import extract_fingerprint
+    """Extract the dataset fingerprint (spacings, shapes, foreground intensities) into ``output``."""
+    from ..fingerprint import extract_fingerprint
 
     start = time.perf_counter()
-    result = extract_fingerprint(dataset_dir, num_processes=num_processes, progress=True)
+    result = extract_fingerprint(dataset_dir, processes, progress=True)
     write_json(output, result)
     log.info("fingerprint of %d cases in %.1f s", len(result["spacings"]), time.perf_counter() - start)
     return result
@@ -80,9 +81,11 @@ def plan(
     gpu_memory_target_gb: float = 8.0,
     overwrite_target_spacing: list[float] | None = None,
 ) -> dict[str, Any]:
-    from .dataset import load_dataset_json
-    from .imageio import reader_name
-    from .planning import estimated_vram_gb, plan_experiment
+    """Plan every configuration from the fingerprint and write ``plans.json``; log each one's planned memory."""
+    from ..dataset import load_dataset_json
+    from ..imageio import reader_name
+    from ..labels import LabelModel
+    from ..planning import estimated_vram_gb, plan_experiment
 
     dataset_json = load_dataset_json(dataset_dir)
     plans = plan_experiment(
@@ -94,7 +97,10 @@ def plan(
         image_reader_writer=reader_name(dataset_json["file_ending"]),
     )
     write_json(output, plans)
-    n_label_keys = len(dataset_json["labels"])
+    labels = LabelModel.from_dataset_json(dataset_json)
+    n_label_keys = (
+        len(labels.names) + labels.has_ignore_label
+    )  # every labels entry, as nnU-Net's planner counts
     for name, cfg in plans["configurations"].items():
         if "patch_size" in cfg:
             log.info(
@@ -113,7 +119,8 @@ def splits(
     output: str | os.PathLike,
     user_splits: str | os.PathLike | None = None,
 ) -> list[dict[str, list[str]]]:
-    from .splits import splits_for_dataset
+    """The folds (``splits.json``): the user's splits if given, else nnU-Net's seeded 5-fold split."""
+    from ..splits import splits_for_dataset
 
     case_ids = read_json(verification_path)["case_ids"]
     result = splits_for_dataset(case_ids, Path(user_splits) if user_splits else None)
@@ -124,16 +131,17 @@ def splits(
     return result
 
 
+@renamed_keywords(num_processes="processes")
 def preprocess(
     dataset_dir: str | os.PathLike,
     plans_path: str | os.PathLike,
     configuration: str,
     manifest_path: str | os.PathLike,
-    num_processes: int = 1,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """Preprocess every training case for one configuration into the manifest's folder; manifest last."""
-    from .dataset import load_dataset_json
-    from .preprocessing import preprocess_dataset
+    from ..dataset import load_dataset_json
+    from ..preprocessing import preprocess_dataset
 
     start = time.perf_counter()
     out_dir = Path(manifest_path).parent
@@ -143,7 +151,8 @@ def preprocess(
         read_json(plans_path),
         configuration,
         out_dir,
-        num_processes=num_processes,
+        None,  # every training case
+        processes,
         progress=True,
     )
     write_json(manifest_path, manifest)

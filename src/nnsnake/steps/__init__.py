@@ -1,0 +1,73 @@
+"""The entry layer: one function per workflow rule, and the only nnsnake module that ``workflow/scripts/*.py``
+and ``nnsnake.cli`` import.
+
+Each function reads its input files, calls the stage's library code and writes its outputs atomically, the file
+that marks the step as done last, so everything a rule does can also be run from Python (the CLI and the tests
+call these directly). The modules follow the rule groups: :mod:`.data` (verify, fingerprint, plan, splits,
+preprocess), :mod:`.train`, :mod:`.validate`, :mod:`.crossval` (crossval, ensemble_crossval), :mod:`.select`
+(select, postprocess), :mod:`.predict` and :mod:`.report` (crossval_table, postprocessing_table). Importing this
+package loads no torch and no matplotlib: each function imports what it needs, so light rules stay light.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from types import TracebackType
+
+from ..errors import NnsnakeError
+from .crossval import crossval, ensemble_crossval
+from .data import check_dataset, fingerprint, plan, preprocess, splits, verify
+from .predict import predict, predict_folder, verify_prediction_inputs
+from .report import crossval_table, postprocessing_table
+from .select import decide_postprocessing, postprocess, select
+from .train import train
+from .validate import validate, validate_fold
+
+log = logging.getLogger("nnsnake")
+
+
+def setup_logging(log_path: str | os.PathLike | None = None) -> None:
+    """Log to stderr and, when given, to ``log_path`` (the rule's log file), uncaught errors included."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True
+    )
+
+    def log_uncaught(
+        exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+    ) -> None:  # the reason a job failed belongs in its log file too
+        log.critical("%s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
+
+    sys.excepthook = log_uncaught
+
+
+__all__ = [
+    "NnsnakeError",
+    "check_dataset",
+    "crossval",
+    "crossval_table",
+    "decide_postprocessing",
+    "ensemble_crossval",
+    "fingerprint",
+    "log",
+    "plan",
+    "postprocess",
+    "postprocessing_table",
+    "predict",
+    "predict_folder",
+    "preprocess",
+    "select",
+    "setup_logging",
+    "splits",
+    "train",
+    "validate",
+    "validate_fold",
+    "verify",
+    "verify_prediction_inputs",
+]

@@ -1,0 +1,385 @@
+"""predict[input set] and ``nnsnake predict``: segment a folder of new images (docs/method.md §9).
+
+The selected candidate of a results folder (a configuration or an ensemble, a cascade with its previous stage)
+predicts with all its folds; an ensemble's members' probabilities are averaged, the postprocessing decision is
+applied and every case is written with its input's exact geometry. Everything that can be checked (results
+folder, model files, the whole input folder) is checked before anything is predicted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..deprecation import renamed_keywords
+from ..errors import EvaluationError, PredictionInputError
+from ..jsonio import read_json, write_json
+from ..parallel import process_pool
+from ._common import (
+    PLANS_FILE,
+    POSTPROCESSING_FILE,
+    PREDICTION_RECORD,
+    SELECTION_FILE,
+    WORK_FOLDER,
+    PathLike,
+    companions,
+    configuration_of,
+    inference_settings,
+    log,
+)
+from .crossval import ensemble_segmentation
+
+if TYPE_CHECKING:
+    from ..inference import InferenceSettings
+    from ..labels import LabelModel
+
+
+@renamed_keywords(num_processes="processes")
+def verify_prediction_inputs(
+    input_dir: PathLike, dataset_json: Mapping[str, Any], processes: int = 1
+) -> dict[str, list[Path]]:
+    """Check a folder of new images completely before anything is predicted; ``{case: channel files}``.
+
+    Every file must be named ``{CASE}_{XXXX}{file_ending}`` with the model's file ending; every case needs exactly
+    the channels of dataset.json; every file must be readable, finite, and the channels of a case must share
+    shape, spacing, origin and direction. All problems are reported at once (:class:`PredictionInputError`),
+    each naming its file.
+    """
+    from ..dataset import discover_cases, verify_case
+
+    folder = Path(input_dir).resolve()
+    if not folder.is_dir():
+        raise PredictionInputError(f"{input_dir}: input folder does not exist (or is not a folder)")
+    layout_json = {
+        k: v for k, v in dataset_json.items() if k != "dataset"
+    }  # cases come from the folder itself
+    cases, problems = discover_cases(
+        folder.parent, layout_json, images_folder=folder.name, labels_folder=None
+    )
+    ending = dataset_json["file_ending"]
+    if not cases and not problems:
+        raise PredictionInputError(f"{input_dir}: no images named <case>_0000{ending} in this folder")
+    jobs: list[tuple[str, Any, list[int]]] = [
+        (case_id, files, []) for case_id, files in cases.items() if files.images
+    ]  # new images have no label file, so no allowed labels to check
+    if processes > 1 and len(jobs) > 1:
+        with process_pool(min(processes, len(jobs))) as pool:
+            results = list(pool.map(verify_case, *zip(*jobs, strict=True)))
+    else:
+        results = [verify_case(*job) for job in jobs]
+    for case_problems, _warnings in results:
+        problems.extend(case_problems)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise PredictionInputError(
+            f"input folder {input_dir} has {len(problems)} problem(s); nothing was predicted:\n{lines}"
+        )
+    return {case_id: list(files.images) for case_id, files in cases.items()}
+
+
+def _model_files(results_dir: Path, configuration: str, folds: Sequence[str]) -> list[Path]:
+    from ..training import MODEL_FINAL
+
+    return [results_dir / "training" / configuration / f"fold_{f}" / MODEL_FINAL for f in folds]
+
+
+def _stages_to_run(plans: Mapping[str, Any], members: Sequence[str]) -> list[str]:
+    """The members plus the previous stages they need, each stage after the one it depends on."""
+    order: list[str] = []
+
+    def add(configuration: str, chain: tuple[str, ...]) -> None:
+        if configuration in order:
+            return
+        if configuration in chain:
+            raise EvaluationError(f"plans: previous_stage of {configuration} loops ({' -> '.join(chain)})")
+        previous = configuration_of(plans, configuration).get("previous_stage")
+        if previous:
+            add(previous, (*chain, configuration))
+        order.append(configuration)
+
+    for member in members:
+        add(member, ())
+    return order
+
+
+def _load_selection(results_dir: Path, postprocess: bool) -> tuple[dict, dict, dict | None, dict]:
+    """selection.json, plans.json, postprocessing.json and dataset.json of a results folder, or one error
+    listing every missing file."""
+    from ..postprocessing import read_decision
+
+    needed = [results_dir / SELECTION_FILE, results_dir / PLANS_FILE]
+    if postprocess:
+        needed.append(results_dir / POSTPROCESSING_FILE)
+    missing = [p for p in needed if not p.is_file()]
+    if missing:
+        hint = ""
+        if not results_dir.is_dir():
+            hint = f" ({results_dir} does not exist)"
+        elif not (results_dir / PLANS_FILE).is_file():
+            found = sorted(p.parent.name for p in results_dir.glob(f"*/{SELECTION_FILE}"))
+            hint = f"; did you mean {results_dir / found[0]}?" if found else ""
+        raise EvaluationError(
+            f"{results_dir} is not a finished nnsnake results folder: missing {', '.join(p.name for p in missing)}"
+            f"{hint}. Pass -m results/<DatasetName> after the workflow has run select and postprocess."
+        )
+    selection = read_json(results_dir / SELECTION_FILE)
+    plans = read_json(results_dir / PLANS_FILE)
+    decision = read_decision(results_dir / POSTPROCESSING_FILE) if postprocess else None
+    if "dataset_json" in selection:
+        dataset_json = selection["dataset_json"]
+    elif (results_dir / "dataset.json").is_file():
+        dataset_json = read_json(results_dir / "dataset.json")
+    else:
+        raise EvaluationError(
+            f"{results_dir / SELECTION_FILE}: holds no dataset_json and there is no "
+            f"{results_dir / 'dataset.json'}; rerun the select rule"
+        )
+    return selection, plans, decision, dataset_json
+
+
+def _finish_case(
+    sources: Sequence[Path],
+    targets: Mapping[str, Path],
+    labels: LabelModel,
+    file_ending: str,
+    decision: Mapping[str, Any] | None,
+    save_probabilities: bool,
+) -> None:
+    """Final output of one case: the member's segmentation or the ensemble's, postprocessed, written with the
+    input's geometry (probabilities first, the segmentation last)."""
+    from ..imageio import read_seg, write_seg
+    from ..inference import save_probabilities_npz
+    from ..postprocessing import apply_postprocessing
+
+    if len(sources) > 1:
+        seg, probabilities, properties = ensemble_segmentation(sources, labels, file_ending)
+    else:
+        seg_array, properties = read_seg(sources[0])
+        seg, probabilities = seg_array[0], None
+    if decision is not None:
+        seg = apply_postprocessing(seg, decision)
+    if save_probabilities:
+        member_files = companions(sources[0], file_ending)
+        if probabilities is not None:
+            save_probabilities_npz(targets["probabilities"], probabilities)
+            shutil.copy2(member_files["properties"], targets["properties"])
+        else:
+            os.replace(member_files["probabilities"], targets["probabilities"])
+            os.replace(member_files["properties"], targets["properties"])
+    write_seg(seg, targets["segmentation"], properties)
+    log.debug("wrote %s", targets["segmentation"])
+
+
+def _fold_names(
+    folds: Sequence[int | str] | None, selection: Mapping[str, Any], results_dir: Path
+) -> list[str]:
+    """The folds to predict with: those given, else the cross-validated ones that selection.json records."""
+    if folds is None:
+        folds = selection.get("folds")
+    if not folds:
+        raise EvaluationError(f"{results_dir / SELECTION_FILE} names no folds; pass the folds to use")
+    return [str(f) for f in folds]
+
+
+def _missing_models(models: Mapping[str, Sequence[Path]], selected: str) -> None:
+    absent = [str(p) for paths in models.values() for p in paths if not p.is_file()]
+    if absent:
+        raise EvaluationError(
+            f"{len(absent)} model file(s) of {selected} are missing: "
+            f"{', '.join(absent[:6])}; train these folds or choose others with --folds"
+        )
+
+
+def _cases_to_do(
+    cases: Mapping[str, list[Path]],
+    output_dir: Path,
+    file_ending: str,
+    save_probabilities: bool,
+    continue_prediction: bool,
+) -> dict[str, list[Path]]:
+    """The cases to predict: all, or with ``continue_prediction`` those whose outputs are not all there."""
+    from ..inference import prediction_paths
+
+    todo = dict(cases)
+    if continue_prediction:
+        for case_id in list(todo):
+            paths = prediction_paths(output_dir / case_id, file_ending)
+            wanted = [paths["segmentation"]] + ([paths["probabilities"]] if save_probabilities else [])
+            if all(p.is_file() for p in wanted):
+                del todo[case_id]
+    return todo
+
+
+def _predict_stages(
+    todo: Mapping[str, list[Path]],
+    work: Path,
+    stages: Sequence[str],
+    members: Sequence[str],
+    models: Mapping[str, Sequence[Path]],
+    plans: Mapping[str, Any],
+    dataset_json: Mapping[str, Any],
+    settings: InferenceSettings,
+    save_probabilities: bool,
+    progress: bool,
+) -> None:
+    """Run every stage (each configuration with all its folds, a cascade's previous stage first) into ``work``."""
+    from ..inference import predict_from_raw
+
+    ensemble = len(members) > 1
+    for stage in stages:
+        previous = configuration_of(plans, stage).get("previous_stage")
+        log.info("%s: %d fold(s) on %s", stage, len(models[stage]), settings.device)
+        predict_from_raw(
+            todo,
+            work / stage,
+            models[stage],
+            plans,
+            stage,
+            dataset_json,
+            settings=settings,
+            save_probabilities=stage in members and (ensemble or save_probabilities),
+            previous_stage_dir=work / previous if previous else None,
+            progress=progress,
+        )
+
+
+@renamed_keywords(num_processes="processes")
+def predict(
+    input_dir: PathLike,
+    output_dir: PathLike,
+    results_dir: PathLike,
+    folds: Sequence[int | str] | None = None,
+    settings: InferenceSettings | Mapping[str, Any] | None = None,
+    *,
+    save_probabilities: bool = False,
+    continue_prediction: bool = False,
+    postprocess: bool = True,
+    processes: int = 1,
+    progress: bool = True,
+    **legacy: Any,
+) -> dict[str, Any]:
+    """Segment every case of ``input_dir`` with the selected model or ensemble of ``results_dir`` (§9).
+
+    First, before anything is predicted, the results folder (selection.json, plans.json, postprocessing.json,
+    every needed ``model_final.pt``) and the whole input folder (:func:`verify_prediction_inputs`) are checked.
+    Then each configuration of the selected candidate (and a cascade's previous stage, run first and fed in)
+    predicts with all its ``folds`` (default: the cross-validated ones; logits averaged over folds), an
+    ensemble's members' probabilities are averaged, the postprocessing decision is applied and
+    ``<case><file_ending>`` is written into ``output_dir`` with the input's exact geometry (with
+    ``save_probabilities`` also ``<case>.npz`` + ``<case>.json``). ``continue_prediction`` skips cases whose
+    outputs exist. ``settings``: :class:`~nnsnake.inference.InferenceSettings` or the workflow's ``inference``
+    mapping (device, mirroring, step size, autocast, tiles per pass, threads); the loose keywords ``device``,
+    ``mirroring``, ``step_size``, ``autocast``, ``num_threads`` (``legacy``) are deprecated and update it with a
+    warning. ``processes`` worker processes check the input folder. Intermediate files live in
+    ``output_dir/.nnsnake_work`` and are removed at the end; ``prediction.json`` (what was run) is written last.
+    """
+    from ..inference import prediction_paths
+    from ..labels import LabelModel
+
+    start = time.perf_counter()
+    inference = inference_settings("predict", settings, legacy)
+    input_path, output_path, results_path = Path(input_dir), Path(output_dir), Path(results_dir)
+    if output_path.resolve() == input_path.resolve():
+        raise EvaluationError(f"{output_dir}: the output folder must differ from the input folder")
+    selection, plans, decision, dataset_json = _load_selection(results_path, postprocess)
+    members = list(selection["members"])
+    ending = dataset_json["file_ending"]
+    stages = _stages_to_run(plans, members)
+    fold_names = _fold_names(folds, selection, results_path)
+    models = {stage: _model_files(results_path, stage, fold_names) for stage in stages}
+    _missing_models(models, selection["selected"])
+    cases = verify_prediction_inputs(input_path, dataset_json, processes)
+    todo = _cases_to_do(cases, output_path, ending, save_probabilities, continue_prediction)
+    log.info(
+        "predicting %d of %d case(s) with %s (folds %s, mirroring %s)%s",
+        len(todo),
+        len(cases),
+        selection["selected"],
+        ", ".join(fold_names),
+        "on" if inference.mirroring else "off",
+        f"; {len(cases) - len(todo)} already done" if len(todo) < len(cases) else "",
+    )
+    labels = LabelModel.from_dataset_json(dataset_json)
+    work = output_path / WORK_FOLDER
+    device_used = None
+    # the device is chosen (and a GPU claimed) before anything is written, so a wrong --device leaves no trace
+    with _device_for(inference, bool(todo)) as torch_device:
+        output_path.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            if todo:
+                device_used = str(torch_device)
+                stage_settings = inference.replace(device=device_used)
+                _predict_stages(
+                    todo,
+                    work,
+                    stages,
+                    members,
+                    models,
+                    plans,
+                    dataset_json,
+                    stage_settings,
+                    save_probabilities=save_probabilities,
+                    progress=progress,
+                )
+            for case_id in sorted(todo):
+                _finish_case(
+                    [work / m / f"{case_id}{ending}" for m in members],
+                    prediction_paths(output_path / case_id, ending),
+                    labels,
+                    ending,
+                    decision,
+                    save_probabilities,
+                )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    record = {
+        "selected": selection["selected"],
+        "members": members,
+        "configurations_run": stages,
+        "folds": fold_names,
+        **_settings_record(inference, device_used),
+        "postprocessing_steps": decision["steps"] if decision is not None else None,
+        "results_dir": str(results_path),
+        "input_dir": str(input_path),
+        "cases": sorted(cases),
+        "n_predicted": len(todo),
+        "seconds": seconds,
+        "seconds_per_case": seconds / len(todo) if todo else None,
+    }
+    write_json(output_path / PREDICTION_RECORD, record)
+    log.info("wrote %d segmentation(s) to %s in %.1f s", len(todo), output_path, seconds)
+    return {
+        "n_cases": len(cases),
+        "n_predicted": len(todo),
+        "selected": selection["selected"],
+        "output_dir": str(output_path),
+        "seconds": seconds,
+    }
+
+
+def _settings_record(settings: InferenceSettings, device_used: str | None) -> dict[str, Any]:
+    """How the prediction ran, for ``prediction.json`` (``device``: None when nothing needed predicting)."""
+    return {
+        "mirroring": bool(settings.mirroring),
+        "step_size": float(settings.step_size),
+        "autocast": settings.autocast,
+        "device": device_used,
+    }
+
+
+def _device_for(settings: InferenceSettings, needed: bool) -> contextlib.AbstractContextManager[Any]:
+    """The settings' device with a claimed GPU and the thread count set, when there is something to predict."""
+    from ..runtime import compute_device
+
+    return compute_device(settings.device, settings.threads) if needed else contextlib.nullcontext()
+
+
+predict_folder = predict
+"""The name :func:`predict` had as ``nnsnake.evaluation.predict_folder`` (the CLI's entry point)."""
