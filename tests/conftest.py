@@ -8,6 +8,7 @@ README's main command on the embedded demo, shared by the tests that inspect its
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,27 @@ def _few_threads() -> None:
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_slurm_probe_outside_the_slurm_tests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point SLURM's commands at an empty config for the tests that do not use SLURM.
+
+    Every snakemake start imports the SLURM executor plugin, which runs ``scontrol show config``. Once
+    tests/slurm/slurm_local.sh has configured a cluster and stopped it again, that call retries for 9 s before
+    it gives up, so every later snakemake call in the session would wait 9 s; with an empty config it fails at
+    once. tests/test_slurm.py's cluster fixture puts the real config back for its own duration.
+    """
+    if "SLURM_CONF" in os.environ:  # the caller chose a SLURM config: leave it
+        yield
+        return
+    empty = tmp_path_factory.mktemp("no_slurm") / "slurm.conf"
+    empty.touch()
+    os.environ["SLURM_CONF"] = str(empty)
+    try:
+        yield
+    finally:
+        os.environ.pop("SLURM_CONF", None)
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,7 @@ EPOCHS, ITERATIONS = (
 FIRST_ATTEMPT_RUNTIME = "1 if attempt == 1 else 60"  # minutes; SLURM enforces it within ~30 s of the limit
 RUN_TIMEOUT_S = 900
 SESSION_LOCK = Path("/var/lib/slurm-local/test-session.lock")
+SLURM_CONF = "/etc/slurm/slurm.conf"  # where tests/slurm/slurm_local.sh writes it
 
 
 def script(command: str, timeout: int) -> subprocess.CompletedProcess:
@@ -77,19 +78,30 @@ def cluster() -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster needs root (apt-get, daemons)")
     SESSION_LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with open(SESSION_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        install = script("install", timeout=900)
-        if install.returncode == 77:
-            pytest.skip(f"SLURM cannot be installed here: {install.stderr.strip()[-500:]}")
-        assert install.returncode == 0, f"slurm_local.sh install failed:\n{install.stdout}\n{install.stderr}"
-        try:
-            start = script("start", timeout=300)
-            assert start.returncode == 0, f"slurm_local.sh start failed:\n{start.stdout}\n{start.stderr}"
-            yield
-        finally:
-            stop = script("stop", timeout=300)
-            assert stop.returncode == 0, f"slurm_local.sh stop failed:\n{stop.stdout}\n{stop.stderr}"
+    # the real config for the script, the daemons and every job (conftest points other tests at an empty one)
+    saved_conf = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = SLURM_CONF
+    try:
+        with open(SESSION_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            install = script("install", timeout=900)
+            if install.returncode == 77:
+                pytest.skip(f"SLURM cannot be installed here: {install.stderr.strip()[-500:]}")
+            assert install.returncode == 0, (
+                f"slurm_local.sh install failed:\n{install.stdout}\n{install.stderr}"
+            )
+            try:
+                start = script("start", timeout=300)
+                assert start.returncode == 0, f"slurm_local.sh start failed:\n{start.stdout}\n{start.stderr}"
+                yield
+            finally:
+                stop = script("stop", timeout=300)
+                assert stop.returncode == 0, f"slurm_local.sh stop failed:\n{stop.stdout}\n{stop.stderr}"
+    finally:
+        if saved_conf is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved_conf
 
 
 def local_profile(folder: Path) -> dict:
