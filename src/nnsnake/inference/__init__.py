@@ -6,7 +6,6 @@ averaged over tiles, mirrorings and folds), :mod:`.export` (logits back to the r
 :mod:`.predictor` (whole pipelines over raw or preprocessed cases). Every public name is re-exported here.
 """
 
-from ..labels import LabelModel
 from .checkpoints import (
     allowed_mirror_axes,
     load_checkpoint,
@@ -49,7 +48,6 @@ from .sliding_window import (
     sliding_window_steps,
 )
 
-LabelLayout = LabelModel
 """Deprecated alias, kept while callers outside the package move to :class:`nnsnake.labels.LabelModel`."""
 
 __all__ = [
@@ -61,7 +59,6 @@ __all__ = [
     "LIBRARY_DEFAULTS",
     "PROPERTIES_NOT_EXPORTED",
     "InferenceSettings",
-    "LabelLayout",
     "PathLike",
     "TensorOrArray",
     "_gaussian_map",

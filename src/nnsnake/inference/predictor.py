@@ -20,45 +20,19 @@ import torch
 from torch import nn
 
 from .. import runtime
-from ..deprecation import warn_deprecated
 from ..labels import LabelModel
 from .checkpoints import _resolve, load_fold_networks
 from .export import export_next_stage_segmentation, export_prediction, prediction_paths
-from .settings import InferenceSettings
+from .settings import PIPELINE_KEYWORDS, InferenceSettings, with_legacy_keywords
 from .sliding_window import predict_sliding_window
 
 PathLike = str | os.PathLike
 
 # A library call never picks a GPU on its own: claiming one is the caller's job (runtime.compute_device).
 LIBRARY_DEFAULTS = InferenceSettings(device="cpu")
+
+
 # keywords the pipelines took before InferenceSettings, and the settings field each one became
-_LEGACY_KEYWORDS = {
-    "use_mirroring": "mirroring",
-    "step_size": "step_size",
-    "device": "device",
-    "batch_tiles": "tile_batch",
-    "autocast": "autocast",
-}
-
-
-def _settings_with_legacy_keywords(
-    function: str, settings: InferenceSettings | None, legacy: Mapping[str, Any]
-) -> InferenceSettings:
-    """``settings`` (default :data:`LIBRARY_DEFAULTS`) updated by deprecated loose keywords, with a warning each."""
-    settings = settings if settings is not None else LIBRARY_DEFAULTS
-    changes = {}
-    for old, value in legacy.items():
-        new = _LEGACY_KEYWORDS.get(old)
-        if new is None:
-            raise TypeError(f"{function}() got an unexpected keyword argument {old!r}")
-        warn_deprecated(
-            f"{function}({old}=...) is deprecated; use {function}(settings=InferenceSettings({new}=...))",
-            stacklevel=3,
-        )
-        changes[new] = str(value) if new == "device" else value
-    return settings.replace(**changes) if changes else settings
-
-
 def one_hot_previous_stage(
     seg: np.ndarray, dataset_json: Mapping[str, Any], dtype: type = np.float32
 ) -> np.ndarray:
@@ -182,7 +156,9 @@ def predict_from_raw(
     """
     from ..preprocessing import preprocess_case
 
-    settings = _settings_with_legacy_keywords("predict_from_raw", settings, legacy)
+    settings = with_legacy_keywords(
+        "predict_from_raw", settings or LIBRARY_DEFAULTS, legacy, PIPELINE_KEYWORDS
+    )
     config = _resolve(plans, configuration)
     todo = _raw_cases_to_predict(
         image_paths_per_case,
@@ -302,7 +278,9 @@ def predict_preprocessed(
     """
     from ..preprocessing import load_case
 
-    settings = _settings_with_legacy_keywords("predict_preprocessed", settings, legacy)
+    settings = with_legacy_keywords(
+        "predict_preprocessed", settings or LIBRARY_DEFAULTS, legacy, PIPELINE_KEYWORDS
+    )
     device = runtime.select_device(settings.device)
     config = _resolve(plans, configuration)
     labels = LabelModel.from_dataset_json(dataset_json)

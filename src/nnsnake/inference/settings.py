@@ -12,7 +12,7 @@ import logging
 import math
 import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,3 +97,43 @@ def deprecated_autocast_bool(value: bool) -> None:
     """Warn that a boolean autocast is deprecated, naming the string that replaces it."""
     new = "'fp16' on CUDA / 'bf16' elsewhere" if value else "'off'"
     warn_deprecated(f"autocast {value} is deprecated; use {new}", stacklevel=3)
+
+
+# keywords that callers passed before InferenceSettings, and the field each became
+LEGACY_KEYWORDS = {
+    "device": "device",
+    "mirroring": "mirroring",
+    "use_mirroring": "mirroring",
+    "step_size": "step_size",
+    "autocast": "autocast",
+    "threads": "threads",
+    "num_threads": "threads",
+    "tile_batch": "tile_batch",
+    "batch_tiles": "tile_batch",
+}
+# which of them each layer took: the steps (validate, predict) and the prediction pipelines
+STEP_KEYWORDS = frozenset(LEGACY_KEYWORDS) - {"batch_tiles"}
+PIPELINE_KEYWORDS = frozenset({"use_mirroring", "step_size", "device", "batch_tiles", "autocast"})
+
+
+def with_legacy_keywords(
+    function: str,
+    settings: InferenceSettings,
+    legacy: Mapping[str, Any],
+    accepted: Collection[str],
+    stacklevel: int = 3,
+) -> InferenceSettings:
+    """``settings`` updated by the deprecated loose keywords a caller of ``function`` still passes (one release),
+    each with a deprecation warning; a keyword outside ``accepted`` (the ones ``function`` took) is a TypeError,
+    as Python would raise."""
+    changes = {}
+    for old, value in legacy.items():
+        new = LEGACY_KEYWORDS.get(old) if old in accepted else None
+        if new is None:
+            raise TypeError(f"{function}() got an unexpected keyword argument {old!r}")
+        warn_deprecated(
+            f"{function}({old}=...) is deprecated; use {function}(settings=InferenceSettings({new}=...))",
+            stacklevel=stacklevel,
+        )
+        changes[new] = str(value) if new == "device" else value
+    return settings.replace(**changes) if changes else settings

@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..deprecation import warn_deprecated
 from ..errors import EvaluationError
 from ..jsonio import read_json
 from ..parallel import process_pool
@@ -45,42 +44,19 @@ TRAINER_NAME = "nnsnake"
 # deprecated names (CONTRIBUTING.md, glossary)
 
 
-def _deprecated(message: str) -> None:
-    warn_deprecated(message, stacklevel=3)
-
-
-# keywords validate and predict took before InferenceSettings, and the settings field each one became
-_LEGACY_SETTINGS = {
-    "device": "device",
-    "mirroring": "mirroring",
-    "use_mirroring": "mirroring",
-    "step_size": "step_size",
-    "autocast": "autocast",
-    "threads": "threads",
-    "num_threads": "threads",
-    "tile_batch": "tile_batch",
-}
-
-
 def inference_settings(
     function: str, settings: InferenceSettings | Mapping[str, Any] | None, legacy: Mapping[str, Any]
 ) -> InferenceSettings:
     """``settings`` as :class:`~nnsnake.inference.InferenceSettings` (a mapping goes through ``from_mapping``),
     updated by the deprecated loose keywords in ``legacy``, each with a warning."""
     from ..inference import InferenceSettings
+    from ..inference.settings import STEP_KEYWORDS, with_legacy_keywords
 
     if isinstance(settings, InferenceSettings):
         resolved = settings
     else:
         resolved = InferenceSettings.from_mapping(settings)
-    changes = {}
-    for old, value in legacy.items():
-        new = _LEGACY_SETTINGS.get(old)
-        if new is None:
-            raise TypeError(f"{function}() got an unexpected keyword argument {old!r}")
-        _deprecated(f"{function}({old}=...) is deprecated; use {function}(settings={{{new!r}: ...}})")
-        changes[new] = str(value) if new == "device" else value
-    return resolved.replace(**changes) if changes else resolved
+    return with_legacy_keywords(function, resolved, legacy, STEP_KEYWORDS, stacklevel=4)
 
 
 # --------------------------------------------------------------------------------------------------------------
