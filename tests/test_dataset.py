@@ -175,8 +175,23 @@ def test_missing_dataset_json(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        ({"labels": {"background": 0, "a": 1, "ignore": 2}}, "'ignore' label is not supported yet"),
-        ({"labels": {"background": 0, "a": [1, 2], "b": 2}}, "region-based labels"),
+        ({"labels": {"background": 0, "a": [1, 2], "b": 2}}, "'regions_class_order' is missing"),
+        (
+            {"labels": {"background": 0, "a": [1, 2], "b": 2}, "regions_class_order": [1]},
+            "must list one label per region ['a', 'b'] (2 entries",
+        ),
+        (
+            {"labels": {"background": 0, "a": [1, 2], "b": 2}, "regions_class_order": [1, 7]},
+            "paints region 'b' with 7, which is not a foreground label [1, 2]",
+        ),
+        ({"labels": {"background": 0, "a": [1, 4]}, "regions_class_order": [1]}, "'a' -> 4"),
+        ({"labels": {"background": 0, "a": [1, "x"]}}, "a region must be a non-empty list of integer"),
+        ({"labels": {"background": 0, "a": 1, "ignore": 5}}, "must be the highest label value, 2"),
+        ({"labels": {"background": 0, "a": 1, "ignore": [2]}}, "the ignore label must be one integer"),
+        (
+            {"labels": {"background": 0, "a": [1, 2], "b": 2, "ignore": 2}, "regions_class_order": [1, 2]},
+            "the ignore value 2 is part of ['a', 'b']",
+        ),
         ({"labels": {"background": 0, "a": 2}}, "consecutive"),
         ({"labels": {"bg": 0, "a": 1}}, '"background": 0'),
         ({"file_ending": ".jpg"}, "lossy"),
@@ -191,6 +206,36 @@ def test_dataset_json_problems(dataset: Path, change: dict, words: str) -> None:
     assert any("dataset.json" in p and words in p for p in problems), problems
     with pytest.raises(DatasetError, match="dataset.json"):
         load_dataset_json(dataset)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {"labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2]},
+        {"labels": {"background": 0, "a": 1, "b": 2, "ignore": 3}},
+        {"labels": {"background": 0, "whole": [1, 2], "core": 2, "ignore": 3}, "regions_class_order": [1, 2]},
+        {"labels": {"background": 0, "a": [1], "b": [2]}},  # one-element lists stay label mode
+    ],
+)
+def test_regions_and_ignore_label_are_accepted(dataset: Path, labels: dict) -> None:
+    dataset_json = json.loads((dataset / "dataset.json").read_text())
+    dataset_json.update(labels)
+    (dataset / "dataset.json").write_text(json.dumps(dataset_json))
+    assert problems_of(dataset) == []
+    assert list(load_dataset_json(dataset)["labels"]) == list(labels["labels"])  # file order kept
+
+
+def test_label_files_may_hold_the_ignore_label_but_nothing_undeclared(dataset: Path) -> None:
+    dataset_json = json.loads((dataset / "dataset.json").read_text())
+    dataset_json["labels"] = {"background": 0, "a": 1, "ignore": 2}
+    (dataset / "dataset.json").write_text(json.dumps(dataset_json))
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[0] = 2
+    _write(dataset / "labelsTr" / "case_000.nii.gz", seg)
+    assert problems_of(dataset) == []
+    seg[1] = 3
+    _write(dataset / "labelsTr" / "case_000.nii.gz", seg)
+    assert_one_problem(dataset, "labelsTr/case_000.nii.gz", "label value(s) [3] are not declared")
 
 
 def test_missing_required_key(dataset: Path) -> None:

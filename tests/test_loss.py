@@ -286,3 +286,19 @@ def test_region_targets_downsample_as_booleans():
     _, half = downsample_target_for_deep_supervision(target, [[1.0, 1.0], [0.5, 0.5]])
     assert half.dtype == torch.bool and half.shape == (1, 3, 2, 2)
     assert half[0, 1].all() and not half[0, 0].any()
+
+
+def test_region_deep_supervision_with_ignore_equals_nnunetv2(nnunet_reference):
+    """Region targets (ignore channel last) downsampled per head and the weighted Dice + BCE, as nnunetv2."""
+    values, arrays = nnunet_reference
+    scales = values["deep_supervision_scales"]
+    targets = downsample_target_for_deep_supervision(torch.as_tensor(arrays["region_target_ignore"]), scales)
+    for k, t in enumerate(targets):
+        expected = arrays[f"region_ds_target_{k}"]
+        assert t.shape == expected.shape and torch.equal(t.bool(), expected.bool())
+    weights = deep_supervision_weights(len(scales))
+    logits = [arrays[f"region_ds_logits_{k}"] for k in range(len(scales))]
+    loss = build_loss(True, 3, weights, regions=[[1, 2], [2]])
+    assert loss(logits, targets).item() == pytest.approx(
+        values["deep_supervision_regions_batch_ignore"], rel=1e-5
+    )

@@ -86,53 +86,7 @@ def dataset_json_problems(dataset_json: dict[str, Any], path: str) -> list[Probl
             problems.append(
                 Problem(path, f"required key {key!r} is missing", f"add {key!r} (see config/README.md)")
             )
-    labels = dataset_json.get("labels")
-    if isinstance(labels, dict):
-        if "ignore" in labels:
-            problems.append(
-                Problem(
-                    path, "an 'ignore' label is not supported yet by nnsnake", "remove the 'ignore' label"
-                )
-            )
-        if any(isinstance(v, (list, tuple)) for v in labels.values()):
-            problems.append(
-                Problem(
-                    path,
-                    "region-based labels (lists of label values) are not supported yet by nnsnake",
-                    "use one integer per label",
-                )
-            )
-        if "regions_class_order" in dataset_json:
-            problems.append(
-                Problem(
-                    path,
-                    "'regions_class_order' (regions) is not supported yet by nnsnake",
-                    "remove regions_class_order and use plain integer labels",
-                )
-            )
-        scalar = {k: v for k, v in labels.items() if not isinstance(v, (list, tuple))}
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in scalar.values()):
-            problems.append(
-                Problem(path, f"label values must be integers, got {scalar}", "use integer label values")
-            )
-        elif scalar:
-            if labels.get("background") != 0:
-                problems.append(
-                    Problem(path, 'labels must contain "background": 0', 'add "background": 0 to labels')
-                )
-            values = sorted(scalar.values())
-            if values != list(range(values[0], values[0] + len(values))) or values[0] != 0:
-                problems.append(
-                    Problem(
-                        path,
-                        f"label values must be consecutive integers from 0, got {values}",
-                        "renumber the labels 0, 1, 2, ... in dataset.json and the label files",
-                    )
-                )
-    elif labels is not None:
-        problems.append(
-            Problem(path, "'labels' must be a mapping name -> integer", 'e.g. {"background": 0, "x": 1}')
-        )
+    problems += label_problems(dataset_json, path)
     channels = dataset_json.get("channel_names")
     if channels is not None and (not isinstance(channels, dict) or not channels):
         problems.append(Problem(path, "'channel_names' must be a non-empty mapping", 'e.g. {"0": "CT"}'))
@@ -164,6 +118,159 @@ def dataset_json_problems(dataset_json: dict[str, Any], path: str) -> list[Probl
             Problem(path, f"numTraining must be an integer, got {num!r}", "set numTraining to the case count")
         )
     return problems
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def label_problems(dataset_json: dict[str, Any], path: str) -> list[Problem]:
+    """Check ``labels`` (plain labels, regions, the ignore label) and ``regions_class_order`` as nnU-Net reads
+    them (extensions spec §3.1, §4.1): one problem per rule broken, each naming the entry and the fix.
+
+    Labels map a name to an integer, or to a list of integers (a region: the union of those label values). A
+    list with more than one value puts the dataset in region mode, which needs ``regions_class_order``: the label
+    each region paints back, one per non-background entry in file order. ``ignore`` marks unannotated voxels: one
+    integer, the highest value, in no region.
+    """
+    labels = dataset_json.get("labels")
+    if labels is None:
+        return []
+    if not isinstance(labels, dict) or not labels:
+        return [Problem(path, "'labels' must be a mapping name -> integer", 'e.g. {"background": 0, "x": 1}')]
+    problems: list[Problem] = []
+    values: dict[str, tuple[int, ...]] = {}
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            if not value or not all(_is_int(v) for v in value):
+                problems.append(
+                    Problem(
+                        path,
+                        f"label {name!r} is {value!r}; a region must be a non-empty list of integer label values",
+                        f'e.g. "{name}": [1, 2]',
+                    )
+                )
+                continue
+            if name == "ignore":
+                problems.append(
+                    Problem(
+                        path,
+                        f"label 'ignore' is the list {value!r}; the ignore label must be one integer",
+                        "give it one integer: the next value above the other labels",
+                    )
+                )
+                continue
+            values[name] = tuple(int(v) for v in value)
+        elif _is_int(value):
+            values[name] = (int(value),)
+        else:
+            problems.append(
+                Problem(
+                    path,
+                    f"label {name!r} is {value!r}; label values must be integers (or lists of integers for regions)",
+                    "use integer label values",
+                )
+            )
+    if problems:
+        return problems
+    if labels.get("background") != 0:
+        problems.append(Problem(path, 'labels must contain "background": 0', 'add "background": 0 to labels'))
+    ignore = values.pop("ignore", None)
+    declared = sorted({v for vs in values.values() for v in vs})
+    expected = list(range(len(declared)))
+    if declared != expected:
+        gaps = sorted(set(range(max(declared, default=0) + 1)) - set(declared))
+        outside = [
+            f"{name!r} -> {v}" for name, vs in values.items() for v in vs if v < 0 or (gaps and v > gaps[0])
+        ]
+        detail = f"; entries beyond the first gap: {', '.join(outside)}" if outside else ""
+        problems.append(
+            Problem(
+                path,
+                f"label values must be consecutive integers from 0, got {declared} (missing {gaps}){detail}",
+                "renumber the labels 0, 1, 2, ... in dataset.json and the label files (a region may only "
+                "refer to values that are labels)",
+            )
+        )
+    if ignore is not None:
+        top = max(declared, default=0)
+        if ignore[0] != top + 1:
+            problems.append(
+                Problem(
+                    path,
+                    f"the ignore label is {ignore[0]} but must be the highest label value, {top + 1} "
+                    f"(one above the other labels {declared})",
+                    f'set "ignore": {top + 1} and relabel the unannotated voxels of the label files',
+                )
+            )
+        in_regions = [name for name, vs in values.items() if ignore[0] in vs]
+        if in_regions:
+            problems.append(
+                Problem(
+                    path,
+                    f"the ignore value {ignore[0]} is part of {in_regions}; ignored voxels belong to no label or region",
+                    "remove the ignore value from those entries",
+                )
+            )
+    has_regions = any(len(vs) > 1 for vs in values.values())
+    order = dataset_json.get("regions_class_order")
+    if has_regions:
+        regions = [name for name, vs in values.items() if set(vs) != {0}]
+        if order is None:
+            problems.append(
+                Problem(
+                    path,
+                    f"labels define regions {regions} but 'regions_class_order' is missing",
+                    f'add "regions_class_order": the label each region paints, one per region in this order: {regions}',
+                )
+            )
+        elif not isinstance(order, list) or len(order) != len(regions):
+            problems.append(
+                Problem(
+                    path,
+                    f"'regions_class_order' is {order!r} but must list one label per region {regions} "
+                    f"({len(regions)} entries, in the order of labels)",
+                    f"give {len(regions)} label values, e.g. {_suggested_class_order([values[n] for n in regions])}",
+                )
+            )
+        else:
+            foreground = [v for v in declared if v != 0]
+            wrong = [
+                (region, label)
+                for region, label in zip(regions, order, strict=True)
+                if not _is_int(label) or label not in foreground
+            ]
+            for region, label in wrong:
+                problems.append(
+                    Problem(
+                        path,
+                        f"regions_class_order paints region {region!r} with {label!r}, which is not a foreground "
+                        f"label {foreground}",
+                        "use one of the foreground label values (never background or ignore)",
+                    )
+                )
+    return problems
+
+
+def _suggested_class_order(regions: list[tuple[int, ...]]) -> list[int]:
+    """A ``regions_class_order`` to suggest: each region paints its smallest value no later region contains
+    (BraTS' whole/core/enhancing -> edema/core/enhancing), so painting in order restores the label map."""
+    order = []
+    for i, region in enumerate(regions):
+        later = {v for r in regions[i + 1 :] for v in r}
+        own = sorted(set(region) - later) or sorted(region)
+        order.append(own[0])
+    return order
+
+
+def allowed_label_values(dataset_json: dict[str, Any]) -> list[int]:
+    """Every value a label file may hold: the labels (regions' values included) and the ignore label."""
+    found: set[int] = set()
+    for value in dataset_json.get("labels", {}).values():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if _is_int(v):
+                found.add(int(v))
+    return sorted(found)
 
 
 def load_dataset_json(root: str | os.PathLike) -> dict[str, Any]:
@@ -599,8 +706,7 @@ def verify_dataset(
                 f"set numTraining to {len(cases)}",
             )
         )
-    labels = dataset_json.get("labels", {})
-    allowed = sorted(int(v) for v in labels.values() if isinstance(v, int) and not isinstance(v, bool))
+    allowed = allowed_label_values(dataset_json)
     jobs = [(cid, files, allowed) for cid, files in cases.items()]
     if processes > 1:
         with process_pool(processes) as pool:

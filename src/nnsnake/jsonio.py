@@ -1,6 +1,7 @@
 """Atomic files and deterministic JSON.
 
-Every JSON file nnsnake writes goes through :func:`write_json`: keys are sorted and the text is written to a
+Every JSON file nnsnake writes goes through :func:`write_json`: keys are sorted (except dataset.json's
+``labels``, whose order means something) and the text is written to a
 temporary file that is renamed into place, so an unchanged result is byte-identical (Snakemake's checksum then
 sees no change) and a killed job never leaves a half-written file behind.
 """
@@ -37,9 +38,27 @@ def to_builtin(obj: Any) -> Any:
     return obj
 
 
-def dumps(obj: Any) -> str:
-    """Canonical JSON text: sorted keys, 2-space indent, trailing newline."""
-    return json.dumps(to_builtin(obj), indent=2, sort_keys=True, allow_nan=True) + "\n"
+ORDERED_KEYS = frozenset({"labels"})
+"""Mappings stored under these keys keep their order: dataset.json's ``labels`` (region mode numbers its output
+channels in file order, so sorting them would reassign the regions)."""
+
+
+def _sorted_keys(obj: Any, keep_order: bool = False) -> Any:
+    """``obj`` (plain JSON types) with every mapping's keys sorted, except mappings under :data:`ORDERED_KEYS`."""
+    if isinstance(obj, dict):
+        items = obj.items() if keep_order else sorted(obj.items())
+        return {k: _sorted_keys(v, k in ORDERED_KEYS) for k, v in items}
+    if isinstance(obj, list):
+        return [_sorted_keys(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, keep_label_order: bool = True) -> str:
+    """Canonical JSON text: sorted keys (dataset.json ``labels`` in file order unless ``keep_label_order`` is
+    false), 2-space indent, trailing newline."""
+    if not keep_label_order:
+        return json.dumps(to_builtin(obj), indent=2, sort_keys=True, allow_nan=True) + "\n"
+    return json.dumps(_sorted_keys(to_builtin(obj)), indent=2, allow_nan=True) + "\n"
 
 
 @contextlib.contextmanager

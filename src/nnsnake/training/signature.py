@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ..jsonio import dumps, read_json
+from ..labels import LabelModel
 from .settings import STATE_FORMAT, TrainingSettings
 
 
-def sha256_of(obj: Any) -> str:
+def sha256_of(obj: Any, keep_label_order: bool = True) -> str:
     """SHA-256 of the canonical JSON text of ``obj``."""
-    return hashlib.sha256(dumps(obj).encode("utf-8")).hexdigest()
+    return hashlib.sha256(dumps(obj, keep_label_order).encode("utf-8")).hexdigest()
 
 
 _SIGNATURE_MEANING = {
@@ -54,11 +55,14 @@ def training_signature(
     The entries of ``dataset_json`` are hashed as they are written (a changed file restarts the run).
     """
     labels = {k: dataset_json.get(k) for k in ("labels", "channel_names", "regions_class_order")}
+    # Region mode numbers its outputs in file order, so the order is part of the run; label mode hashes the
+    # sorted entries, as before regions existed (existing checkpoints stay resumable).
+    region_mode = LabelModel.from_dataset_json(dataset_json).has_regions
     return {
         "format": STATE_FORMAT,
         "configuration": configuration,
         "configuration_sha256": sha256_of(config),
-        "labels_sha256": sha256_of(labels),
+        "labels_sha256": sha256_of(labels, keep_label_order=region_mode),
         "fold": str(fold),
         "cases_sha256": sha256_of({"train": list(train_ids), "val": list(val_ids)}),
         "data_sha256": data_sha256,
