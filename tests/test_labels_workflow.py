@@ -143,7 +143,9 @@ def test_regions_with_ignore_label_through_the_workflow_and_the_cascade(tmp_path
     import torch
 
     weights = torch.load(results / "training" / "3d_fullres" / "fold_0" / "model_final.pt", weights_only=True)
-    heads = [v for k, v in weights["network_weights"].items() if "seg_layers" in k and k.endswith("weight")]
+    heads = [
+        v for k, v in weights["network_weights"].items() if k.startswith("heads.") and k.endswith("weight")
+    ]
     assert heads and all(h.shape[0] == 2 for h in heads)
     cascade = torch.load(
         results / "training" / "3d_cascade_fullres" / "fold_0" / "model_final.pt", weights_only=True
@@ -178,6 +180,7 @@ def test_ignore_label_through_the_workflow(tmp_path: Path) -> None:
     splits = two_fold_splits(raw, tmp_path / "splits.json")
     wd = workflow_copy(tmp_path)
     config = ("--config", f"dataset={raw}", f"splits_file={splits}", "folds=[0,1]")
+    snakemake(wd, *config, "--", f"results/{name}/plans.json")  # job counts are known once the plan exists
     run = snakemake(wd, "--resources", "gpu=1", *config)
     assert job_counts(run.stdout + run.stderr)["train"] == 4
     results = wd / "results" / name
