@@ -173,7 +173,9 @@ def test_fingerprint_equals_nnunetv2(region_datasets, dataset):
     assert sorted(ours["foreground_intensity_properties_per_channel"]) == sorted(ref_props)
     for channel, props in ours["foreground_intensity_properties_per_channel"].items():
         for key, value in ref_props[channel].items():
-            tolerance = 1e-6 if key in ("mean", "std") else 1e-7  # nnU-Net's float32 sums (test_fingerprint.py)
+            tolerance = (
+                1e-6 if key in ("mean", "std") else 1e-7
+            )  # nnU-Net's float32 sums (test_fingerprint.py)
             assert props[key] == pytest.approx(value, rel=tolerance, abs=1e-9), (channel, key)
 
 
@@ -189,12 +191,18 @@ def test_preprocessing_equals_nnunetv2(region_datasets, tmp_path, dataset, confi
 
     assert list(seg.shape) == expected["seg"]["shape"]
     values, counts = np.unique(seg, return_counts=True)
-    assert {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)} == expected["seg"]["value_counts"]
+    assert {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)} == expected["seg"][
+        "value_counts"
+    ]
     assert sha256(seg.astype(np.int8)) == expected["seg"]["sha256_int8"]
     for key, value in expected["properties"].items():
-        assert np.asarray(properties[key], dtype=float).tolist() == np.asarray(value, dtype=float).tolist(), key
+        assert np.asarray(properties[key], dtype=float).tolist() == np.asarray(value, dtype=float).tolist(), (
+            key
+        )
     locations = properties["class_locations"]
-    assert [str(k) for k in locations] == [str(k) for k in LabelModel.from_dataset_json(dataset_json).class_location_keys]
+    assert [str(k) for k in locations] == [
+        str(k) for k in LabelModel.from_dataset_json(dataset_json).class_location_keys
+    ]
     assert location_summary(locations) == expected["class_locations"]
 
     # the store keeps them (tuple keys for regions, also single-element ones; the annotated key)

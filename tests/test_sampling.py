@@ -344,3 +344,103 @@ def test_worker_streams_differ_and_derive_from_the_seed():
     first = worker0.generate_train_batch()["data"]
     assert torch.equal(first, in_process.generate_train_batch()["data"])
     assert not torch.equal(first, worker1.generate_train_batch()["data"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# regions and the ignore label (extensions §3.6, §4.3): keys as the preprocessing stores them
+# ---------------------------------------------------------------------------------------------------------
+ANNOTATED = (
+    -1,
+    0,
+    1,
+    2,
+)  # nnU-Net's annotated key: -1 and every label, of a dataset with labels 0, 1, 2 + ignore
+
+
+def centre(loader, lower):
+    return tuple(lo + s // 2 for lo, s in zip(lower, loader.sampling_patch_size, strict=True))
+
+
+def test_ignore_label_random_samples_are_centred_on_annotated_voxels():
+    """Not forced: a voxel of the annotated key is the centre (never the foreground keys, never a random crop)."""
+    shape = (40, 40, 40)
+    locations = {
+        (1, 2): np.array([[30, 30, 30]]),
+        2: np.array([[30, 30, 30]]),
+        ANNOTATED: np.array([[10, 12, 14], [20, 22, 24]]),
+    }
+    loader = loader_for({"c": make_case(shape)}, 1, (6, 6, 6), has_ignore_label=True)
+    np.random.seed(0)  # noqa: NPY002 - the sampler draws from the global stream, as nnU-Net's
+    centres = {centre(loader, loader.lower_corner(shape, False, locations)) for _ in range(50)}
+    assert centres == {(10, 12, 14), (20, 22, 24)}
+
+
+def test_without_ignore_label_random_samples_are_random_crops():
+    shape = (40, 40, 40)
+    locations = {1: np.array([[10, 12, 14]])}
+    loader = loader_for({"c": make_case(shape)}, 1, (6, 6, 6))
+    np.random.seed(0)  # noqa: NPY002
+    centres = {centre(loader, loader.lower_corner(shape, False, locations)) for _ in range(50)}
+    assert len(centres) > 40
+
+
+def test_forced_samples_drop_the_annotated_key_when_other_keys_exist():
+    """Forced: uniform over the non-empty keys; the annotated key only when it is the only one."""
+    shape = (40, 40, 40)
+    loader = loader_for({"c": make_case(shape)}, 1, (6, 6, 6), has_ignore_label=True)
+    np.random.seed(1)  # noqa: NPY002
+    locations = {
+        (1, 2): np.array([[10, 10, 10]]),
+        2: np.array([[30, 30, 30]]),
+        ANNOTATED: np.array([[20, 20, 20]]),
+    }
+    seen = [centre(loader, loader.lower_corner(shape, True, locations)) for _ in range(400)]
+    assert set(seen) == {(10, 10, 10), (30, 30, 30)}
+    assert (
+        150 < seen.count((10, 10, 10)) < 250
+    )  # both regions equally often (nested regions favour inner ones)
+    only_annotated = {(1, 2): np.zeros((0, 3)), 2: np.zeros((0, 3)), ANNOTATED: np.array([[20, 20, 20]])}
+    assert centre(loader, loader.lower_corner(shape, True, only_annotated)) == (20, 20, 20)
+
+
+def test_case_without_annotated_voxels_warns_and_crops_randomly():
+    shape = (20, 20, 20)
+    loader = loader_for({"c": make_case(shape)}, 1, (6, 6, 6), has_ignore_label=True)
+    locations = {1: np.zeros((0, 3)), ANNOTATED: np.zeros((0, 3))}
+    with pytest.warns(UserWarning, match="no annotated voxel"):
+        lower = loader.lower_corner(shape, False, locations)
+    assert all(0 <= lo <= 14 for lo in lower)
+    lower = loader.lower_corner(shape, True, locations)  # forced, nothing eligible: random crop, no warning
+    assert all(0 <= lo <= 14 for lo in lower)
+
+
+def test_stored_region_and_ignore_locations_drive_the_loader(tmp_path):
+    """Through the store: tuple keys (one-label regions included) and nnU-Net's key order come back."""
+    from nnsnake.labels import LabelModel
+    from nnsnake.preprocessing import load_case, sample_class_locations, save_case
+
+    labels = LabelModel.from_dataset_json(
+        {
+            "labels": {"background": 0, "hippocampus": [1, 2], "posterior": [2], "ignore": 3},
+            "regions_class_order": [1, 2],
+        }
+    )
+    seg = np.full((1, 20, 20, 20), 3, dtype=np.int8)  # ignored everywhere except one corner
+    seg[0, :5, :5, :5] = 0
+    seg[0, 2, 2, 2] = 1
+    seg[0, 3, 3, 3] = 2
+    seg[0, 0, 0, 0] = -1  # outside the nonzero mask: annotated background
+    locations = sample_class_locations(seg[0], labels.class_location_keys)
+    assert list(locations) == [(1, 2), (2,), ANNOTATED]
+    save_case(tmp_path, "c", np.zeros((1, 20, 20, 20), np.float32), seg, {"class_locations": locations})
+    stored = load_case(tmp_path, "c")[2]["class_locations"]
+    assert list(stored) == list(locations)
+    for key in locations:
+        np.testing.assert_array_equal(stored[key], locations[key])
+    loader = PatchDataLoader(
+        ["c"], lambda cid: load_case(tmp_path, cid), 3, (4, 4, 4), has_ignore_label=True, seed=0
+    )
+    for _ in range(20):
+        target = loader.generate_train_batch()["target"]
+        assert (target != 3).flatten(1).any(1).all()  # every patch, forced or not, holds annotated voxels
+        assert ((target == 1) | (target == 2)).flatten(1)[2].any()  # the forced one holds a region

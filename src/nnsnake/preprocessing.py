@@ -17,7 +17,7 @@ Store (one folder per configuration, four files per case, chosen by measurement,
   nonzero mask;
 * ``<case>_locations.npy``: int32 ``(N, n_spatial)`` voxel coordinates of all classes, concatenated;
 * ``<case>.json``: properties (spacing, geometry, crop box, shapes), the row ranges of each class in the
-  locations file, and the case's input signature. Written last: a case is complete only when its JSON exists.
+  locations file and the classes' order, and the case's input signature. Written last: a case is complete only when its JSON exists.
 
 Every file is written under a temporary name and renamed; a case about to be rewritten loses its JSON first,
 so a killed job never leaves a case that looks complete but is not. A case whose signature (input files'
@@ -147,12 +147,17 @@ def sample_class_locations(
 
 
 def _key_to_text(key: ClassKey) -> str:
-    return ",".join(str(k) for k in key) if isinstance(key, tuple) else str(key)
+    """``"1"`` for a label, ``"1,2"`` for a region; a one-label region keeps a trailing comma (``"4,"``) so it
+    reads back as the tuple nnU-Net uses for list entries such as BraTS' enhancing tumour ``[4]``."""
+    if isinstance(key, tuple):
+        return ",".join(str(k) for k in key) + ("," if len(key) == 1 else "")
+    return str(key)
 
 
 def _key_from_text(text: str) -> ClassKey:
-    parts = text.split(",")
-    return tuple(int(p) for p in parts) if len(parts) > 1 else int(parts[0])
+    if "," not in text:
+        return int(text)
+    return tuple(int(p) for p in text.split(",") if p)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,6 +313,9 @@ def save_case(
         "format": STORE_FORMAT,
         "properties": properties,
         "class_locations": ranges,
+        # the JSON sorts ``ranges`` by key; the keys' own order (nnU-Net's: regions or labels, then the annotated
+        # key) is what the sampler indexes when it picks a class, so it is kept too
+        "class_location_order": list(ranges) if ranges is not None else None,
         "shape": list(data.shape),
         "seg_dtype": str(seg.dtype),
         "sha256": digest,
@@ -372,7 +380,8 @@ def _cached_properties(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     if ranges is not None:
         stacked = _open_npy(Path(path[: -len(PROPERTIES_SUFFIX)] + LOCATIONS_SUFFIX), mmap_mode=False)
         stacked.flags.writeable = False
-        properties["class_locations"] = {_key_from_text(k): stacked[a:b] for k, (a, b) in ranges.items()}
+        order = record.get("class_location_order") or sorted(ranges, key=lambda k: tuple(ranges[k]))
+        properties["class_locations"] = {_key_from_text(k): stacked[slice(*ranges[k])] for k in order}
     return properties
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -325,8 +326,16 @@ class PatchDataLoader(DataLoader):
             if eligible:
                 selected = eligible[np.random.choice(len(eligible))]  # noqa: NPY002
         elif self.has_ignore_label:
+            # with an ignore label every patch is centred on an annotated voxel (nnU-Net §4.3): a random crop
+            # could hold nothing to learn from
             annotated = [k for k in class_locations if _is_annotated_key(k) and len(class_locations[k]) > 0]
             selected = annotated[0] if annotated else None
+            if selected is None:
+                warnings.warn(
+                    "a case has no annotated voxel (only the ignore label, or no annotated-voxel locations: "
+                    "re-preprocess after adding the ignore label); its patch is a random crop",
+                    stacklevel=2,
+                )
 
         if selected is None:  # random crop; also the fallback when a case has no foreground
             return [int(np.random.randint(lbs[d], ubs[d] + 1)) for d in range(dims)]  # noqa: NPY002
