@@ -1,7 +1,9 @@
 """The ``nnsnake`` command: segment new images with a finished workflow's results, check a raw dataset.
 
 ``nnsnake predict -i IN -o OUT -m results/<DatasetName>`` runs :func:`nnsnake.steps.predict`: the selected
-configuration or ensemble, all its folds, mirroring, the postprocessing, the input's exact geometry.
+configuration or ensemble, all its folds, mirroring, the postprocessing, the input's exact geometry. ``-m`` may
+also name an nnU-Net trained-model folder ``<Trainer>__<Plans>__<configuration>`` (``--folds``, ``--checkpoint``
+as nnU-Net's ``-f``, ``-chk``); its checkpoints are read without running any code they might carry.
 ``nnsnake verify DATASET`` reports every problem of a raw dataset at once (the workflow's verify rule).
 Deliberate errors (:class:`nnsnake.errors.NnsnakeError`: bad input folder, missing results, unknown device) and
 file-system errors print one line ``nnsnake <command>: error: <message>`` and exit with status 1;
@@ -33,10 +35,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser(
         "predict",
-        help="segment a folder of images with a trained results folder",
+        help="segment a folder of images with a trained results folder or an nnU-Net model",
         description="Segment every case {CASE}_{XXXX}<file_ending> of a folder with the model or ensemble the "
-        "workflow selected, all its folds and its postprocessing. The input folder is checked completely "
-        "before anything is predicted.",
+        "workflow selected, all its folds and its postprocessing, or with an nnU-Net trained-model folder. The "
+        "model and the input folder are checked completely before anything is predicted.",
     )
     predict.add_argument(
         "-i", "--input", required=True, type=Path, help="folder of images {CASE}_{XXXX}<ending>"
@@ -47,8 +49,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         type=Path,
-        metavar="RESULTS_DIR",
-        help="the workflow's results folder of the dataset, results/<DatasetName>",
+        metavar="MODEL",
+        help="the workflow's results folder of the dataset, results/<DatasetName>, or an nnU-Net trained-model "
+        "folder nnUNet_results/<DatasetXXX_Name>/<Trainer>__<Plans>__<configuration>",
     )
     predict.add_argument(
         "-f",
@@ -56,7 +59,14 @@ def _build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="FOLD",
-        help="folds to use (default: the cross-validated folds recorded in selection.json)",
+        help="folds to use (default: the cross-validated folds recorded in selection.json; for an nnU-Net model "
+        "folder every fold_<k> it holds, fold_all only when named: --folds all)",
+    )
+    predict.add_argument(
+        "--checkpoint",
+        choices=("final", "best"),
+        default="final",
+        help="nnU-Net model folders: checkpoint_final.pth (default) or checkpoint_best.pth (nnU-Net's -chk)",
     )
     predict.add_argument(
         "--no-mirroring",
@@ -150,6 +160,7 @@ def _predict(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities,
         continue_prediction=args.continue_prediction,
         postprocess=not args.no_postprocessing,
+        checkpoint=args.checkpoint,
         processes=args.processes,
         progress=not args.quiet,
     )

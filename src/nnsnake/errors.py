@@ -67,3 +67,18 @@ class SelectionError(NnsnakeError, RuntimeError):
 
 class PostprocessingError(NnsnakeError, RuntimeError):
     """Inputs that cannot be postprocessed; the message names the case or file."""
+
+
+class ModelFolderError(EvaluationError):
+    """The ``-m`` folder of a prediction is neither a finished nnsnake results folder nor an nnU-Net trained-model
+    folder, or lacks a file it needs; the message names the folder, what is missing and what was expected."""
+
+
+class CheckpointError(NnsnakeError, RuntimeError):
+    """A checkpoint file cannot be read (truncated, not a torch file, not the expected layout); the message
+    names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint's pickle names globals outside the allow-list of docs/method.md §15; it was refused before
+    any of them was looked up, so nothing in the file ran. The message names the file and the globals."""

@@ -1,4 +1,4 @@
-"""Trained folds: reading ``model_final.pt`` and rebuilding the network it was trained with (docs/method.md §7.2).
+"""Trained folds: reading ``model_final.pt`` (or nnU-Net's ``checkpoint_final.pth``) and rebuilding the network it was trained with (docs/method.md §7.2).
 
 A checkpoint is a plain state dict read with ``weights_only=True`` (never pickle); its ``init`` metadata says how
 the network was built, so a fold predicts with its own architecture even when the plans have changed since.
@@ -42,16 +42,30 @@ def num_input_channels(
 
 
 def load_checkpoint(path: PathLike) -> dict[str, Any]:
-    """Read a fold's ``model_final.pt`` (a plain state dict, ``weights_only=True``) and check its layout."""
+    """Read a fold's checkpoint and check its layout: nnsnake's ``model_final.pt`` (a plain state dict) or an
+    nnU-Net ``checkpoint_final.pth``, which is returned in nnsnake's layout
+    (:func:`~nnsnake.inference.nnunet_models.nnunet_checkpoint_as_nnsnake`).
+
+    Both are read by :func:`~nnsnake.inference.nnunet_models.load_checkpoint_safely`: torch's weights-only
+    unpickler plus the numpy scalar types nnU-Net's files hold; a file naming any other global is refused
+    (:class:`~nnsnake.errors.UnsafeCheckpointError`) and nothing of it runs.
+    """
+    from ..errors import CheckpointError, UnsafeCheckpointError
+    from .nnunet_models import is_nnunet_checkpoint, load_checkpoint_safely, nnunet_checkpoint_as_nnsnake
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found; train this fold first (rule train)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated/foreign files
-        raise RuntimeError(
-            f"{path}: cannot be loaded as a weights-only torch checkpoint ({exc}); retrain the fold"
+        checkpoint = load_checkpoint_safely(path)
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{path}: cannot be loaded as a weights-only torch checkpoint ({exc.__cause__ or exc}); retrain the fold"
         ) from exc
+    if isinstance(checkpoint, dict) and is_nnunet_checkpoint(checkpoint):
+        return nnunet_checkpoint_as_nnsnake(checkpoint)
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise ValueError(f"{path}: not an nnsnake checkpoint (no 'network_weights' entry); retrain the fold")
     return checkpoint
@@ -86,12 +100,22 @@ def network_from_checkpoint(
     network = build_network(architecture, n_inputs, n_outputs, False)
     if hasattr(network, "set_deep_supervision"):
         network.set_deep_supervision(False)
+    weights = _clean_state_dict(ckpt["network_weights"])
+    if init.get("source") == "nnU-Net":
+        from .nnunet_models import nnunet_weights_for
+
+        weights = nnunet_weights_for(network, weights)
     try:
-        network.load_state_dict(_clean_state_dict(ckpt["network_weights"]))
+        network.load_state_dict(weights)
     except RuntimeError as exc:
-        raise RuntimeError(
-            f"{source}: weights do not fit the network of this plan ({exc}); was it trained with another plans.json?"
-        ) from exc
+        trainer = init.get("trainer_name")
+        hint = (
+            f"; nnU-Net trainer {trainer} may build another network than the plans' {_network_class(config)} "
+            "(nnsnake builds what plans.json describes)"
+            if trainer
+            else "; was it trained with another plans.json?"
+        )
+        raise RuntimeError(f"{source}: weights do not fit the network of this plan ({exc}){hint}") from exc
     network.to(device).eval()
     if torch.device(device).type == "cpu":
         # oneDNN's convolutions and nnsnake's CPU instance norm are faster on channels-last (Hippocampus
@@ -99,6 +123,11 @@ def network_from_checkpoint(
         # (torch's stubs lack Module.to's memory_format keyword)
         network.to(memory_format=channels_last_format(len(config["patch_size"])))  # type: ignore[call-overload]
     return network, init
+
+
+def _network_class(config: Mapping[str, Any]) -> str:
+    architecture = config.get("architecture") or {}
+    return str(architecture.get("network_class_name", "PlainConvUNet")).rsplit(".", 1)[-1]
 
 
 def load_fold_networks(

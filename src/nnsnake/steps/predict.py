@@ -1,9 +1,12 @@
-"""predict[input set] and ``nnsnake predict``: segment a folder of new images (docs/method.md §9).
+"""predict[input set] and ``nnsnake predict``: segment a folder of new images (docs/method.md §9, §15).
 
-The selected candidate of a results folder (a configuration or an ensemble, a cascade with its previous stage)
-predicts with all its folds; an ensemble's members' probabilities are averaged, the postprocessing decision is
-applied and every case is written with its input's exact geometry. Everything that can be checked (results
-folder, model files, the whole input folder) is checked before anything is predicted.
+The model comes from an nnsnake results folder (the selected candidate: a configuration or an ensemble, a
+cascade with its previous stage, all its folds and the postprocessing decision) or from an nnU-Net trained-model
+folder (one configuration, its folds, the checkpoint chosen; read without running code). Both become one
+:class:`_Model`, which nnsnake's own preprocessing, sliding window and export run: an ensemble's members'
+probabilities are averaged, the postprocessing decision is applied and every case is written with its input's
+exact geometry. Everything that can be checked (model folder, model files, the whole input folder) is checked
+before anything is predicted.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..deprecation import renamed_keywords
-from ..errors import EvaluationError, PredictionInputError
+from ..errors import EvaluationError, ModelFolderError, PredictionInputError
 from ..jsonio import read_json, write_json
 from ..parallel import process_pool
 from ._common import (
@@ -215,14 +219,126 @@ def _cases_to_do(
     return todo
 
 
+@dataclass(frozen=True)
+class _Stage:
+    """One configuration to run with its folds; ``name`` is unique within a model and names its work folder
+    (members of different plans may share a configuration name)."""
+
+    name: str
+    configuration: str
+    plans: Mapping[str, Any]
+    checkpoints: list[Path]
+    previous: str | None  # the stage whose predictions this cascade stage reads
+
+
+@dataclass(frozen=True)
+class _Model:
+    """Everything a prediction runs, whichever kind of folder ``-m`` named: stages in run order, the members
+    whose outputs are averaged, the postprocessing decision (None: none)."""
+
+    kind: str
+    selected: str
+    members: list[str]
+    stages: list[_Stage]
+    folds: list[str]
+    dataset_json: dict[str, Any]
+    decision: dict[str, Any] | None
+    details: dict[str, Any]  # for prediction.json
+
+
+def _nnsnake_model(
+    results_dir: Path, folds: Sequence[int | str] | None, checkpoint: str, postprocess: bool
+) -> _Model:
+    """The selected candidate of a finished nnsnake results folder, every model file checked."""
+    if checkpoint != "final":
+        raise EvaluationError(
+            f"--checkpoint {checkpoint}: an nnsnake results folder predicts with model_final.pt; "
+            "--checkpoint applies to nnU-Net trained-model folders"
+        )
+    selection, plans, decision, dataset_json = _load_selection(results_dir, postprocess)
+    members = list(selection["members"])
+    fold_names = _fold_names(folds, selection, results_dir)
+    names = _stages_to_run(plans, members)
+    models = {stage: _model_files(results_dir, stage, fold_names) for stage in names}
+    _missing_models(models, selection["selected"])
+    stages = [
+        _Stage(name, name, plans, models[name], configuration_of(plans, name).get("previous_stage"))
+        for name in names
+    ]
+    return _Model(
+        "nnsnake results", selection["selected"], members, stages, fold_names, dataset_json, decision, {}
+    )
+
+
+def _nnunet_model(model_dir: Path, folds: Sequence[int | str] | None, checkpoint: str) -> _Model:
+    """An nnU-Net trained-model folder (``nnUNetv2_predict -m`` semantics: one configuration, its folds, no
+    postprocessing), every checkpoint scanned for unsafe content."""
+    from ..inference.nnunet_models import read_nnunet_model_folder
+
+    folder = read_nnunet_model_folder(model_dir, folds, checkpoint)
+    previous = configuration_of(folder.plans, folder.configuration).get("previous_stage")
+    if previous:
+        raise ModelFolderError(
+            f"{model_dir}: {folder.configuration} is a cascade stage and needs {previous}'s predictions; "
+            "predicting nnU-Net cascades is not supported yet (predict its stages separately with nnU-Net)"
+        )
+    stage = _Stage(folder.configuration, folder.configuration, folder.plans, folder.checkpoints, None)
+    details = {
+        "trainer": folder.trainer,
+        "plans_name": folder.plans_name,
+        "checkpoint": folder.checkpoints[0].name,
+    }
+    return _Model(
+        "nnU-Net trained-model folder",
+        folder.name,
+        [stage.name],
+        [stage],
+        folder.folds,
+        folder.dataset_json,
+        None,
+        details,
+    )
+
+
+def _neither_hint(path: Path) -> str:
+    """What the folder looks like instead, for the error that says what ``-m`` expects."""
+    from ..inference.nnunet_models import looks_like_nnunet_model_folder
+
+    if not path.is_dir():
+        return f" ({path} does not exist)"
+    found = sorted(p.parent.name for p in path.glob(f"*/{SELECTION_FILE}"))
+    if found:
+        return f"; did you mean {path / found[0]}?"
+    models = sorted(p.name for p in path.iterdir() if p.is_dir() and looks_like_nnunet_model_folder(p))
+    if models:
+        return f"; it holds nnU-Net trained-model folders: did you mean {path / models[0]}?"
+    return ""
+
+
+def _load_model(
+    model_dir: Path, folds: Sequence[int | str] | None, checkpoint: str, postprocess: bool
+) -> _Model:
+    """The model ``-m`` names: an nnsnake results folder (it has selection.json or plans.json without being an
+    nnU-Net model folder) or an nnU-Net trained-model folder; anything else gets one error saying what was
+    expected."""
+    from ..inference.nnunet_models import MODEL_FOLDER_LAYOUT, looks_like_nnunet_model_folder
+
+    nnunet = model_dir.is_dir() and looks_like_nnunet_model_folder(model_dir)
+    if (model_dir / SELECTION_FILE).is_file() or ((model_dir / PLANS_FILE).is_file() and not nnunet):
+        return _nnsnake_model(model_dir, folds, checkpoint, postprocess)
+    if nnunet:
+        return _nnunet_model(model_dir, folds, checkpoint)
+    raise ModelFolderError(
+        f"{model_dir} is not a finished nnsnake results folder (results/<DatasetName> with {SELECTION_FILE}, "
+        f"{PLANS_FILE}, {POSTPROCESSING_FILE}, after the workflow has run select and postprocess) nor an nnU-Net "
+        f"trained-model folder ({MODEL_FOLDER_LAYOUT}){_neither_hint(model_dir)}"
+    )
+
+
 def _predict_stages(
     todo: Mapping[str, list[Path]],
     work: Path,
-    stages: Sequence[str],
-    members: Sequence[str],
-    models: Mapping[str, Sequence[Path]],
-    plans: Mapping[str, Any],
-    dataset_json: Mapping[str, Any],
+    model: _Model,
     settings: InferenceSettings,
     save_probabilities: bool,
     progress: bool,
@@ -230,20 +346,19 @@ def _predict_stages(
     """Run every stage (each configuration with all its folds, a cascade's previous stage first) into ``work``."""
     from ..inference import predict_from_raw
 
-    ensemble = len(members) > 1
-    for stage in stages:
-        previous = configuration_of(plans, stage).get("previous_stage")
-        log.info("%s: %d fold(s) on %s", stage, len(models[stage]), settings.device)
+    ensemble = len(model.members) > 1
+    for stage in model.stages:
+        log.info("%s: %d fold(s) on %s", stage.name, len(stage.checkpoints), settings.device)
         predict_from_raw(
             todo,
-            work / stage,
-            models[stage],
-            plans,
-            stage,
-            dataset_json,
+            work / stage.name,
+            stage.checkpoints,
+            stage.plans,
+            stage.configuration,
+            model.dataset_json,
             settings=settings,
-            save_probabilities=stage in members and (ensemble or save_probabilities),
-            previous_stage_dir=work / previous if previous else None,
+            save_probabilities=stage.name in model.members and (ensemble or save_probabilities),
+            previous_stage_dir=work / stage.previous if stage.previous else None,
             progress=progress,
         )
 
@@ -259,24 +374,29 @@ def predict(
     save_probabilities: bool = False,
     continue_prediction: bool = False,
     postprocess: bool = True,
+    checkpoint: str = "final",
     processes: int = 1,
     progress: bool = True,
     **legacy: Any,
 ) -> dict[str, Any]:
-    """Segment every case of ``input_dir`` with the selected model or ensemble of ``results_dir`` (§9).
+    """Segment every case of ``input_dir`` with the model of ``results_dir`` (§9, §15).
 
-    First, before anything is predicted, the results folder (selection.json, plans.json, postprocessing.json,
-    every needed ``model_final.pt``) and the whole input folder (:func:`verify_prediction_inputs`) are checked.
-    Then each configuration of the selected candidate (and a cascade's previous stage, run first and fed in)
-    predicts with all its ``folds`` (default: the cross-validated ones; logits averaged over folds), an
-    ensemble's members' probabilities are averaged, the postprocessing decision is applied and
-    ``<case><file_ending>`` is written into ``output_dir`` with the input's exact geometry (with
-    ``save_probabilities`` also ``<case>.npz`` + ``<case>.json``). ``continue_prediction`` skips cases whose
-    outputs exist. ``settings``: :class:`~nnsnake.inference.InferenceSettings` or the workflow's ``inference``
-    mapping (device, mirroring, step size, autocast, tiles per pass, threads); the loose keywords ``device``,
-    ``mirroring``, ``step_size``, ``autocast``, ``num_threads`` (``legacy``) are deprecated and update it with a
-    warning. ``processes`` worker processes check the input folder. Intermediate files live in
-    ``output_dir/.nnsnake_work`` and are removed at the end; ``prediction.json`` (what was run) is written last.
+    ``results_dir`` is an nnsnake results folder (its selected model or ensemble, ``folds`` default: the
+    cross-validated ones, and its postprocessing decision) or an nnU-Net trained-model folder
+    ``<Trainer>__<Plans>__<configuration>`` (``folds`` default: every ``fold_<k>`` present, ``fold_all`` excluded;
+    ``checkpoint`` ``final`` or ``best``, nnU-Net's ``-chk``; no postprocessing, as ``nnUNetv2_predict``).
+    First, before anything is predicted, the model folder and every model file it needs (nnU-Net checkpoints
+    scanned for unsafe pickle content) and the whole input folder (:func:`verify_prediction_inputs`) are
+    checked. Then each configuration (and a cascade's previous stage, run first and fed in) predicts with all
+    its folds (logits averaged over folds), an ensemble's members' probabilities are averaged, the
+    postprocessing decision is applied and ``<case><file_ending>`` is written into ``output_dir`` with the
+    input's exact geometry (with ``save_probabilities`` also ``<case>.npz`` + ``<case>.json``).
+    ``continue_prediction`` skips cases whose outputs exist. ``settings``:
+    :class:`~nnsnake.inference.InferenceSettings` or the workflow's ``inference`` mapping (device, mirroring,
+    step size, autocast, tiles per pass, threads); the loose keywords ``device``, ``mirroring``, ``step_size``,
+    ``autocast``, ``num_threads`` (``legacy``) are deprecated and update it with a warning. ``processes`` worker
+    processes check the input folder. Intermediate files live in ``output_dir/.nnsnake_work`` and are removed at
+    the end; ``prediction.json`` (what was run) is written last.
     """
     from ..inference import prediction_paths
     from ..labels import LabelModel
@@ -286,21 +406,18 @@ def predict(
     input_path, output_path, results_path = Path(input_dir), Path(output_dir), Path(results_dir)
     if output_path.resolve() == input_path.resolve():
         raise EvaluationError(f"{output_dir}: the output folder must differ from the input folder")
-    selection, plans, decision, dataset_json = _load_selection(results_path, postprocess)
-    members = list(selection["members"])
+    model = _load_model(results_path, folds, checkpoint, postprocess)
+    dataset_json = model.dataset_json
     ending = dataset_json["file_ending"]
-    stages = _stages_to_run(plans, members)
-    fold_names = _fold_names(folds, selection, results_path)
-    models = {stage: _model_files(results_path, stage, fold_names) for stage in stages}
-    _missing_models(models, selection["selected"])
     cases = verify_prediction_inputs(input_path, dataset_json, processes)
     todo = _cases_to_do(cases, output_path, ending, save_probabilities, continue_prediction)
     log.info(
-        "predicting %d of %d case(s) with %s (folds %s, mirroring %s)%s",
+        "predicting %d of %d case(s) with %s (%s; folds %s, mirroring %s)%s",
         len(todo),
         len(cases),
-        selection["selected"],
-        ", ".join(fold_names),
+        model.selected,
+        model.kind,
+        ", ".join(model.folds),
         "on" if inference.mirroring else "off",
         f"; {len(cases) - len(todo)} already done" if len(todo) < len(cases) else "",
     )
@@ -318,34 +435,32 @@ def predict(
                 _predict_stages(
                     todo,
                     work,
-                    stages,
-                    members,
-                    models,
-                    plans,
-                    dataset_json,
+                    model,
                     stage_settings,
                     save_probabilities=save_probabilities,
                     progress=progress,
                 )
             for case_id in sorted(todo):
                 _finish_case(
-                    [work / m / f"{case_id}{ending}" for m in members],
+                    [work / m / f"{case_id}{ending}" for m in model.members],
                     prediction_paths(output_path / case_id, ending),
                     labels,
                     ending,
-                    decision,
+                    model.decision,
                     save_probabilities,
                 )
         finally:
             shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - start
     record = {
-        "selected": selection["selected"],
-        "members": members,
-        "configurations_run": stages,
-        "folds": fold_names,
+        "selected": model.selected,
+        "model_kind": model.kind,
+        **model.details,
+        "members": model.members,
+        "configurations_run": [stage.name for stage in model.stages],
+        "folds": model.folds,
         **_settings_record(inference, device_used),
-        "postprocessing_steps": decision["steps"] if decision is not None else None,
+        "postprocessing_steps": model.decision["steps"] if model.decision is not None else None,
         "results_dir": str(results_path),
         "input_dir": str(input_path),
         "cases": sorted(cases),
@@ -358,7 +473,7 @@ def predict(
     return {
         "n_cases": len(cases),
         "n_predicted": len(todo),
-        "selected": selection["selected"],
+        "selected": model.selected,
         "output_dir": str(output_path),
         "seconds": seconds,
     }

@@ -1,0 +1,234 @@
+"""Models trained by nnU-Net v2: safe checkpoint loading and ``nnsnake predict -m <nnU-Net model folder>``.
+
+The fixture (tests/fixtures/nnunet_model, made by make_fixture.py with nnunetv2 2.8.1) is a tiny 2d model of the
+demo dataset trained by nnunetv2 on two folds, with nnUNetv2_predict's segmentations of the demo's 3 test images.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnsnake.cli import main
+from nnsnake.errors import CheckpointError, ModelFolderError, UnsafeCheckpointError
+from nnsnake.inference import load_checkpoint
+from nnsnake.inference.nnunet_models import (
+    available_folds,
+    check_checkpoint_safe,
+    load_checkpoint_safely,
+    nnunet_checkpoint_as_nnsnake,
+    read_nnunet_model_folder,
+)
+from nnsnake.jsonio import read_json
+
+from .conftest import FIXTURES, REPO
+
+FIXTURE = FIXTURES / "nnunet_model"
+MODEL = FIXTURE / "Dataset104_HippocampusDemo" / "nnUNetTrainer_anchorBench__nnUNetPlans__2d"
+IMAGES = REPO / "examples" / "Dataset104_HippocampusDemo" / "imagesTs"
+CASES = ("hippocampus_011", "hippocampus_185", "hippocampus_350")
+
+
+class _RunsCode:
+    """Unpickling this calls os.system, which would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Custom:
+    """A class of this test module: pickled by reference, so loading it would import and build it."""
+
+
+def _crafted_checkpoint(path: Path, marker: Path, **save_kwargs) -> None:
+    """An nnU-Net-looking checkpoint whose pickle runs a command and builds a foreign object when unpickled."""
+    real = torch.load(MODEL / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    real["logging"] = {"payload": _RunsCode(marker), "other": _Custom()}
+    torch.save(real, path, **save_kwargs)
+
+
+def _model_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "Dataset104_HippocampusDemo" / MODEL.name
+    shutil.copytree(MODEL, copy)
+    return copy
+
+
+def _predict(tmp_path: Path, model: Path, *extra: str, name: str = "out") -> tuple[int, Path]:
+    out = tmp_path / name
+    args = ["predict", "-i", str(IMAGES), "-o", str(out), "-m", str(model), "--device", "cpu", "--quiet"]
+    return main([*args, "--threads", "1", *extra]), out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the safe loader
+
+
+def test_real_nnunet_checkpoint_loads_with_its_numpy_scalars():
+    path = MODEL / "fold_0" / "checkpoint_final.pth"
+    with pytest.raises(pickle.UnpicklingError):  # plain weights-only loading trips on the numpy scalars
+        torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_safely(path)
+    assert checkpoint["trainer_name"] == "nnUNetTrainer_anchorBench"
+    assert checkpoint["init_args"]["configuration"] == "2d"
+    assert isinstance(checkpoint["init_args"]["device"], torch.device)
+    assert isinstance(checkpoint["logging"]["ema_fg_dice"][0], np.floating)
+    assert all(isinstance(v, torch.Tensor) for v in checkpoint["network_weights"].values())
+    converted = load_checkpoint(path)  # the same file in nnsnake's layout
+    assert converted["init"]["inference_allowed_mirroring_axes"] == [0, 1]
+    assert converted["init"]["source"] == "nnU-Net" and converted["init"]["configuration"] == "2d"
+
+
+def test_no_mirroring_trainer_means_no_mirror_axes():
+    checkpoint = {
+        "network_weights": {},
+        "trainer_name": "t",
+        "init_args": {},
+        "inference_allowed_mirroring_axes": None,
+    }
+    assert nnunet_checkpoint_as_nnsnake(checkpoint)["init"]["inference_allowed_mirroring_axes"] == []
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, legacy):
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "checkpoint_final.pth"
+    _crafted_checkpoint(crafted, marker, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(UnsafeCheckpointError) as refused:
+        load_checkpoint_safely(crafted)
+    message = str(refused.value)
+    assert str(crafted) in message and "system" in message  # posix.system (os.system) is named
+    if not legacy:  # the scan lists every global; the legacy format stops at the first
+        with pytest.raises(UnsafeCheckpointError, match="_Custom"):
+            check_checkpoint_safe(crafted)
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint(crafted)  # nnsnake's own loader goes through the same gate
+    assert not marker.exists()
+    # the file really is armed: an unrestricted load would have run it (proves the test tests something)
+    torch.load(crafted, map_location="cpu", weights_only=False)
+    assert marker.exists()
+
+
+def test_predict_refuses_a_model_folder_with_a_crafted_fold(tmp_path, capsys):
+    model = _model_copy(tmp_path)
+    marker = tmp_path / "marker"
+    _crafted_checkpoint(model / "fold_1" / "checkpoint_final.pth", marker)
+    status, out = _predict(tmp_path, model)
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err
+    assert "fold_1/checkpoint_final.pth: refused, nothing of it was run" in err
+    assert "posix.system" in err and "test_nnunet_models._Custom" in err
+    assert not marker.exists()
+    assert not out.exists()  # refused before anything was written
+
+
+# --------------------------------------------------------------------------------------------------------------
+# predicting with the nnU-Net model folder
+
+
+def _agreement(ours: Path, reference: Path) -> float:
+    a, b = sitk.ReadImage(str(ours)), sitk.ReadImage(str(reference))
+    assert a.GetSize() == b.GetSize()
+    assert a.GetSpacing() == pytest.approx(b.GetSpacing(), abs=1e-6)
+    assert a.GetOrigin() == pytest.approx(b.GetOrigin(), abs=1e-6)
+    assert a.GetDirection() == pytest.approx(b.GetDirection(), abs=1e-6)
+    x, y = sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)
+    return float(np.mean(x == y))
+
+
+@pytest.mark.parametrize(
+    ("reference", "extra", "folds"),
+    [
+        ("fold0", ["--folds", "0"], ["0"]),
+        ("ensemble", [], ["0", "1"]),  # default: every fold_<k> present
+        ("fold0_best", ["--folds", "0", "--checkpoint", "best"], ["0"]),
+    ],
+)
+def test_predict_reproduces_nnunetv2_predict(tmp_path, capsys, reference, extra, folds):
+    status, out = _predict(tmp_path, MODEL, *extra)
+    assert status == 0, capsys.readouterr().err
+    record = read_json(out / "prediction.json")
+    assert record["folds"] == folds and record["model_kind"] == "nnU-Net trained-model folder"
+    assert record["trainer"] == "nnUNetTrainer_anchorBench" and record["postprocessing_steps"] is None
+    assert record["checkpoint"] == ("checkpoint_best.pth" if "best" in extra else "checkpoint_final.pth")
+    foreground = 0
+    for case in CASES:
+        expected = FIXTURE / "reference" / reference / f"{case}.nii.gz"
+        assert _agreement(out / f"{case}.nii.gz", expected) >= 0.999
+        foreground += int((sitk.GetArrayFromImage(sitk.ReadImage(str(expected))) > 0).sum())
+    assert foreground > 0  # the fixture model segments something, so agreement is not all background
+
+
+def test_default_folds_leave_fold_all_out(tmp_path):
+    model = _model_copy(tmp_path)
+    shutil.copytree(model / "fold_0", model / "fold_all")
+    (model / "fold_5").mkdir()  # no checkpoint: not a fold to use
+    assert available_folds(model, "checkpoint_final.pth") == ["0", "1"]
+    folder = read_nnunet_model_folder(model)
+    assert folder.folds == ["0", "1"] and folder.configuration == "2d"
+    assert read_nnunet_model_folder(model, ["all"]).checkpoints == [
+        model / "fold_all" / "checkpoint_final.pth"
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# folders that are not models
+
+
+def test_wrong_folders_get_one_clear_error(tmp_path, capsys):
+    status, out = _predict(tmp_path, IMAGES.parent)  # a raw dataset
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err and not out.exists()
+    assert "is not a finished nnsnake results folder" in err and "nor an nnU-Net trained-model folder" in err
+    assert "<Trainer>__<Plans>__<configuration>" in err
+    # nnUNet_results/<Dataset>: the error points at the model folder inside
+    with pytest.raises(ModelFolderError, match=f"did you mean .*{MODEL.name}"):
+        main_error(tmp_path, MODEL.parent)
+    with pytest.raises(ModelFolderError, match="fold_3/checkpoint_final.pth"):
+        main_error(tmp_path, MODEL, ["--folds", "0", "3"])
+    model = _model_copy(tmp_path)
+    (model / "plans.json").unlink()
+    with pytest.raises(ModelFolderError, match="not a finished nnsnake results folder"):
+        main_error(tmp_path, model)
+
+
+def main_error(tmp_path: Path, model: Path, extra: list[str] | None = None) -> None:
+    """Run ``nnsnake --traceback predict`` so that the error itself reaches the test."""
+    main(
+        [
+            "--traceback",
+            "predict",
+            "-i",
+            str(IMAGES),
+            "-o",
+            str(tmp_path / "o"),
+            "-m",
+            str(model),
+            *(extra or []),
+        ]
+    )
+
+
+def test_checkpoint_choice():
+    with pytest.raises(ModelFolderError, match="checkpoint 'latest'"):
+        read_nnunet_model_folder(MODEL, checkpoint="latest")
+    checkpoint = read_nnunet_model_folder(MODEL, ["1"], "best").checkpoints
+    assert checkpoint == [MODEL / "fold_1" / "checkpoint_best.pth"]
+
+
+def test_broken_checkpoint_is_named(tmp_path):
+    broken = tmp_path / "checkpoint_final.pth"
+    broken.write_bytes((MODEL / "fold_0" / "checkpoint_final.pth").read_bytes()[:5000])
+    with pytest.raises(
+        CheckpointError, match=f"{broken}: cannot be loaded as a weights-only torch checkpoint"
+    ):
+        load_checkpoint(broken)
