@@ -1,14 +1,16 @@
-"""The plain U-Net of nnU-Net v2 (docs/method.md §5.2), built from a configuration's ``architecture`` entry.
+"""nnU-Net v2's networks (docs/method.md §5.2, §16), built from a configuration's ``architecture`` entry.
 
-The topology (stages, features, kernels, strides, convs per stage) comes from the plans, so a user can hold our
-plans beside nnU-Net's and get the same network: same parameter count, same output shapes, the same
-deep-supervision heads. The module is deliberately flat (lists of ``nn.Sequential``) so that ``torch.compile``
-traces it without graph breaks and channels-last tensors flow through ``torch.cat`` unchanged.
+``PlainConvUNet`` (the classic plans) and ``ResidualEncoderUNet`` (the ResEnc M/L/XL presets). The topology
+(stages, features, kernels, strides, convs or residual blocks per stage) comes from the plans, so a user can hold
+our plans beside nnU-Net's and get the same network: same parameter count, same output shapes, the same
+deep-supervision heads. The modules are deliberately flat (lists of ``nn.Sequential``) so that ``torch.compile``
+traces them without graph breaks and channels-last tensors flow through ``torch.cat`` unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -128,24 +130,16 @@ class PlainConvUNet(nn.Module):
     ) -> None:
         super().__init__()
         n_stages = len(features_per_stage)
-        for name, value, expected in (
-            ("kernel_sizes", kernel_sizes, n_stages),
-            ("strides", strides, n_stages),
-            ("n_conv_per_stage", n_conv_per_stage, n_stages),
-            ("n_conv_per_stage_decoder", n_conv_per_stage_decoder, n_stages - 1),
-        ):
-            if len(value) != expected:
-                raise ValueError(
-                    f"architecture: {name} has {len(value)} entries but {expected} are needed for "
-                    f"{n_stages} stages; fix the plans' arch_kwargs"
-                )
-        if n_stages < 2:
-            raise ValueError("architecture: a U-Net needs at least 2 stages (n_stages >= 2)")
-        for name, seq in (("kernel_sizes", kernel_sizes), ("strides", strides)):
-            if any(len(v) != dim for v in seq):
-                raise ValueError(
-                    f"architecture: every entry of {name} must have {dim} values for a {dim}D conv_op"
-                )
+        _check_topology(
+            dim,
+            n_stages,
+            kernel_sizes,
+            strides,
+            [
+                ("n_conv_per_stage", n_conv_per_stage, n_stages),
+                ("n_conv_per_stage_decoder", n_conv_per_stage_decoder, n_stages - 1),
+            ],
+        )
         block: dict[str, Any] = {
             "conv_bias": conv_bias,
             "norm_eps": norm_eps,
@@ -227,6 +221,381 @@ class PlainConvUNet(nn.Module):
         return outputs
 
 
+# ---- ResidualEncoderUNet (nnunet_v2_extensions.md §2) --------------------------------------------------------
+# Module and parameter names are dynamic_network_architectures' (``encoder.stages.1.blocks.0.conv1.conv.weight``),
+# so nnU-Net's weights load without renaming. Its two kinds of alias keys (every conv block's ``all_modules.<i>``
+# and the whole encoder again under ``decoder.encoder``) are not registered: state_dict() holds each parameter
+# once, nnunet_state_dict() adds the aliases for files meant for nnU-Net, and load_state_dict() accepts both.
+_RESENC_ALIAS_KEY = re.compile(r"(^decoder\.encoder\.)|((^|\.)all_modules\.\d+\.)")
+
+
+class ConvDropoutNormReLU(nn.Module):
+    """Conv (padding (k-1)//2) -> [dropout] -> instance norm -> [leaky ReLU], with DNA's attribute names.
+
+    ``negative_slope=None`` leaves out the nonlinearity (a residual block's second conv, its skip projection).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Sequence[int],
+        stride: Sequence[int],
+        *,
+        conv_bias: bool,
+        norm_eps: float,
+        norm_affine: bool,
+        negative_slope: float | None,
+        dropout_p: float = 0.0,
+    ) -> None:
+        super().__init__()
+        conv_cls: Callable[..., nn.Module] = nn.Conv3d if dim == 3 else nn.Conv2d
+        self.conv = conv_cls(
+            in_channels,
+            out_channels,
+            tuple(kernel_size),
+            tuple(stride),
+            padding=tuple((k - 1) // 2 for k in kernel_size),
+            bias=conv_bias,
+        )
+        self.dropout: nn.Module | None = (
+            (nn.Dropout3d if dim == 3 else nn.Dropout2d)(dropout_p, inplace=True) if dropout_p > 0 else None
+        )
+        self.norm = _norm_layer(dim, out_channels, norm_eps, norm_affine)
+        # out of place, as in PlainConvUNet (faster backward on the CPU, identical values)
+        self.nonlin: nn.Module | None = (
+            nn.LeakyReLU(negative_slope, inplace=False) if negative_slope is not None else None
+        )
+
+    def layers(self) -> list[nn.Module]:
+        """The layers in DNA's ``all_modules`` order (the indices of its alias keys)."""
+        return [m for m in (self.conv, self.dropout, self.norm, self.nonlin) if m is not None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        x = self.norm(x)
+        if self.nonlin is not None:
+            x = self.nonlin(x)
+        return x
+
+
+class StackedConvBlocks(nn.Module):
+    """``convs.0 ...``: the first conv carries the stride (the stem, a decoder stage)."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+
+class BasicBlockD(nn.Module):
+    """ResNet-D basic block: ``LeakyReLU(conv2(conv1(x)) + skip(x))``.
+
+    The skip averages with kernel = stride when the block downsamples and projects with a bias-free 1x1 conv + norm
+    when the channels change; otherwise it is the identity (no module, as in DNA).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Sequence[int],
+        stride: Sequence[int],
+        block: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        ones = [1] * dim
+        self.conv1 = ConvDropoutNormReLU(dim, in_channels, out_channels, kernel_size, stride, **block)
+        no_nonlin = {**block, "negative_slope": None, "dropout_p": 0.0}
+        self.conv2 = ConvDropoutNormReLU(dim, out_channels, out_channels, kernel_size, ones, **no_nonlin)
+        self.nonlin2 = nn.LeakyReLU(block["negative_slope"], inplace=False)
+        skip: list[nn.Module] = []
+        if any(int(s) != 1 for s in stride):
+            pool_cls: Callable[..., nn.Module] = nn.AvgPool3d if dim == 3 else nn.AvgPool2d
+            skip.append(pool_cls(tuple(stride), tuple(stride)))
+        if in_channels != out_channels:
+            projection = {**no_nonlin, "conv_bias": False}
+            skip.append(ConvDropoutNormReLU(dim, in_channels, out_channels, ones, ones, **projection))
+        self.skip: nn.Module | None = nn.Sequential(*skip) if skip else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.skip is None else self.skip(x)
+        return self.nonlin2(self.conv2(self.conv1(x)) + residual)
+
+
+class StackedResidualBlocks(nn.Module):
+    """``blocks.0 ...``: block 0 downsamples and changes the width, the others keep both."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class ResidualEncoder(nn.Module):
+    """Stem conv (no downsampling), then residual stages downsampling with their first block's strided conv1."""
+
+    def __init__(
+        self,
+        input_channels: int,
+        features_per_stage: Sequence[int],
+        kernel_sizes: Sequence[Sequence[int]],
+        strides: Sequence[Sequence[int]],
+        n_blocks_per_stage: Sequence[int],
+        dim: int,
+        block: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        ones = [1] * dim
+        stem = ConvDropoutNormReLU(dim, input_channels, features_per_stage[0], kernel_sizes[0], ones, **block)
+        self.stem = StackedConvBlocks([stem])
+        stages = []
+        channels = features_per_stage[0]
+        for s, width in enumerate(features_per_stage):
+            blocks = [BasicBlockD(dim, channels, width, kernel_sizes[s], strides[s], block)]
+            blocks += [
+                BasicBlockD(dim, width, width, kernel_sizes[s], ones, block)
+                for _ in range(n_blocks_per_stage[s] - 1)
+            ]
+            stages.append(StackedResidualBlocks(blocks))
+            channels = width
+        self.stages = nn.Sequential(*stages)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
+
+
+class UNetDecoder(nn.Module):
+    """Transposed-conv upsampling, concatenation [upsampled, skip], plain convs and a 1x1 head per level.
+
+    The lists run from the bottleneck upwards (order of computation); every head is built so that weights trained
+    with deep supervision load without it.
+    """
+
+    def __init__(
+        self,
+        features_per_stage: Sequence[int],
+        kernel_sizes: Sequence[Sequence[int]],
+        strides: Sequence[Sequence[int]],
+        n_conv_per_stage_decoder: Sequence[int],
+        num_outputs: int,
+        dim: int,
+        block: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        n_stages = len(features_per_stage)
+        transp_cls: Callable[..., nn.Module] = nn.ConvTranspose3d if dim == 3 else nn.ConvTranspose2d
+        conv_cls: Callable[..., nn.Module] = nn.Conv3d if dim == 3 else nn.Conv2d
+        stages, transpconvs, seg_layers = [], [], []
+        # built in DNA's order (transposed conv, convs, head per level) so that a seed gives DNA's initial weights
+        for level in range(n_stages - 1):
+            skip = n_stages - 2 - level
+            here, stride = features_per_stage[skip], tuple(strides[skip + 1])
+            transpconvs.append(
+                transp_cls(features_per_stage[skip + 1], here, stride, stride, bias=block["conv_bias"])
+            )
+            convs = [
+                ConvDropoutNormReLU(
+                    dim, 2 * here if j == 0 else here, here, kernel_sizes[skip], [1] * dim, **block
+                )
+                for j in range(n_conv_per_stage_decoder[level])
+            ]
+            stages.append(StackedConvBlocks(convs))
+            seg_layers.append(conv_cls(here, num_outputs, 1, 1, 0, bias=True))
+        self.stages = nn.ModuleList(stages)
+        self.transpconvs = nn.ModuleList(transpconvs)
+        self.seg_layers = nn.ModuleList(seg_layers)
+
+    def forward(self, skips: list[torch.Tensor], deep_supervision: bool) -> torch.Tensor | list[torch.Tensor]:
+        x = skips[-1]
+        n_levels = len(self.stages)
+        outputs = []
+        for level in range(n_levels):
+            x = self.transpconvs[level](x)
+            x = torch.cat((x, skips[-(level + 2)]), dim=1)
+            x = self.stages[level](x)
+            if deep_supervision or level == n_levels - 1:
+                outputs.append(self.seg_layers[level](x))
+        if not deep_supervision:
+            return outputs[0]
+        outputs.reverse()
+        return outputs
+
+
+class ResidualEncoderUNet(nn.Module):
+    """nnU-Net's ResidualEncoderUNet (the ResEnc M/L/XL presets): residual encoder, the plain U-Net decoder.
+
+    With deep supervision ``forward`` returns one logit map per decoder stage, highest resolution first; without
+    it only the full-resolution logits. Initialised as nnU-Net does (He-normal, slope 0.01; the second norm of every
+    residual block zero so each block starts as ``LeakyReLU(skip(x))``); with the same seed before construction
+    the initial weights equal dynamic_network_architectures' bit for bit.
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        num_outputs: int,
+        features_per_stage: Sequence[int],
+        kernel_sizes: Sequence[Sequence[int]],
+        strides: Sequence[Sequence[int]],
+        n_blocks_per_stage: Sequence[int],
+        n_conv_per_stage_decoder: Sequence[int],
+        *,
+        dim: int,
+        conv_bias: bool = True,
+        norm_eps: float = 1e-5,
+        norm_affine: bool = True,
+        negative_slope: float = 0.01,
+        dropout_p: float = 0.0,
+        deep_supervision: bool = True,
+    ) -> None:
+        super().__init__()
+        n_stages = len(features_per_stage)
+        _check_topology(
+            dim,
+            n_stages,
+            kernel_sizes,
+            strides,
+            [
+                ("n_blocks_per_stage", n_blocks_per_stage, n_stages),
+                ("n_conv_per_stage_decoder", n_conv_per_stage_decoder, n_stages - 1),
+            ],
+        )
+        block: dict[str, Any] = {
+            "conv_bias": conv_bias,
+            "norm_eps": norm_eps,
+            "norm_affine": norm_affine,
+            "negative_slope": negative_slope,
+            "dropout_p": dropout_p,
+        }
+        self.dim = dim
+        self.num_outputs = num_outputs
+        self.strides = [list(map(int, s)) for s in strides]
+        self._deep_supervision = deep_supervision
+        self.encoder = ResidualEncoder(
+            input_channels, features_per_stage, kernel_sizes, strides, n_blocks_per_stage, dim, block
+        )
+        self.decoder = UNetDecoder(
+            features_per_stage, kernel_sizes, strides, n_conv_per_stage_decoder, num_outputs, dim, block
+        )
+        self._register_load_state_dict_pre_hook(_drop_resenc_aliases)
+        self._initialize()
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self._deep_supervision
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        """Training wants every head; inference and the final validation only the full-resolution one."""
+        self._deep_supervision = bool(enabled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        return self.decoder(self.encoder(x), self._deep_supervision)
+
+    @torch.no_grad()
+    def _initialize(self) -> None:
+        """He init in the order DNA's ``apply`` visits the layers, so the random stream is the same.
+
+        DNA reaches every conv twice per pass (as ``conv`` and as ``all_modules.0``) and the encoder twice (as
+        ``encoder`` and ``decoder.encoder``); the values of a repeated draw replace the earlier ones.
+        """
+
+        def visit(module: nn.Module) -> None:
+            for child in module.children():
+                visit(child)
+            if isinstance(module, ConvDropoutNormReLU):
+                for layer in module.layers():
+                    visit(layer)
+            _kaiming_init(module)
+
+        visit(self.encoder)
+        visit(self.encoder)
+        visit(self.decoder)
+        for module in self.modules():
+            norm = module.conv2.norm if isinstance(module, BasicBlockD) else None
+            if isinstance(norm, InstanceNorm) and norm.weight is not None and norm.bias is not None:
+                nn.init.zeros_(norm.weight)
+                nn.init.zeros_(norm.bias)
+
+    def nnunet_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict with every alias key DNA's module tree has (and nnU-Net's strict loaders demand), in DNA's
+        order: per conv block ``conv.*, norm.*, all_modules.<i>.*``, the encoder again under ``decoder.encoder``.
+
+        Aliases share the tensors of the canonical keys (``torch.save`` stores each once).
+        """
+        canonical = self.state_dict()
+        encoder = dict(_with_aliases(self.encoder, "encoder.", canonical))
+        decoder = dict(_with_aliases(self.decoder, "decoder.", canonical))
+        return {**encoder, **{f"decoder.{k}": v for k, v in encoder.items()}, **decoder}
+
+
+def _with_aliases(
+    module: nn.Module, prefix: str, canonical: Mapping[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``module``'s canonical entries in registration order, each conv block followed by its all_modules aliases."""
+    for name, _ in module.named_parameters(prefix=prefix[:-1], recurse=False):
+        yield name, canonical[name]
+    for child_name, child in module.named_children():
+        yield from _with_aliases(child, f"{prefix}{child_name}.", canonical)
+    if isinstance(module, ConvDropoutNormReLU):
+        for index, layer in enumerate(module.layers()):
+            for leaf, _ in layer.named_parameters():
+                yield (
+                    f"{prefix}all_modules.{index}.{leaf}",
+                    canonical[f"{prefix}{_layer_name(module, layer)}.{leaf}"],
+                )
+
+
+def _layer_name(block: ConvDropoutNormReLU, layer: nn.Module) -> str:
+    return next(name for name, child in block.named_children() if child is layer)
+
+
+def _drop_resenc_aliases(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-time hook: drop nnU-Net's alias keys, so nnU-Net's full state dicts load strictly as well."""
+    for key in [k for k in state_dict if k.startswith(prefix) and _RESENC_ALIAS_KEY.search(k[len(prefix) :])]:
+        del state_dict[key]
+
+
+def _check_topology(
+    dim: int,
+    n_stages: int,
+    kernel_sizes: Sequence[Sequence[int]],
+    strides: Sequence[Sequence[int]],
+    depths: Sequence[tuple[str, Sequence[int], int]],
+) -> None:
+    """Clear errors for arch_kwargs whose lists do not fit the number of stages or the conv dimension."""
+    for name, value, expected in (
+        ("kernel_sizes", kernel_sizes, n_stages),
+        ("strides", strides, n_stages),
+        *depths,
+    ):
+        if len(value) != expected:
+            raise ValueError(
+                f"architecture: {name} has {len(value)} entries but {expected} are needed for "
+                f"{n_stages} stages; fix the plans' arch_kwargs"
+            )
+    if n_stages < 2:
+        raise ValueError("architecture: a U-Net needs at least 2 stages (n_stages >= 2)")
+    for name, seq in (("kernel_sizes", kernel_sizes), ("strides", strides)):
+        if any(len(v) != dim for v in seq):
+            raise ValueError(
+                f"architecture: every entry of {name} must have {dim} values for a {dim}D conv_op"
+            )
+
+
 def channels_last_format(spatial_dims: int) -> torch.memory_format:
     """The channels-last memory format for a network with ``spatial_dims`` (2 or 3) spatial axes."""
     return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
@@ -250,27 +619,36 @@ def build_network(
     num_input_channels: int,
     num_outputs: int,
     deep_supervision: bool = True,
-) -> PlainConvUNet:
-    """Instantiate the plain U-Net described by a configuration's ``architecture`` entry of the plans.
+) -> PlainConvUNet | ResidualEncoderUNet:
+    """Instantiate the network described by a configuration's ``architecture`` entry of the plans.
 
-    ``num_outputs`` is the number of labels including background (or of regions); for the cascade
-    ``num_input_channels`` already counts the previous stage's one-hot channels.
+    ``network_class_name`` chooses ResidualEncoderUNet (ResEnc plans, ``n_blocks_per_stage``) or PlainConvUNet
+    (classic plans, ``n_conv_per_stage``; also when only bare arch kwargs are given). ``num_outputs`` is the number
+    of labels including background (or of regions); for the cascade ``num_input_channels`` already counts the
+    previous stage's one-hot channels.
     """
     kw = _arch_kwargs(architecture)
+    class_name = str(architecture.get("network_class_name", "")).rsplit(".", 1)[-1]
+    if class_name not in ("", "PlainConvUNet", "ResidualEncoderUNet"):
+        raise ValueError(
+            f"architecture: network_class_name {architecture['network_class_name']!r} is not supported; "
+            "nnsnake builds PlainConvUNet and ResidualEncoderUNet"
+        )
+    residual = class_name == "ResidualEncoderUNet"
     try:
         n_stages = int(kw["n_stages"])
         features = [int(f) for f in kw["features_per_stage"]]
         kernels = [[int(k) for k in ks] for ks in kw["kernel_sizes"]]
         strides = [[int(s) for s in st] for st in kw["strides"]]
         conv_op = kw.get("conv_op") or ("torch.nn.modules.conv.Conv3d" if len(kernels[0]) == 3 else "Conv2d")
-        n_conv = kw.get("n_conv_per_stage", [2] * n_stages)
-        n_conv_dec = kw.get("n_conv_per_stage_decoder", [2] * (n_stages - 1))
+        n_encoder = kw["n_blocks_per_stage"] if residual else kw.get("n_conv_per_stage", [2] * n_stages)
+        n_conv_dec = kw.get("n_conv_per_stage_decoder", [1 if residual else 2] * (n_stages - 1))
     except KeyError as err:
         raise ValueError(
             f"architecture: arch_kwargs lacks {err}; regenerate the plans (docs/method.md §3.5(c))"
         ) from None
-    if isinstance(n_conv, int):
-        n_conv = [n_conv] * n_stages
+    if isinstance(n_encoder, int):
+        n_encoder = [n_encoder] * n_stages
     if isinstance(n_conv_dec, int):
         n_conv_dec = [n_conv_dec] * (n_stages - 1)
     if len(features) != n_stages:
@@ -293,13 +671,14 @@ def build_network(
     nonlin_kwargs = kw.get("nonlin_kwargs") or {}
     dropout_kwargs = kw.get("dropout_op_kwargs") or {}
     dropout_p = float(dropout_kwargs.get("p", 0.0)) if kw.get("dropout_op") else 0.0
-    return PlainConvUNet(
+    network_cls = ResidualEncoderUNet if residual else PlainConvUNet
+    return network_cls(
         num_input_channels,
         num_outputs,
         features,
         kernels,
         strides,
-        [int(n) for n in n_conv],
+        [int(n) for n in n_encoder],
         [int(n) for n in n_conv_dec],
         dim=_CONV_DIMS[conv_op],
         conv_bias=bool(kw.get("conv_bias", True)),
@@ -309,6 +688,11 @@ def build_network(
         dropout_p=dropout_p,
         deep_supervision=deep_supervision,
     )
+
+
+def count_parameters(network: nn.Module) -> int:
+    """Parameters of a network, each counted once (a naive sum over nnU-Net's state dict counts aliases twice)."""
+    return sum(p.numel() for p in network.parameters())
 
 
 def deep_supervision_scales(strides: Sequence[Sequence[int]]) -> list[list[float]]:

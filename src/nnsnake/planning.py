@@ -1,9 +1,11 @@
-"""Experiment planning: from a dataset fingerprint to nnU-Net v2's plans (docs/method.md §3).
+"""Experiment planning: from a dataset fingerprint to nnU-Net v2's plans (docs/method.md §3, §16).
 
-The result has the structure, key names and string values of nnU-Net v2's ``nnUNetPlans.json`` so a user can
-hold both files side by side. Every number is computed with the same float64 operations, in the same order, as
-the default ``ExperimentPlanner`` of nnU-Net 2.8.1, so spacings, median shapes, patch sizes and batch sizes agree
-to the last bit and voxel. The GPU-memory model is nnU-Net's proxy (§3.5 d): the number of elements of all conv
+The result has the structure, key names and string values of nnU-Net v2's plans files so a user can hold both
+side by side. Every number is computed with the same float64 operations, in the same order, as nnU-Net 2.8.1's
+planners, so spacings, median shapes, patch sizes and batch sizes agree to the last bit and voxel. One code path
+serves all planners: the classic ``ExperimentPlanner`` (PlainConvUNet, ``nnUNetPlans``) and the residual-encoder
+presets ``nnUNetPlannerResEncM/L/XL`` (ResidualEncoderUNet) differ only in the constants of a
+:class:`PlannerPreset`. The GPU-memory model is nnU-Net's proxy (§3.5 d): the number of elements of all conv
 output feature maps, computed analytically here instead of by instantiating the network.
 """
 
@@ -13,6 +15,7 @@ import copy
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,6 +47,7 @@ INITIAL_PATCH_VOXELS_2D = 2048**2
 PLANS_NAME = "nnUNetPlans"
 PREPROCESSOR_NAME = "DefaultPreprocessor"
 NETWORK_CLASS_NAME = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+RESIDUAL_NETWORK_CLASS_NAME = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 CONV_OP_NAMES = {2: "torch.nn.modules.conv.Conv2d", 3: "torch.nn.modules.conv.Conv3d"}
 NORM_OP_NAMES = {
     2: "torch.nn.modules.instancenorm.InstanceNorm2d",
@@ -61,6 +65,120 @@ NORMALIZATION_BY_CHANNEL_NAME = {
     "rgb_to_0_1": ("RGBTo01Normalization", False),
 }
 DEFAULT_NORMALIZATION = ("ZScoreNormalization", True)
+
+
+# ---- planner presets (nnunet_v2_extensions.md §1.2) ------------------------------------------------------------
+@dataclass(frozen=True)
+class PlannerPreset:
+    """The constants in which nnU-Net's planners differ; everything else (spacing, topology, lowres search,
+    normalisation, resampling) is shared, so a preset is data rather than a planner subclass.
+
+    ``gpu_memory_target_gb`` is both the default target and the memory the reference proxies correspond to
+    (nnU-Net's ``UNet_reference_val_corresp_GB``); a user target scales the reference linearly.
+    """
+
+    planner: str  # nnU-Net's class name, written as experiment_planner_used
+    plans_name: str
+    network_class_name: str
+    gpu_memory_target_gb: float
+    reference_vram_proxy_3d: int
+    reference_vram_proxy_2d: int
+    max_dataset_fraction_per_batch: float
+    encoder_depth_key: str  # arch_kwargs key: n_conv_per_stage (plain) or n_blocks_per_stage (residual)
+    encoder_depth: tuple[int, ...]  # per stage, cut to n_stages
+    decoder_depth: tuple[int, ...]  # convs per decoder stage, cut to n_stages - 1
+    # the default planner shrinks the patch until batch 2 fits, the residual ones until the reference batch fits
+    shrink_until_reference_batch_fits: bool
+    # configurations whose data_identifier is always nnUNetPlans_<name> (the residual planners reuse the
+    # default planner's preprocessed 2d and 3d_fullres data)
+    shared_data_configurations: tuple[str, ...] = ()
+
+    @property
+    def residual(self) -> bool:
+        return self.encoder_depth_key == "n_blocks_per_stage"
+
+    def data_identifier(self, configuration: str) -> str:
+        plans = PLANS_NAME if configuration in self.shared_data_configurations else self.plans_name
+        return f"{plans}_{configuration}"
+
+    def reference_vram_proxy(self, dim: int, gpu_memory_target_gb: float) -> float:
+        """The proxy budget for a GPU target (nnU-Net's ``reference * target / corresp_GB``)."""
+        reference = self.reference_vram_proxy_2d if dim == 2 else self.reference_vram_proxy_3d
+        return reference * (gpu_memory_target_gb / self.gpu_memory_target_gb)
+
+
+_RESENC_ENCODER_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
+_RESENC_DECODER_CONVS = (1,) * 12
+
+
+def _resenc_preset(
+    suffix: str, gb: float, proxy_3d: int, proxy_2d: int, max_fraction: float
+) -> PlannerPreset:
+    return PlannerPreset(
+        planner=f"nnUNetPlannerResEnc{suffix}" if suffix else "ResEncUNetPlanner",
+        plans_name=f"nnUNetResEncUNet{suffix}Plans",
+        network_class_name=RESIDUAL_NETWORK_CLASS_NAME,
+        gpu_memory_target_gb=gb,
+        reference_vram_proxy_3d=proxy_3d,
+        reference_vram_proxy_2d=proxy_2d,
+        max_dataset_fraction_per_batch=max_fraction,
+        encoder_depth_key="n_blocks_per_stage",
+        encoder_depth=_RESENC_ENCODER_BLOCKS,
+        decoder_depth=_RESENC_DECODER_CONVS,
+        shrink_until_reference_batch_fits=True,
+        shared_data_configurations=("2d", "3d_fullres"),
+    )
+
+
+PLANNER_PRESETS: dict[str, PlannerPreset] = {
+    p.planner: p
+    for p in (
+        PlannerPreset(
+            planner="ExperimentPlanner",
+            plans_name=PLANS_NAME,
+            network_class_name=NETWORK_CLASS_NAME,
+            gpu_memory_target_gb=REFERENCE_GPU_MEMORY_GB,
+            reference_vram_proxy_3d=REFERENCE_VRAM_PROXY_3D,
+            reference_vram_proxy_2d=REFERENCE_VRAM_PROXY_2D,
+            max_dataset_fraction_per_batch=MAX_DATASET_FRACTION_PER_BATCH,
+            encoder_depth_key="n_conv_per_stage",
+            encoder_depth=(CONVS_PER_STAGE_ENCODER,) * 14,
+            decoder_depth=(CONVS_PER_STAGE_DECODER,) * 13,
+            shrink_until_reference_batch_fits=False,
+        ),
+        _resenc_preset("", 8, 680_000_000, 135_000_000, MAX_DATASET_FRACTION_PER_BATCH),
+        _resenc_preset("M", 8, 680_000_000, 135_000_000, 1.0),
+        _resenc_preset("L", 24, 2_100_000_000, 380_000_000, 1.0),
+        _resenc_preset("XL", 40, 3_600_000_000, 560_000_000, 1.0),
+    )
+}
+DEFAULT_PLANNER = "ExperimentPlanner"
+
+
+def get_planner_preset(planner: str | PlannerPreset = DEFAULT_PLANNER) -> PlannerPreset:
+    """The preset of an nnU-Net planner class name (``ExperimentPlanner``, ``nnUNetPlannerResEncM``, ...)."""
+    if isinstance(planner, PlannerPreset):
+        return planner
+    try:
+        return PLANNER_PRESETS[planner]
+    except KeyError:
+        raise ValueError(f"unknown planner {planner!r}; use one of {sorted(PLANNER_PRESETS)}") from None
+
+
+def planner_for_plans(plans: dict) -> PlannerPreset:
+    """The preset that wrote a plans dict (by ``experiment_planner_used``, else by the network class)."""
+    used = plans.get("experiment_planner_used")
+    if used in PLANNER_PRESETS:
+        return PLANNER_PRESETS[used]
+    return _preset_for_network(plans.get("configurations", {}).values())
+
+
+def _preset_for_network(configurations: Any) -> PlannerPreset:
+    for configuration in configurations:
+        name = str((configuration.get("architecture") or {}).get("network_class_name", ""))
+        if name.endswith("ResidualEncoderUNet"):
+            return PLANNER_PRESETS["nnUNetPlannerResEncM"]
+    return PLANNER_PRESETS[DEFAULT_PLANNER]
 
 
 # ---- dataset-level decisions -------------------------------------------------------------------------------
@@ -226,6 +344,29 @@ def features_per_stage(n_stages: int, dim: int) -> list[int]:
     return [min(max_features, BASE_NUM_FEATURES * 2**i) for i in range(n_stages)]
 
 
+def _feature_map_sizes(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> list[int]:
+    """Voxels per stage: each stage floors the previous size by its stride (the convs pad to keep size)."""
+    sizes = []
+    size = [int(s) for s in patch_size]
+    for stride in strides:
+        size = [s // st for s, st in zip(size, stride, strict=True)]
+        sizes.append(math.prod(size))
+    return sizes
+
+
+def _decoder_proxy(
+    sizes: Sequence[int],
+    features: Sequence[int],
+    n_conv_per_stage_decoder: Sequence[int],
+    num_label_keys: int,
+) -> int:
+    """Decoder convs plus the transposed conv that upsamples into each level, and one segmentation head."""
+    total = 0
+    for i in range(len(sizes) - 1):
+        total += (n_conv_per_stage_decoder[i] + 1) * features[i] * sizes[i]
+    return total + num_label_keys * sizes[0]
+
+
 def estimate_vram_proxy(
     patch_size: Sequence[int],
     strides: Sequence[Sequence[int]],
@@ -245,64 +386,105 @@ def estimate_vram_proxy(
         raise ValueError(f"{len(features)} feature counts for {n_stages} stages")
     n_conv_per_stage = list(n_conv_per_stage or [CONVS_PER_STAGE_ENCODER] * n_stages)
     n_conv_per_stage_decoder = list(n_conv_per_stage_decoder or [CONVS_PER_STAGE_DECODER] * (n_stages - 1))
-    sizes = []
-    size = [int(s) for s in patch_size]
-    for stride in strides:
-        size = [s // st for s, st in zip(size, stride, strict=True)]
-        sizes.append(size)
-    total = 0
-    for i in range(n_stages):  # encoder, bottleneck included
-        total += n_conv_per_stage[i] * features[i] * math.prod(sizes[i])
-    for i in range(n_stages - 1):  # decoder: convs plus the transposed conv that upsamples into level i
-        total += (n_conv_per_stage_decoder[i] + 1) * features[i] * math.prod(sizes[i])
-    total += num_label_keys * math.prod(sizes[0])  # segmentation head
-    return total
+    sizes = _feature_map_sizes(patch_size, strides)
+    total = sum(n_conv_per_stage[i] * features[i] * sizes[i] for i in range(n_stages))  # bottleneck included
+    return total + _decoder_proxy(sizes, features, n_conv_per_stage_decoder, num_label_keys)
 
 
-def _reference_vram_proxy(dim: int, gpu_memory_target_gb: float) -> float:
-    reference = REFERENCE_VRAM_PROXY_2D if dim == 2 else REFERENCE_VRAM_PROXY_3D
-    return reference * (gpu_memory_target_gb / REFERENCE_GPU_MEMORY_GB)
+def estimate_vram_proxy_residual(
+    patch_size: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    features: Sequence[int],
+    num_label_keys: int,
+    n_blocks_per_stage: Sequence[int],
+    n_conv_per_stage_decoder: Sequence[int],
+) -> int:
+    """The same proxy for a ResidualEncoderUNet (nnunet_v2_extensions.md §1.3).
 
-
-def _reference_batch_size(dim: int) -> int:
-    return REFERENCE_BATCH_SIZE_2D if dim == 2 else REFERENCE_BATCH_SIZE_3D
-
-
-def estimated_vram_gb(configuration: dict, num_label_keys: int) -> float:
-    """The GPU memory (GB) nnU-Net's planner implicitly budgets for a configuration at its batch size.
-
-    This is the planner's linear model (the proxy at the reference batch size equals the 8 GB reference), not a
-    measurement: real use also depends on cuDNN workspaces, AMP and torch.compile. Resolve inheritance first.
+    Stem conv, then per residual block two conv outputs; the first block of a stage adds the skip's output when
+    it changes channels or size (pooling and/or the 1x1 projection). The decoder is the plain one.
     """
-    arch = configuration["architecture"]["arch_kwargs"]
-    patch = configuration["patch_size"]
-    dim = len(patch)
-    proxy = estimate_vram_proxy(
-        patch,
+    n_stages = len(strides)
+    if not len(features) == len(n_blocks_per_stage) == n_stages:
+        raise ValueError(
+            f"{len(features)} feature counts, {len(n_blocks_per_stage)} depths for {n_stages} stages"
+        )
+    sizes = _feature_map_sizes(patch_size, strides)
+    total = features[0] * sizes[0]  # stem
+    channels, size = features[0], sizes[0]
+    for s in range(n_stages):
+        skip_changes = channels != features[s] or size != sizes[s] or any(st != 1 for st in strides[s])
+        total += (2 * n_blocks_per_stage[s] + int(skip_changes)) * features[s] * sizes[s]
+        channels, size = features[s], sizes[s]
+    return total + _decoder_proxy(sizes, features, n_conv_per_stage_decoder, num_label_keys)
+
+
+def _architecture_proxy(architecture: dict, patch_size: Sequence[int], num_label_keys: int) -> int:
+    """The proxy of the network an ``architecture`` entry of the plans describes."""
+    arch = architecture["arch_kwargs"]
+    if str(architecture.get("network_class_name", "")).endswith("ResidualEncoderUNet"):
+        return estimate_vram_proxy_residual(
+            patch_size,
+            arch["strides"],
+            arch["features_per_stage"],
+            num_label_keys,
+            arch["n_blocks_per_stage"],
+            arch["n_conv_per_stage_decoder"],
+        )
+    return estimate_vram_proxy(
+        patch_size,
         arch["strides"],
         arch["features_per_stage"],
         num_label_keys,
         arch["n_conv_per_stage"],
         arch["n_conv_per_stage_decoder"],
     )
-    # the planner treats proxy * batch_size == reference proxy * reference batch size as "fills 8 GB"
-    reference_load = _reference_vram_proxy(dim, REFERENCE_GPU_MEMORY_GB) * _reference_batch_size(dim)
-    return REFERENCE_GPU_MEMORY_GB * proxy * configuration["batch_size"] / reference_load
+
+
+def _reference_batch_size(dim: int) -> int:
+    return REFERENCE_BATCH_SIZE_2D if dim == 2 else REFERENCE_BATCH_SIZE_3D
+
+
+def estimated_vram_gb(
+    configuration: dict, num_label_keys: int, planner: str | PlannerPreset | None = None
+) -> float:
+    """The GPU memory (GB) nnU-Net's planner implicitly budgets for a configuration at its batch size.
+
+    This is the planner's linear model (the proxy at the reference batch size equals the preset's reference
+    memory), not a measurement: real use also depends on cuDNN workspaces, AMP and torch.compile. Resolve
+    inheritance first. Without ``planner`` the network class decides (ResidualEncoderUNet: the M preset, whose
+    8 GB scale L and XL follow within 6 %).
+    """
+    preset = get_planner_preset(planner) if planner is not None else _preset_for_network([configuration])
+    patch = configuration["patch_size"]
+    dim = len(patch)
+    proxy = _architecture_proxy(configuration["architecture"], patch, num_label_keys)
+    # the planner treats proxy * batch_size == reference proxy * reference batch size as "fills the target"
+    reference_load = preset.reference_vram_proxy(dim, preset.gpu_memory_target_gb) * _reference_batch_size(
+        dim
+    )
+    return preset.gpu_memory_target_gb * proxy * configuration["batch_size"] / reference_load
 
 
 # ---- one configuration -------------------------------------------------------------------------------------
-def _architecture(dim: int, strides: list[list[int]], kernel_sizes: list[list[int]]) -> dict:
+def _architecture(
+    dim: int, strides: list[list[int]], kernel_sizes: list[list[int]], preset: PlannerPreset
+) -> dict:
     n_stages = len(strides)
+    if n_stages > len(preset.encoder_depth):
+        raise ValueError(
+            f"{n_stages} stages, but {preset.planner} defines at most {len(preset.encoder_depth)}"
+        )
     return {
-        "network_class_name": NETWORK_CLASS_NAME,
+        "network_class_name": preset.network_class_name,
         "arch_kwargs": {
             "n_stages": n_stages,
             "features_per_stage": features_per_stage(n_stages, dim),
             "conv_op": CONV_OP_NAMES[dim],
             "kernel_sizes": [list(k) for k in kernel_sizes],
             "strides": [list(s) for s in strides],
-            "n_conv_per_stage": [CONVS_PER_STAGE_ENCODER] * n_stages,
-            "n_conv_per_stage_decoder": [CONVS_PER_STAGE_DECODER] * (n_stages - 1),
+            preset.encoder_depth_key: list(preset.encoder_depth[:n_stages]),
+            "n_conv_per_stage_decoder": list(preset.decoder_depth[: n_stages - 1]),
             "conv_bias": True,
             "norm_op": NORM_OP_NAMES[dim],
             "norm_op_kwargs": {"eps": 1e-05, "affine": True},
@@ -323,16 +505,21 @@ def get_plans_for_configuration(
     num_label_keys: int,
     normalization_schemes: list[str],
     use_mask_for_norm: list[bool],
-    gpu_memory_target_gb: float = 8.0,
+    gpu_memory_target_gb: float | None = None,
     cache: dict | None = None,
+    planner: str | PlannerPreset = DEFAULT_PLANNER,
 ) -> dict:
-    """Patch size, topology and batch size for one configuration (docs/method.md §3.5).
+    """Patch size, topology and batch size for one configuration (docs/method.md §3.5, §16).
 
     Starts from a 256^3 (2048^2) voxel patch that is isotropic in mm and clipped to the median image, then shrinks
     the axis that is largest relative to the median image until the memory proxy fits the GPU budget. Leftover
-    budget goes into the batch size, capped so one batch covers at most 5 % of the dataset's voxels.
+    budget goes into the batch size, capped so one batch covers at most the preset's fraction of the dataset's
+    voxels (5 %; all of it for ResEnc M/L/XL). ``gpu_memory_target_gb`` defaults to the preset's target.
     ``median_shape`` is written back unchanged (nnU-Net keeps floats for fullres/2d and ints for lowres).
     """
+    preset = get_planner_preset(planner)
+    if gpu_memory_target_gb is None:
+        gpu_memory_target_gb = preset.gpu_memory_target_gb
     dim = len(spacing)
     if dim not in (2, 3):
         raise ValueError(f"spacing must have 2 or 3 entries, got {list(spacing)}")
@@ -353,15 +540,21 @@ def get_plans_for_configuration(
         _, strides, kernels, padded, divisible_by = get_pool_and_conv_props(spacing_array, patch)
         key = (tuple(padded), tuple(map(tuple, strides)))
         if key not in cache:
-            cache[key] = estimate_vram_proxy(
-                padded, strides, features_per_stage(len(strides), dim), num_label_keys
-            )
+            architecture = _architecture(dim, strides, kernels, preset)
+            cache[key] = _architecture_proxy(architecture, padded, num_label_keys)
         return padded, divisible_by, strides, kernels, cache[key]
 
     patch_size, divisible_by, strides, kernels, proxy = topology_and_proxy(initial_patch)
-    reference = _reference_vram_proxy(dim, gpu_memory_target_gb)
+    reference = preset.reference_vram_proxy(dim, gpu_memory_target_gb)
     ref_bs = _reference_batch_size(dim)
-    while proxy / ref_bs * 2 > reference:
+
+    def too_large(proxy: int) -> bool:
+        """The default planner stops once batch 2 fits, the residual ones once the reference batch (2 / 12) does."""
+        if preset.shrink_until_reference_batch_fits:
+            return proxy > reference
+        return proxy / ref_bs * 2 > reference
+
+    while too_large(proxy):
         ratios = [p / m for p, m in zip(patch_size, median_clip, strict=True)]
         axis = max(i for i in range(dim) if ratios[i] == max(ratios))  # ties: the last axis
         # subtract the divisor of the *reduced* patch, so sizes such as 224 (between 256 and 192) are not skipped
@@ -378,10 +571,12 @@ def get_plans_for_configuration(
         patch_size, divisible_by, strides, kernels, proxy = topology_and_proxy(patch_size)
 
     batch_size = round((reference / proxy) * ref_bs)
-    batch_size_5_percent = round(
-        approximate_n_voxels_dataset * MAX_DATASET_FRACTION_PER_BATCH / np.prod(patch_size, dtype=np.float64)
+    batch_size_dataset_cap = round(
+        approximate_n_voxels_dataset
+        * preset.max_dataset_fraction_per_batch
+        / np.prod(patch_size, dtype=np.float64)
     )
-    batch_size = max(min(batch_size, batch_size_5_percent), MIN_BATCH_SIZE)
+    batch_size = max(min(batch_size, batch_size_dataset_cap), MIN_BATCH_SIZE)
 
     plan = {
         "data_identifier": data_identifier,
@@ -394,7 +589,7 @@ def get_plans_for_configuration(
         "use_mask_for_norm": [bool(u) for u in use_mask_for_norm],
     }
     plan.update(resampling_settings())
-    plan["architecture"] = _architecture(dim, strides, kernels)
+    plan["architecture"] = _architecture(dim, strides, kernels, preset)
     return plan
 
 
@@ -409,16 +604,22 @@ def plan_experiment(
     fingerprint: dict,
     dataset_json: dict,
     dataset_name: str,
-    gpu_memory_target_gb: float = 8.0,
+    gpu_memory_target_gb: float | None = None,
     overwrite_target_spacing: list[float] | None = None,
     image_reader_writer: str = "SimpleITKIO",
+    planner: str | PlannerPreset = DEFAULT_PLANNER,
 ) -> dict:
-    """All configurations of nnU-Net's default planner (docs/method.md §3.6), as a plans dict in nnU-Net's format.
+    """All configurations of one nnU-Net planner (docs/method.md §3.6, §16), as a plans dict in nnU-Net's format.
 
-    ``fingerprint`` has the keys of nnU-Net's ``dataset_fingerprint.json``. Configurations: ``2d`` always;
-    ``3d_fullres`` unless the images are 2D; ``3d_lowres`` + ``3d_cascade_fullres`` when the fullres patch covers
-    less than 25 % of the median image and a coarser spacing makes the images at least 2x smaller.
+    ``planner`` is nnU-Net's class name: ``ExperimentPlanner`` (``nnUNetPlans``, PlainConvUNet) or
+    ``nnUNetPlannerResEncM`` / ``L`` / ``XL`` (``nnUNetResEncUNet{M,L,XL}Plans``, ResidualEncoderUNet).
+    ``gpu_memory_target_gb`` overrides the preset's target (8 / 8 / 24 / 40 GB), as nnU-Net's
+    ``-gpu_memory_target`` does. ``fingerprint`` has the keys of nnU-Net's ``dataset_fingerprint.json``.
+    Configurations: ``2d`` always; ``3d_fullres`` unless the images are 2D; ``3d_lowres`` + ``3d_cascade_fullres``
+    when the fullres patch covers less than 25 % of the median image and a coarser spacing makes the images at
+    least 2x smaller.
     """
+    preset = get_planner_preset(planner)
     spacings, shapes = _checked_inputs(fingerprint, dataset_json, dataset_name)
     num_training = dataset_json["numTraining"]
     normalization_schemes, use_mask_for_norm = determine_normalization(
@@ -431,6 +632,7 @@ def plan_experiment(
         use_mask_for_norm=use_mask_for_norm,
         gpu_memory_target_gb=gpu_memory_target_gb,
         cache={},
+        preset=preset,
     )
 
     fullres_spacing = determine_fullres_target_spacing(spacings, shapes, overwrite_target_spacing)
@@ -462,14 +664,14 @@ def plan_experiment(
     median_shape = np.median(np.asarray(shapes), 0)[transpose_forward]
     return {
         "dataset_name": dataset_name,
-        "plans_name": PLANS_NAME,
+        "plans_name": preset.plans_name,
         "original_median_spacing_after_transp": [float(s) for s in median_spacing],
         "original_median_shape_after_transp": [int(round(s)) for s in median_shape],
         "image_reader_writer": image_reader_writer,
         "transpose_forward": [int(i) for i in transpose_forward],
         "transpose_backward": [int(i) for i in transpose_backward],
         "configurations": _configurations(plan_2d, plan_3d_fullres, plan_3d_lowres),
-        "experiment_planner_used": "ExperimentPlanner",
+        "experiment_planner_used": preset.planner,
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": copy.deepcopy(
             fingerprint["foreground_intensity_properties_per_channel"]
@@ -515,20 +717,22 @@ def _plan_configuration(
     num_label_keys: int,
     normalization_schemes: list[str],
     use_mask_for_norm: list[bool],
-    gpu_memory_target_gb: float,
+    gpu_memory_target_gb: float | None,
     cache: dict,
+    preset: PlannerPreset,
 ) -> dict:
     """One configuration with the dataset-wide settings; ``cache`` shares topology estimates between calls."""
     return get_plans_for_configuration(
         spacing,
         median_shape,
-        f"{PLANS_NAME}_{name}",
+        preset.data_identifier(name),
         n_voxels,
         num_label_keys,
         normalization_schemes,
         use_mask_for_norm,
         gpu_memory_target_gb,
         cache,
+        preset,
     )
 
 
