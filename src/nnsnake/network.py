@@ -103,7 +103,38 @@ class ConvNormAct(nn.Sequential):
         super().__init__(*layers)
 
 
-class PlainConvUNet(nn.Module):
+class _SegmentationNetwork(nn.Module):
+    """What both U-Nets share: the topology check, the per-conv settings and the deep-supervision switch."""
+
+    def _setup(
+        self,
+        dim: int,
+        n_stages: int,
+        num_outputs: int,
+        kernel_sizes: Sequence[Sequence[int]],
+        strides: Sequence[Sequence[int]],
+        per_stage: list[tuple[str, Sequence[int], int]],
+        deep_supervision: bool,
+        **block: Any,
+    ) -> dict[str, Any]:
+        """Check the topology, record the attributes, and return the settings every conv block takes."""
+        _check_topology(dim, n_stages, kernel_sizes, strides, per_stage)
+        self.dim = dim
+        self.num_outputs = num_outputs
+        self.strides = [list(map(int, s)) for s in strides]
+        self._deep_supervision = deep_supervision
+        return block
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self._deep_supervision
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        """Training wants every head; inference and the final validation only the full-resolution one."""
+        self._deep_supervision = bool(enabled)
+
+
+class PlainConvUNet(_SegmentationNetwork):
     """Encoder of strided-conv stages, decoder of transposed-conv upsampling + skip concat + convs, 1x1 heads.
 
     With deep supervision ``forward`` returns one logit map per decoder stage, highest resolution first
@@ -130,27 +161,23 @@ class PlainConvUNet(nn.Module):
     ) -> None:
         super().__init__()
         n_stages = len(features_per_stage)
-        _check_topology(
+        block = self._setup(
             dim,
             n_stages,
+            num_outputs,
             kernel_sizes,
             strides,
             [
                 ("n_conv_per_stage", n_conv_per_stage, n_stages),
                 ("n_conv_per_stage_decoder", n_conv_per_stage_decoder, n_stages - 1),
             ],
+            deep_supervision,
+            conv_bias=conv_bias,
+            norm_eps=norm_eps,
+            norm_affine=norm_affine,
+            negative_slope=negative_slope,
+            dropout_p=dropout_p,
         )
-        block: dict[str, Any] = {
-            "conv_bias": conv_bias,
-            "norm_eps": norm_eps,
-            "norm_affine": norm_affine,
-            "negative_slope": negative_slope,
-            "dropout_p": dropout_p,
-        }
-        self.dim = dim
-        self.num_outputs = num_outputs
-        self.strides = [list(map(int, s)) for s in strides]
-        self._deep_supervision = deep_supervision
 
         encoder = []
         channels = input_channels
@@ -193,14 +220,6 @@ class PlainConvUNet(nn.Module):
         self.decoder = nn.ModuleList(decoder)
         self.heads = nn.ModuleList(heads)
         self.apply(_kaiming_init)
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self._deep_supervision
-
-    def set_deep_supervision(self, enabled: bool) -> None:
-        """Training wants every head; inference and the final validation only the full-resolution one."""
-        self._deep_supervision = bool(enabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         skips = []
@@ -435,7 +454,7 @@ class UNetDecoder(nn.Module):
         return outputs
 
 
-class ResidualEncoderUNet(nn.Module):
+class ResidualEncoderUNet(_SegmentationNetwork):
     """nnU-Net's ResidualEncoderUNet (the ResEnc M/L/XL presets): residual encoder, the plain U-Net decoder.
 
     With deep supervision ``forward`` returns one logit map per decoder stage, highest resolution first; without
@@ -464,27 +483,23 @@ class ResidualEncoderUNet(nn.Module):
     ) -> None:
         super().__init__()
         n_stages = len(features_per_stage)
-        _check_topology(
+        block = self._setup(
             dim,
             n_stages,
+            num_outputs,
             kernel_sizes,
             strides,
             [
                 ("n_blocks_per_stage", n_blocks_per_stage, n_stages),
                 ("n_conv_per_stage_decoder", n_conv_per_stage_decoder, n_stages - 1),
             ],
+            deep_supervision,
+            conv_bias=conv_bias,
+            norm_eps=norm_eps,
+            norm_affine=norm_affine,
+            negative_slope=negative_slope,
+            dropout_p=dropout_p,
         )
-        block: dict[str, Any] = {
-            "conv_bias": conv_bias,
-            "norm_eps": norm_eps,
-            "norm_affine": norm_affine,
-            "negative_slope": negative_slope,
-            "dropout_p": dropout_p,
-        }
-        self.dim = dim
-        self.num_outputs = num_outputs
-        self.strides = [list(map(int, s)) for s in strides]
-        self._deep_supervision = deep_supervision
         self.encoder = ResidualEncoder(
             input_channels, features_per_stage, kernel_sizes, strides, n_blocks_per_stage, dim, block
         )
@@ -493,14 +508,6 @@ class ResidualEncoderUNet(nn.Module):
         )
         self._register_load_state_dict_pre_hook(_drop_resenc_aliases)
         self._initialize()
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self._deep_supervision
-
-    def set_deep_supervision(self, enabled: bool) -> None:
-        """Training wants every head; inference and the final validation only the full-resolution one."""
-        self._deep_supervision = bool(enabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.decoder(self.encoder(x), self._deep_supervision)
