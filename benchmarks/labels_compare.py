@@ -51,8 +51,8 @@ if __name__ == "__main__":
     determine_postprocessing(str(pp), task["labels"], str(plans), task["dataset_json"], num_processes=1,
                              keep_postprocessed_files=False)
     decision = json.loads((pp / "postprocessing.json").read_text())
-    out["postprocessing"] = [sorted(v if isinstance(v, list) else [v] for v in [kw["labels_or_regions"]])[0]
-                             for kw in decision["postprocessing_kwargs"]]
+    steps = [kw["labels_or_regions"] for kw in decision["postprocessing_kwargs"]]
+    out["postprocessing"] = [sorted(v) if isinstance(v, list) else [v] for v in steps]
     for name, members in task["ensembles"].items():
         staged = []
         for i, folder in enumerate(members):

@@ -168,16 +168,8 @@ def test_kernel_example_issue_2412():
 
 
 # ---- nnunetv2's own output ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("dataset_name", ANCHOR_DATASETS)
-def test_plans_equal_nnunetv2_on_reference_datasets(dataset_name):
-    folder = NNUNET_FIXTURES / dataset_name
-    reference = json.loads((folder / "nnUNetPlans.json").read_text())
-    fingerprint = json.loads((folder / "dataset_fingerprint.json").read_text())
-    dataset_json = json.loads((folder / "dataset.json").read_text())
-    ours = plan_experiment(
-        fingerprint, dataset_json, dataset_name, image_reader_writer=reference["image_reader_writer"]
-    )
-
+def assert_plans_equal_nnunetv2(ours: dict, reference: dict) -> None:
+    """Plans equal nnunetv2's: field by field first (readable failures), then byte for byte."""
     assert list(ours["configurations"]) == list(reference["configurations"])
     for key in (
         "transpose_forward",
@@ -212,6 +204,19 @@ def test_plans_equal_nnunetv2_on_reference_datasets(dataset_name):
             for key in ("kernel_sizes", "strides", "features_per_stage", "n_stages"):
                 assert arch[key] == ref_arch[key], f"{name}.architecture.{key}"
     assert dumps(ours) == dumps(reference)  # and the files are identical, byte for byte
+
+
+@pytest.mark.parametrize("dataset_name", ANCHOR_DATASETS)
+def test_plans_equal_nnunetv2_on_reference_datasets(dataset_name):
+    folder = NNUNET_FIXTURES / dataset_name
+    reference = json.loads((folder / "nnUNetPlans.json").read_text())
+    fingerprint = json.loads((folder / "dataset_fingerprint.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    ours = plan_experiment(
+        fingerprint, dataset_json, dataset_name, image_reader_writer=reference["image_reader_writer"]
+    )
+
+    assert_plans_equal_nnunetv2(ours, reference)
 
 
 @pytest.mark.parametrize("scenario", SYNTHETIC["scenarios"], ids=[s["tag"] for s in SYNTHETIC["scenarios"]])

@@ -21,7 +21,6 @@ import pytest
 
 from nnsnake.dataset import discover_cases, load_dataset_json, verify_dataset
 from nnsnake.fingerprint import extract_fingerprint
-from nnsnake.jsonio import dumps
 from nnsnake.labels import LabelModel
 from nnsnake.planning import plan_experiment
 from nnsnake.preprocessing import load_case, preprocess_case, save_case
@@ -35,28 +34,11 @@ from .fixtures.regions.make_datasets import (
     make_ignore_dataset,
     make_regions_ignore_dataset,
 )
+from .test_planning import assert_plans_equal_nnunetv2  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "regions"
 DATASETS = [BRATS_REGIONS_NAME, IGNORE_NAME, REGIONS_IGNORE_NAME]
 N_CASES = 20  # as make_reference.py built them
-PLAN_KEYS = (
-    "spacing",
-    "median_image_size_in_voxels",
-    "patch_size",
-    "batch_size",
-    "batch_dice",
-    "normalization_schemes",
-    "use_mask_for_norm",
-    "resampling_fn_data",
-    "resampling_fn_seg",
-    "resampling_fn_probabilities",
-    "resampling_fn_data_kwargs",
-    "resampling_fn_seg_kwargs",
-    "resampling_fn_probabilities_kwargs",
-    "next_stage",
-    "previous_stage",
-    "inherits_from",
-)
 
 
 def reference(dataset: str, name: str) -> Any:
@@ -145,16 +127,7 @@ def test_plans_equal_nnunetv2(dataset):
         dataset,
         image_reader_writer=expected["image_reader_writer"],
     )
-    assert list(ours["configurations"]) == list(expected["configurations"])
-    for name, ref_config in expected["configurations"].items():
-        config = ours["configurations"][name]
-        for key in PLAN_KEYS:
-            assert config.get(key) == ref_config.get(key), f"{name}.{key}"
-        if "architecture" in ref_config:
-            arch, ref_arch = config["architecture"]["arch_kwargs"], ref_config["architecture"]["arch_kwargs"]
-            for key in ("kernel_sizes", "strides", "features_per_stage", "n_stages"):
-                assert arch[key] == ref_arch[key], f"{name}.architecture.{key}"
-    assert dumps(ours) == dumps(expected)  # byte for byte
+    assert_plans_equal_nnunetv2(ours, expected)
 
 
 # ---- fingerprint and preprocessing (shared data) -----------------------------------------------------------------
