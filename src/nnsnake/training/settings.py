@@ -69,6 +69,7 @@ class TrainingSettings:
     channels_last: bool | None = None
     save_best: bool = True
     gpu_lock_dir: str | None = None
+    pretrained_weights: str | None = None  # fine-tuning start (training/pretrained.py)
     amp: InitVar[str | bool | None] = None
     num_workers: InitVar[int | None] = None
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..jsonio import dumps, read_json
 from ..labels import LabelModel
+from .pretrained import pretrained_signature
 from .settings import STATE_FORMAT, TrainingSettings
 
 
@@ -33,6 +34,7 @@ _SIGNATURE_MEANING = {
     "cases_sha256": "the fold's training/validation cases (splits.json)",
     "data_sha256": "the preprocessed images/labels of the fold's cases",
     "previous_stage_sha256": "the previous stage's (3d_lowres) predictions of the fold's cases",
+    "pretrained_weights_sha256": "the content of the pretrained weights file (training.pretrained_weights)",
 }
 
 
@@ -78,6 +80,7 @@ def training_signature(
         "seed": int(settings.seed) if settings.deterministic else None,
         # the key keeps the setting's former name: states written before the rename still resume
         "num_workers": int(workers) if settings.deterministic else None,
+        **pretrained_signature(settings.pretrained_weights),  # nothing without it: older states still resume
     }
 
 

@@ -58,6 +58,7 @@ from ..runtime import (
     select_device,
 )
 from .plot import plot_progress
+from .pretrained import load_pretrained_weights
 from .schedule import ema_update, global_dice, nanmean, poly_lr
 from .settings import (
     BEST_FILE_PREFIX,
@@ -277,6 +278,8 @@ class _Trainer:
         if settings.deterministic:
             seed_everything(settings.seed)
         self.network = build_network(architecture, self.num_input_channels, self.labels.num_outputs, True)
+        if settings.pretrained_weights:  # fine-tuning; a resumed run replaces these weights by its own state
+            load_pretrained_weights(self.network, settings.pretrained_weights)
         self.network.to(self.device)
         if runtime.channels_last:
             self.network.to(memory_format=self._memory_format())  # type: ignore[call-overload]
