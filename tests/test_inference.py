@@ -25,6 +25,7 @@ from nnsnake.inference import (
     predict_sliding_window,
     sliding_window_steps,
 )
+from nnsnake.inference.export import export_probabilities_streamed
 from nnsnake.labels import LabelModel
 
 # --------------------------------------------------------------------------------------------------------------
@@ -617,6 +618,85 @@ def test_export_matches_nnunetv2(fixtures_dir):
             logits, case["properties"], meta["plans"], case["configuration"], dataset_json
         )
         np.testing.assert_array_equal(streamed, reference_seg, err_msg=key)
+
+
+def test_streamed_probabilities_equal_whole_array(fixtures_dir, tmp_path):
+    """export_probabilities_streamed writes, class by class, exactly the probabilities (and label map) of the
+    whole-array path, for labels (softmax through the scratch file) and regions (sigmoid)."""
+    meta = json.loads((fixtures_dir / "inference" / "export_reference.json").read_text())
+    arrays = np.load(fixtures_dir / "inference" / "export_reference.npz")
+    for key in ("3d_fullres_labels", "3d_fullres_regions", "2d_labels"):
+        case = meta["cases"][key]
+        args = (case["properties"], meta["plans"], case["configuration"], meta["datasets"][case["dataset"]])
+        logits = torch.from_numpy(arrays[f"{key}_logits"])
+        seg, probabilities = convert_logits_to_raw_geometry(logits, *args, return_probabilities=True)
+        path = tmp_path / f"{key}.npz"
+        streamed_seg = export_probabilities_streamed(logits, *args, path)
+        np.testing.assert_array_equal(streamed_seg, seg, err_msg=key)
+        with np.load(path) as npz:
+            assert npz.files == ["probabilities"]
+            np.testing.assert_array_equal(npz["probabilities"], probabilities, err_msg=key)
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no scratch left
+
+
+def _many_class_case(n_classes: int = 40):
+    """Smooth logits of many classes at a coarse grid whose export resamples to 2x the voxels in-plane."""
+    shape, cropped, raw = (12, 20, 20), [12, 40, 40], [14, 44, 42]
+    grids = np.meshgrid(*[np.linspace(0, 1, s, dtype=np.float32) for s in shape], indexing="ij")
+    logits = np.stack(
+        [np.sin((3 + k % 7) * grids[1] + k * grids[2] + grids[0] * k / 5) for k in range(n_classes)]
+    )
+    labels = {"background": 0, **{f"c{k}": k for k in range(1, n_classes)}}
+    plans = {
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": {"spacing": [1.0, 1.0, 1.0]}},
+    }
+    properties = {
+        "spacing": [1.0, 0.5, 0.5],
+        "shape_before_cropping": raw,
+        "bbox_used_for_cropping": [[1, 13], [2, 42], [1, 41]],
+        "shape_after_cropping_and_before_resampling": cropped,
+    }
+    return logits.astype(np.float32), properties, plans, {"labels": labels, "file_ending": ".nii.gz"}
+
+
+def _traced_export_peaks(n_classes: int, tmp_path) -> tuple[int, int, int]:
+    """Peak traced numpy allocation of the label-map export and of the streamed-probabilities export, after a
+    whole-array run (which warms imports and caches and must agree exactly); and one raw channel's bytes."""
+    import tracemalloc
+
+    logits, properties, plans, dataset_json = _many_class_case(n_classes)
+    args = (properties, plans, "3d_fullres", dataset_json)
+    whole_seg, whole_probabilities = convert_logits_to_raw_geometry(logits, *args, return_probabilities=True)
+    assert whole_probabilities is not None and len(np.unique(whole_seg)) > n_classes // 4
+    tracemalloc.start()
+    try:
+        seg, _ = convert_logits_to_raw_geometry(logits, *args)
+        _, peak_seg = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        streamed_seg = export_probabilities_streamed(logits, *args, tmp_path / "p.npz")
+        _, peak_probabilities = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(seg, whole_seg)
+    np.testing.assert_array_equal(streamed_seg, whole_seg)
+    with np.load(tmp_path / "p.npz") as npz:
+        np.testing.assert_array_equal(npz["probabilities"], whole_probabilities)
+    return peak_seg, peak_probabilities, 4 * math.prod(properties["shape_before_cropping"])
+
+
+def test_export_memory_is_bounded_by_a_few_channels(tmp_path):
+    """Peak allocation of the export grows with the image, not with image x classes: 40 classes cost no more
+    than 8 (within two channels), far below the 40 resampled channels of a whole-array export."""
+    seg_8, probabilities_8, channel = _traced_export_peaks(8, tmp_path)
+    seg_40, probabilities_40, _ = _traced_export_peaks(40, tmp_path)
+    assert seg_40 < seg_8 + 2 * channel, (seg_8 / channel, seg_40 / channel)
+    assert probabilities_40 < probabilities_8 + 2 * channel, (
+        probabilities_8 / channel,
+        probabilities_40 / channel,
+    )
+    assert max(seg_40, probabilities_40) < 12 * channel
 
 
 def test_streamed_argmax_equals_argmax_with_ties():

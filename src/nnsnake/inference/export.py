@@ -7,7 +7,9 @@ the case properties as JSON (never pickle).
 Deliberate differences from nnU-Net 2.8.1 (results agree to rounding):
 
 * logits are resampled channel by channel in float32 and the argmax is streamed, so only one resampled channel
-  (plus the running maximum) is in memory when no probabilities are requested;
+  (plus the running maximum) is in memory: peak RAM grows with the image, not with image x classes;
+* with ``save_probabilities`` the softmax is streamed too (the resampled logits wait in a scratch file beside the
+  output) and the ``.npz`` is written one class at a time, with the same content as one ``savez_compressed``;
 * properties are written as ``<case>.json`` without the training-only ``class_locations``; the cascade's
   next-stage segmentation is a ``.npy`` file.
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -137,6 +141,47 @@ def _uncrop_probabilities(
     return full.transpose([0, *(a + 1 for a in backward)])
 
 
+@dataclass(frozen=True)
+class _Geometry:
+    """Where the network's grid sits in the raw image: the cropped shape to resample to, then crop and axes."""
+
+    cropped_shape: list[int]
+    current_spacing: list[float]
+    target_spacing: list[float]
+    raw_shape: list[int]  # shape before cropping, in the plan's (transposed) axis order
+    crop: tuple[slice, ...]
+    backward: list[int]
+
+    def to_raw(self, cropped: np.ndarray, fill: float = 0) -> np.ndarray:
+        """``cropped`` put back into the uncropped image (``fill`` outside), in the raw axis order."""
+        full = np.full(self.raw_shape, fill, dtype=cropped.dtype)
+        full[self.crop] = cropped
+        return full.transpose(self.backward)
+
+
+def _geometry(
+    logits: TensorOrArray,
+    properties: Mapping[str, Any],
+    plans: Mapping[str, Any],
+    configuration: str | Mapping[str, Any],
+    labels: LabelModel,
+) -> _Geometry:
+    _check_properties(properties)
+    config = _resolve(plans, configuration)
+    if logits.shape[0] != labels.num_outputs:
+        raise ValueError(
+            f"logits have {logits.shape[0]} channels but dataset.json implies {labels.num_outputs}"
+        )
+    return _Geometry(
+        cropped_shape=[int(s) for s in properties["shape_after_cropping_and_before_resampling"]],
+        current_spacing=_resampling_source_spacing(plans, config, properties),
+        target_spacing=[float(s) for s in _transposed(properties["spacing"], plans["transpose_forward"])],
+        raw_shape=[int(s) for s in properties["shape_before_cropping"]],
+        crop=_bbox_slices(properties["bbox_used_for_cropping"]),
+        backward=[int(a) for a in plans["transpose_backward"]],
+    )
+
+
 def convert_logits_to_raw_geometry(
     logits: TensorOrArray,
     properties: Mapping[str, Any],
@@ -145,35 +190,167 @@ def convert_logits_to_raw_geometry(
     dataset_json: Mapping[str, Any],
     return_probabilities: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Segmentation (and optionally probabilities) in the raw image's shape and axis order (§7.3 steps 1–5)."""
-    _check_properties(properties)
-    config = _resolve(plans, configuration)
+    """Segmentation (and optionally probabilities) in the raw image's shape and axis order (§7.3 steps 1–5).
+
+    Without probabilities the memory is bounded by one resampled channel; with them the whole (K, *raw) array is
+    returned (for ensembling): :func:`export_prediction` streams them to disk instead.
+    """
     labels = LabelModel.from_dataset_json(dataset_json)
-    if logits.shape[0] != labels.num_outputs:
-        raise ValueError(
-            f"logits have {logits.shape[0]} channels but dataset.json implies {labels.num_outputs}"
-        )
-    target_shape = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
-    current_spacing = _resampling_source_spacing(plans, config, properties)
-    target_spacing = [float(s) for s in _transposed(properties["spacing"], plans["transpose_forward"])]
-    channels = _resample_channels(logits, target_shape, current_spacing, target_spacing)
+    geometry = _geometry(logits, properties, plans, configuration, labels)
+    channels = _resample_channels(
+        logits, geometry.cropped_shape, geometry.current_spacing, geometry.target_spacing
+    )
     probabilities = None
     if return_probabilities:
-        resampled = np.empty((labels.num_outputs, *target_shape), dtype=np.float32)
+        resampled = np.empty((labels.num_outputs, *geometry.cropped_shape), dtype=np.float32)
         for c, channel in enumerate(channels):
             resampled[c] = channel
         probabilities = labels.probabilities_from_logits(resampled)
         seg_cropped = labels.segmentation_from_probabilities(probabilities)
     else:
-        seg_cropped = labels.segmentation_from_logit_channels(channels, target_shape)
-    crop = _bbox_slices(properties["bbox_used_for_cropping"])
-    backward = [int(a) for a in plans["transpose_backward"]]
-    seg: np.ndarray = np.zeros([int(s) for s in properties["shape_before_cropping"]], dtype=labels.seg_dtype)
-    seg[crop] = seg_cropped
-    seg = seg.transpose(backward)
+        seg_cropped = labels.segmentation_from_logit_channels(channels, geometry.cropped_shape)
+    seg = geometry.to_raw(seg_cropped)
     if probabilities is not None:
-        probabilities = _uncrop_probabilities(probabilities, labels, properties, crop, backward)
+        probabilities = _uncrop_probabilities(
+            probabilities, labels, properties, geometry.crop, geometry.backward
+        )
     return seg, probabilities
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bounded probabilities: one class at a time
+
+
+class _ScratchChannels:
+    """Float32 channels of one shape parked in an unlinked scratch file (plain reads and writes, no mmap, so
+    they cost disk and page cache, not resident memory)."""
+
+    def __init__(self, shape: Sequence[int], directory: Path) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.nbytes = int(np.prod(self.shape)) * 4
+        self._file = tempfile.TemporaryFile(dir=directory, buffering=0)
+
+    def __enter__(self) -> _ScratchChannels:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def write(self, index: int, channel: np.ndarray) -> None:
+        view = np.ascontiguousarray(channel, dtype=np.float32).data.cast("B")
+        self._file.seek(index * self.nbytes)
+        while view:
+            view = view[self._file.write(view) :]
+
+    def read(self, index: int) -> np.ndarray:
+        out = np.empty(self.shape, dtype=np.float32)
+        view = out.data.cast("B")
+        self._file.seek(index * self.nbytes)
+        while view:
+            n = self._file.readinto(view)
+            if not n:
+                raise OSError(f"scratch file ended early reading channel {index}")
+            view = view[n:]
+        return out
+
+
+def _softmax_channels(
+    channels: Iterator[np.ndarray], n_channels: int, shape: Sequence[int], scratch_dir: Path
+) -> Iterator[np.ndarray]:
+    """Softmax over channels seen one at a time, yielded one at a time; the same float32 operations in the same
+    order as :meth:`LabelModel.probabilities_from_logits` (max, subtract, exp, sequential sum, divide), so the
+    values are identical."""
+    with _ScratchChannels(shape, scratch_dir) as scratch:
+        maximum: np.ndarray | None = None
+        for c, channel in enumerate(channels):
+            scratch.write(c, channel)
+            maximum = np.array(channel, dtype=np.float32) if maximum is None else np.maximum(maximum, channel)
+        if maximum is None:
+            raise ValueError("no logit channels to export")
+        total = np.zeros(tuple(shape), dtype=np.float32)
+        for c in range(n_channels):
+            exp = scratch.read(c)
+            exp -= maximum
+            np.exp(exp, out=exp)
+            total += exp
+            scratch.write(c, exp)
+        del maximum
+        for c in range(n_channels):
+            probability = scratch.read(c)
+            probability /= total
+            yield probability
+
+
+def _probability_channels(
+    logits: TensorOrArray, labels: LabelModel, geometry: _Geometry, scratch_dir: Path, seg: np.ndarray
+) -> Iterator[np.ndarray]:
+    """Probability channels in the raw geometry, one at a time, while painting the cropped label map ``seg``
+    exactly as :meth:`LabelModel.segmentation_from_probabilities` would (argmax, or regions > 0.5 in order)."""
+    channels = _resample_channels(
+        logits, geometry.cropped_shape, geometry.current_spacing, geometry.target_spacing
+    )
+    if labels.has_regions:
+        import torch  # torch's sigmoid, bit for bit the network's nonlinearity
+
+        for channel, label in zip(channels, labels.regions_class_order, strict=True):
+            probability = torch.sigmoid_(torch.from_numpy(channel)).numpy()
+            seg[probability > 0.5] = label
+            yield geometry.to_raw(probability)
+        return
+    best: np.ndarray | None = None
+    probabilities = _softmax_channels(channels, labels.num_outputs, geometry.cropped_shape, scratch_dir)
+    for c, probability in enumerate(probabilities):
+        if best is None:
+            best = probability.copy()
+        else:
+            better = probability > best  # strict: ties keep the first class, like argmax
+            seg[better] = c
+            np.maximum(best, probability, out=best)
+        yield geometry.to_raw(probability, fill=1.0 if c == 0 else 0.0)  # outside the crop: background
+
+
+def _write_npz_channels(
+    fh: IO[bytes], name: str, shape: Sequence[int], channels: Iterator[np.ndarray]
+) -> None:
+    """A compressed ``.npz`` with one float32 array ``name`` of ``shape`` whose first-axis slices arrive one at a
+    time (``np.load`` reads it exactly as if ``np.savez_compressed`` had written the whole array)."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+            np.lib.format.write_array_header_2_0(entry, {**header, "shape": tuple(int(s) for s in shape)})
+            count = 0
+            for channel in channels:
+                if tuple(channel.shape) != tuple(shape[1:]):
+                    raise ValueError(
+                        f"channel of shape {channel.shape} does not fit an array of shape {shape}"
+                    )
+                entry.write(np.ascontiguousarray(channel, dtype=np.float32).data.cast("B"))
+                count += 1
+            if count != shape[0]:
+                raise ValueError(f"{count} channels written for an array of shape {shape}")
+
+
+def export_probabilities_streamed(
+    logits: TensorOrArray,
+    properties: Mapping[str, Any],
+    plans: Mapping[str, Any],
+    configuration: str | Mapping[str, Any],
+    dataset_json: Mapping[str, Any],
+    probabilities_path: PathLike,
+) -> np.ndarray:
+    """Write the ``.npz`` probabilities in the raw geometry one class at a time and return the segmentation
+    (raw geometry), equal to :func:`convert_logits_to_raw_geometry` with ``return_probabilities=True`` but with
+    memory bounded by a few channels instead of all of them."""
+    labels = LabelModel.from_dataset_json(dataset_json)
+    geometry = _geometry(logits, properties, plans, configuration, labels)
+    path = Path(probabilities_path)
+    seg_cropped: np.ndarray = np.zeros(geometry.cropped_shape, dtype=labels.seg_dtype)
+    raw_shape = [geometry.raw_shape[a] for a in geometry.backward]
+    channels = _probability_channels(logits, labels, geometry, path.parent, seg_cropped)
+    _write_atomically(
+        path, lambda fh: _write_npz_channels(fh, "probabilities", [labels.num_outputs, *raw_shape], channels)
+    )
+    return geometry.to_raw(seg_cropped)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -237,15 +414,15 @@ def export_prediction(
     from ..imageio import write_seg
 
     paths = prediction_paths(output_path, dataset_json["file_ending"])
-    seg, probabilities = convert_logits_to_raw_geometry(
-        logits, properties, plans, configuration, dataset_json, return_probabilities=save_probabilities
-    )
     written: dict[str, Path] = {}
-    if probabilities is not None:
-        save_probabilities_npz(paths["probabilities"], probabilities)
-        del probabilities
+    if save_probabilities:
+        seg = export_probabilities_streamed(
+            logits, properties, plans, configuration, dataset_json, paths["probabilities"]
+        )
         write_json(paths["properties"], exportable_properties(properties))
         written.update(probabilities=paths["probabilities"], properties=paths["properties"])
+    else:
+        seg, _ = convert_logits_to_raw_geometry(logits, properties, plans, configuration, dataset_json)
     write_seg(seg, paths["segmentation"], dict(properties))
     written["segmentation"] = paths["segmentation"]
     return written
