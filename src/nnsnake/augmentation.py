@@ -48,9 +48,9 @@ from .sampling import (
     PatchDataLoader,
     derive_seed,
     initial_patch_size,
+    probabilistic_oversampling_p,
     rotation_and_dummy_2d,
 )
-from .sampling import mirror_axes as allowed_mirror_axes
 
 # §5.5, one constant per table cell
 P_ROTATION = 0.2
@@ -342,6 +342,44 @@ def validation_transforms(
     )
 
 
+def training_pipeline(
+    augmentation: str,
+    patch_size: Sequence[int],
+    deep_supervision_scales: Sequence[Sequence[float]] | None,
+    use_mask_for_norm: Sequence[bool] | None = None,
+    is_cascaded: bool = False,
+    labels: LabelModel | None = None,
+    time_blur_methods: bool = True,
+) -> tuple[tuple[int, ...], ComposeTransforms]:
+    """The patch the training loader reads and the transforms it applies, for ``training.augmentation``.
+
+    ``default``: the enlarged patch ``P0`` and the full pipeline (§5.5). ``no_mirroring`` (nnUNetTrainerNoMirroring):
+    the same without the mirror step. ``none`` (nnUNetTrainerNoDA): the plain patch and the validation pipeline:
+    no spatial, intensity or mirror transform and no MaskImage, only the label steps. Test-time mirroring follows
+    :func:`~nnsnake.training.variants.training_mirror_axes` (off for both variants).
+    """
+    from .training.variants import training_mirror_axes
+
+    if augmentation == "none":
+        return tuple(int(p) for p in patch_size), validation_transforms(
+            deep_supervision_scales, is_cascaded, labels
+        )
+    mirror_axes = training_mirror_axes(augmentation, patch_size)
+    rotation, dummy_2d = rotation_and_dummy_2d(patch_size)
+    transforms = training_transforms(
+        patch_size,
+        rotation,
+        deep_supervision_scales,
+        mirror_axes or None,
+        dummy_2d,
+        use_mask_for_norm,
+        is_cascaded,
+        labels,
+        time_blur_methods=time_blur_methods,
+    )
+    return initial_patch_size(patch_size, rotation, dummy_2d), transforms
+
+
 # --------------------------------------------------------------------------------------------------------
 # Iterators
 # --------------------------------------------------------------------------------------------------------
@@ -427,6 +465,8 @@ def make_data_iterators(
     is_cascaded: bool = False,
     load_previous_stage: LoadPreviousStage | None = None,
     oversample_foreground_percent: float = OVERSAMPLE_FOREGROUND_PERCENT,
+    probabilistic_oversampling: bool = False,
+    augmentation: str = "default",
     seed: int | None = None,
     pin_memory: bool = False,
     case_cache_bytes: int = CASE_CACHE_BYTES,
@@ -441,35 +481,42 @@ def make_data_iterators(
     workers the batch order is then round-robin over workers, and the blur does not choose its method by timing).
     Each batch is ``{'data': float32 (B, C, *P), 'target': list per deep-supervision scale (or one tensor
     without deep supervision), 'keys': case ids}``.
+
+    Trainer variants (docs/method.md §5.10): ``probabilistic_oversampling`` forces each sample with the
+    probability :func:`~nnsnake.sampling.probabilistic_oversampling_p` instead of the last samples of a batch
+    (both loaders, as nnU-Net); ``augmentation`` ``no_mirroring`` drops the mirror step, ``none`` trains on the
+    validation pipeline with the plain patch (nnUNetTrainerNoDA).
     """
-    rotation, dummy_2d = rotation_and_dummy_2d(patch_size)
-    enlarged = initial_patch_size(patch_size, rotation, dummy_2d)
     if is_cascaded and load_previous_stage is None:
         raise ValueError("the cascade needs load_previous_stage (the 3d_lowres out-of-fold predictions)")
     common: dict[str, Any] = dict(
         load_case=load_case,
         batch_size=batch_size,
         patch_size=patch_size,
-        oversample_foreground_percent=oversample_foreground_percent,
+        oversample_foreground_percent=(
+            probabilistic_oversampling_p(batch_size, oversample_foreground_percent)
+            if probabilistic_oversampling
+            else oversample_foreground_percent
+        ),
+        probabilistic_oversampling=probabilistic_oversampling,
         load_previous_stage=load_previous_stage if is_cascaded else None,
         has_ignore_label=labels.has_ignore_label,
         case_cache_bytes=case_cache_bytes,
     )
+    sampling_patch, train_transforms = training_pipeline(
+        augmentation,
+        patch_size,
+        deep_supervision_scales,
+        use_mask_for_norm,
+        is_cascaded,
+        labels,
+        time_blur_methods=seed is None,
+    )
     train_loader = PatchDataLoader(
         train_ids,
-        sampling_patch_size=enlarged,
+        sampling_patch_size=sampling_patch,
         seed=None if seed is None else derive_seed(seed, 0),
-        transforms=training_transforms(
-            patch_size,
-            rotation,
-            deep_supervision_scales,
-            allowed_mirror_axes(patch_size),
-            dummy_2d,
-            use_mask_for_norm,
-            is_cascaded,
-            labels,
-            time_blur_methods=seed is None,
-        ),
+        transforms=train_transforms,
         **common,
     )
     val_loader = PatchDataLoader(

@@ -8,6 +8,11 @@ smoothing 1e-5, so the loss is negative (about -0.8 once the network segments we
 Region mode (dataset.json labels that are lists): BCE-with-logits + sigmoid soft Dice over every region channel.
 The target is then the boolean region map built by the augmentation pipeline, with the ignore mask as an extra
 last channel when the dataset has an ignore label.
+
+The loss variants of nnU-Net's trainers (``training.loss``, docs/method.md §5.10): ``ce``
+(nnUNetTrainerCELoss), ``dice`` (nnUNetTrainerDiceLoss), ``topk10`` (nnUNetTrainerTopk10Loss) and ``dice_topk10``
+(nnUNetTrainerDiceTopK10Loss), with the same deep-supervision weights; combinations nnU-Net refuses (CE or
+TopK with regions, Dice alone with an ignore label) are refused with a :class:`~nnsnake.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import ConfigError
+
+LOSSES = ("dice_ce", "ce", "dice", "topk10", "dice_topk10")
+TOPK_PERCENT = 10
 
 
 def _soft_dice(
@@ -167,6 +177,106 @@ class DiceBCELoss(nn.Module):
         return self.weight_ce * bce + self.weight_dice * dice
 
 
+class CrossEntropyLoss(nn.Module):
+    """nnUNetTrainerCELoss: cross-entropy of a label map, the mean over annotated voxels.
+
+    The one difference to nnU-Net: with no annotated voxel at all, torch's mean (nnU-Net's value) is NaN, which
+    would poison every weight through the gradient; here the loss is 0 and has no gradient, as nnU-Net's DC+CE
+    loss does in that case.
+    """
+
+    def __init__(self, ignore_label: int | None = None) -> None:
+        super().__init__()
+        self.ignore_label = ignore_label
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels = _label_target(target, logits, "CrossEntropyLoss")
+        if self.ignore_label is None:
+            return F.cross_entropy(logits.float(), labels)
+        total = F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_label, reduction="sum")
+        return total / (labels != self.ignore_label).sum().clamp_min(1)
+
+
+class TopKLoss(nn.Module):
+    """nnUNetTrainerTopk10Loss: the mean of the ``k`` % largest voxel cross-entropies of the batch.
+
+    The count is ``int(N * k / 100)`` with ``N`` every voxel of the batch, ignored ones included (their
+    cross-entropy is 0, so they only enter the mean when fewer annotated voxels than that are left). At least one
+    voxel is kept (nnU-Net's mean over none would be NaN, for batches of fewer than 10 voxels).
+    """
+
+    def __init__(self, k: float = TOPK_PERCENT, ignore_label: int | None = None) -> None:
+        super().__init__()
+        self.k = k
+        self.ignore_label = ignore_label
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels = _label_target(target, logits, "TopKLoss")
+        ignore_index = -100 if self.ignore_label is None else self.ignore_label
+        per_voxel = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
+        count = max(1, int(per_voxel.numel() * self.k / 100))
+        return torch.topk(per_voxel.reshape(-1), count, sorted=False).values.mean()
+
+
+class DiceLoss(nn.Module):
+    """nnUNetTrainerDiceLoss: the memory-efficient soft Dice alone.
+
+    Labels: softmax, background left out. Regions (``regions=True``): sigmoid, every region channel kept. No
+    ignore label (nnU-Net's Dice-only trainer has no mask; :func:`build_loss` refuses the combination).
+    """
+
+    def __init__(self, batch_dice: bool, regions: bool = False, smooth: float = 1e-5) -> None:
+        super().__init__()
+        self.batch_dice = batch_dice
+        self.regions = regions
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.regions:
+            if target.shape != logits.shape:
+                raise ValueError(
+                    f"DiceLoss: logits {tuple(logits.shape)} and region target {tuple(target.shape)} differ"
+                )
+            return _soft_dice(
+                torch.sigmoid(logits.float()), target.float(), None, self.batch_dice, self.smooth
+            )
+        labels = _with_channel_axis(target, logits)
+        probs = torch.softmax(logits.float(), dim=1)
+        return _label_dice(probs, labels, None, self.batch_dice, self.smooth, do_bg=False)
+
+
+class DiceTopKLoss(nn.Module):
+    """nnUNetTrainerDiceTopK10Loss: soft Dice (softmax, background left out) + TopK cross-entropy, weights 1.
+
+        nnU-Net uses its classic soft Dice here, ``(2TP + s) / max(2TP + FP + FN + s, 1e-8)``; since
+        ``2TP + FP + FN = P + G`` that is the same value as the memory-efficient form used elsewhere. An ignore label
+        masks the Dice as in DC+CE; TopK gets the ignore index (so it is 0 when no voxel is annotated, the value
+    nnU-Net sets in that case).
+    """
+
+    def __init__(
+        self, batch_dice: bool, ignore_label: int | None = None, k: float = TOPK_PERCENT, smooth: float = 1e-5
+    ) -> None:
+        super().__init__()
+        self.batch_dice = batch_dice
+        self.ignore_label = ignore_label
+        self.smooth = smooth
+        self.topk = TopKLoss(k, ignore_label)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels = _with_channel_axis(target, logits).long()
+        probs = torch.softmax(logits.float(), dim=1)
+        if self.ignore_label is None:
+            dice = _label_dice(probs, labels, None, self.batch_dice, self.smooth, do_bg=False)
+            return self.topk(logits, labels) + dice
+        annotated = labels != self.ignore_label
+        mask = annotated.to(probs.dtype)
+        dice = _label_dice(
+            probs, torch.where(annotated, labels, 0), mask, self.batch_dice, self.smooth, False
+        )
+        return self.topk(logits, labels) + dice  # ignored voxels add 0 to the TopK sum: 0 with none annotated
+
+
 class DeepSupervisionLoss(nn.Module):
     """``sum_k w_k * loss(output_k, target_k)``; heads with weight 0 are not evaluated at all."""
 
@@ -194,23 +304,52 @@ class DeepSupervisionLoss(nn.Module):
         return total
 
 
+def check_loss_supported(name: str, has_regions: bool, has_ignore_label: bool) -> None:
+    """Refuse what nnU-Net's loss trainers refuse, naming the setting: CE, TopK and Dice+TopK with regions (they
+    assert label mode), Dice alone with an ignore label (it has no mask, and the ignore value breaks the one-hot)."""
+    if name not in LOSSES:
+        raise ConfigError(f"training.loss must be one of {list(LOSSES)} (got {name!r})")
+    if has_regions and name in ("ce", "topk10", "dice_topk10"):
+        raise ConfigError(
+            f"training.loss {name!r} does not support region-based training (dataset.json labels with lists), "
+            "as nnU-Net's trainer for it does not; use dice_ce or dice for this dataset or configuration"
+        )
+    if has_ignore_label and name == "dice":
+        raise ConfigError(
+            "training.loss 'dice' does not support an ignore label (dataset.json 'ignore'), as nnU-Net's "
+            "nnUNetTrainerDiceLoss does not; use dice_ce, ce, topk10 or dice_topk10 for this dataset"
+        )
+
+
 def build_loss(
     batch_dice: bool,
     ignore_label: int | None,
     deep_supervision_weights: Sequence[float] | np.ndarray | None,
     regions: Sequence[Any] | None = None,
+    loss: str = "dice_ce",
 ) -> nn.Module:
-    """The training loss of §5.3: Dice + CE for labels, Dice + BCE when ``regions`` is given.
+    """The training loss: Dice + CE for labels, Dice + BCE when ``regions`` is given (§5.3), or the variant
+    named by ``loss`` (``ce``, ``dice``, ``topk10``, ``dice_topk10``; see :func:`check_loss_supported`).
 
     ``None`` weights give the plain single-output loss; otherwise one weight per deep-supervision head.
     """
-    if regions is not None:
-        loss: nn.Module = DiceBCELoss(batch_dice=batch_dice, use_ignore_label=ignore_label is not None)
+    check_loss_supported(loss, regions is not None, ignore_label is not None)
+    term: nn.Module
+    if loss == "ce":
+        term = CrossEntropyLoss(ignore_label)
+    elif loss == "topk10":
+        term = TopKLoss(TOPK_PERCENT, ignore_label)
+    elif loss == "dice_topk10":
+        term = DiceTopKLoss(batch_dice, ignore_label)
+    elif loss == "dice":
+        term = DiceLoss(batch_dice, regions=regions is not None)
+    elif regions is not None:
+        term = DiceBCELoss(batch_dice=batch_dice, use_ignore_label=ignore_label is not None)
     else:
-        loss = DiceCELoss(batch_dice=batch_dice, ignore_label=ignore_label)
+        term = DiceCELoss(batch_dice=batch_dice, ignore_label=ignore_label)
     if deep_supervision_weights is None:
-        return loss
-    return DeepSupervisionLoss(loss, list(np.asarray(deep_supervision_weights, dtype=np.float64)))
+        return term
+    return DeepSupervisionLoss(term, list(np.asarray(deep_supervision_weights, dtype=np.float64)))
 
 
 def downsample_target_for_deep_supervision(
@@ -289,6 +428,16 @@ def _split_region_target(
         return target, None
     ignored = target[:, -1:].bool()
     return target[:, :-1], (~ignored).float()
+
+
+def _label_target(target: torch.Tensor, logits: torch.Tensor, who: str) -> torch.Tensor:
+    """The (B, *sp) long label map of a (B, 1, *sp) or (B, *sp) target."""
+    target = _with_channel_axis(target, logits)
+    if target.shape[1] != 1:
+        raise ValueError(
+            f"{who} expects a label map (B, 1, *spatial), got target shape {tuple(target.shape)}"
+        )
+    return target[:, 0].long()
 
 
 def _with_channel_axis(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,17 @@ def forced_foreground_count(
     return batch_size - round(batch_size * (1 - oversample_percent))
 
 
+def probabilistic_oversampling_p(
+    batch_size: int, oversample_percent: float = OVERSAMPLE_FOREGROUND_PERCENT
+) -> float:
+    """Per-sample probability of a forced foreground patch under probabilistic oversampling.
+
+    As nnUNetTrainer_probabilisticOversampling: the share of the batch that the "last k" rule forces at the
+    plans' batch size, so on average as many patches are forced (bs 2 -> 0.5, 9 -> 1/3, 58 -> 19/58).
+    """
+    return forced_foreground_count(batch_size, oversample_percent) / batch_size
+
+
 # --------------------------------------------------------------------------------------------------------
 # Crop with padding
 # --------------------------------------------------------------------------------------------------------
@@ -237,6 +248,7 @@ class PatchDataLoader(DataLoader):
         has_ignore_label: bool = False,
         seed: int | None = None,
         case_cache_bytes: int = CASE_CACHE_BYTES,
+        probabilistic_oversampling: bool = False,
     ) -> None:
         if len(case_ids) == 0:
             raise ValueError(
@@ -267,6 +279,7 @@ class PatchDataLoader(DataLoader):
         final = ((1,) if self.is_2d else ()) + self.patch_size
         self.need_to_pad = np.maximum(np.array(self.sampling_patch_size) - np.array(final), 0)
         self.oversample_foreground_percent = oversample_foreground_percent
+        self.probabilistic_oversampling = bool(probabilistic_oversampling)
         self.transforms = transforms
         self.has_ignore_label = has_ignore_label
         self.seed = seed
@@ -299,7 +312,11 @@ class PatchDataLoader(DataLoader):
 
     # ---- sampling -------------------------------------------------------------------------------------
     def force_foreground(self, sample_index: int) -> bool:
-        """The last samples of each batch are forced to foreground (deterministic per batch position)."""
+        """The last samples of each batch are forced to foreground (deterministic per batch position); with
+        ``probabilistic_oversampling`` each sample is instead forced with probability
+        ``oversample_foreground_percent`` (one uniform draw from the loader's stream per sample)."""
+        if self.probabilistic_oversampling:
+            return bool(np.random.uniform() < self.oversample_foreground_percent)  # noqa: NPY002
         return not sample_index < round(self.batch_size * (1 - self.oversample_foreground_percent))
 
     def lower_corner(

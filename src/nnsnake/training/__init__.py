@@ -11,7 +11,18 @@ from __future__ import annotations
 from ..errors import SignatureMismatchError, TrainingLockedError
 from ..runtime import available_cpus
 from .plot import plot_progress
-from .schedule import EMA_MOMENTUM, POLY_EXPONENT, ema_update, global_dice, poly_lr
+from .schedule import (
+    EMA_MOMENTUM,
+    LR_SCHEDULES,
+    POLY_EXPONENT,
+    WARMUP_EPOCHS,
+    cosine_lr,
+    ema_update,
+    global_dice,
+    learning_rate,
+    poly_lr,
+    warmup_poly_lr,
+)
 from .settings import (
     AMP_CHOICES,
     AUTOCAST_CHOICES,
@@ -49,12 +60,20 @@ from .trainer import (
     train_fold_from_files,
 )
 from .trainer import _Trainer as _Trainer  # tests and benchmarks wrap its train_step
+from .variants import (
+    VARIANT_DEFAULTS,
+    build_optimizer,
+    nnunet_trainer_name,
+    training_mirror_axes,
+    variant_of,
+)
 
 __all__ = [
     "AMP_CHOICES",
     "AUTOCAST_CHOICES",
     "BEST_FILE_PREFIX",
     "EMA_MOMENTUM",
+    "LR_SCHEDULES",
     "INTERRUPT_SIGNALS",
     "LOCK_FILE",
     "LOG_JSON",
@@ -71,14 +90,20 @@ __all__ = [
     "TrainingLockedError",
     "TrainingSettings",
     "TrainingState",
+    "VARIANT_DEFAULTS",
+    "WARMUP_EPOCHS",
     "atomic_torch_save",
+    "build_optimizer",
     "available_cpus",
     "capture_rng_states",
+    "cosine_lr",
     "default_num_workers",
     "default_workers",
     "ema_update",
     "exclusive_lock",
     "global_dice",
+    "learning_rate",
+    "nnunet_trainer_name",
     "plot_progress",
     "poly_lr",
     "preprocessed_data_digest",
@@ -88,5 +113,8 @@ __all__ = [
     "signature_differences",
     "train_fold",
     "train_fold_from_files",
+    "training_mirror_axes",
     "training_signature",
+    "variant_of",
+    "warmup_poly_lr",
 ]

@@ -1,4 +1,9 @@
-"""The learning-rate schedule and the validation metric of a training run (docs/method.md §5.1, §5.6)."""
+"""The learning-rate schedules and the validation metric of a training run (docs/method.md §5.1, §5.6, §5.10).
+
+Each schedule sets the learning rate at the start of an epoch from the epoch index alone, so a resumed run needs
+no scheduler state. The formulas are written in the operation order of nnU-Net's schedulers, so the rates are
+equal to the last bit (tests/test_variants.py compares every epoch).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,52 @@ import math
 from collections.abc import Sequence
 
 POLY_EXPONENT = 0.9
+WARMUP_EPOCHS = 50  # nnUNetTrainer_warmup: linear warm-up of the whole network
+LR_SCHEDULES = ("poly", "cosine", "warmup_poly")
 EMA_MOMENTUM = 0.9  # ema = 0.9 * previous + 0.1 * current (§5.6)
 
 
 def poly_lr(epoch: int, epochs: int, initial_lr: float = 1e-2, exponent: float = POLY_EXPONENT) -> float:
     """Learning rate of ``epoch``: ``initial_lr * (1 - epoch / epochs) ** 0.9``, set at the start of the epoch."""
     return initial_lr * (1 - epoch / epochs) ** exponent
+
+
+def cosine_lr(epoch: int, epochs: int, initial_lr: float = 1e-2) -> float:
+    """nnUNetTrainerCosAnneal: ``CosineAnnealingLR(T_max=epochs, eta_min=0)`` stepped with the epoch index,
+    ``initial_lr * (1 + cos(pi * epoch / epochs)) / 2``."""
+    return initial_lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def warmup_poly_lr(epoch: int, epochs: int, initial_lr: float = 1e-2, warmup: int = WARMUP_EPOCHS) -> float:
+    """nnUNetTrainer_warmup: ``initial_lr / 50 * (epoch + 1)`` for the first 50 epochs, then the poly schedule
+    over the remaining epochs, ``initial_lr * (1 - (epoch - 50) / (epochs - 50)) ** 0.9``.
+
+    With ``epochs <= 50`` the run never leaves the warm-up (as nnU-Net's trainer would with that budget).
+    """
+    if epoch < warmup:
+        return initial_lr / warmup * (1 + epoch)
+    return initial_lr * (1 - (epoch - warmup) / (epochs - warmup)) ** POLY_EXPONENT
+
+
+def learning_rate(schedule: str, epoch: int, epochs: int, initial_lr: float = 1e-2) -> float:
+    """The learning rate of ``epoch`` under ``schedule`` (``poly``, ``cosine`` or ``warmup_poly``)."""
+    if schedule == "poly":
+        return poly_lr(epoch, epochs, initial_lr)
+    if schedule == "cosine":
+        return cosine_lr(epoch, epochs, initial_lr)
+    if schedule == "warmup_poly":
+        return warmup_poly_lr(epoch, epochs, initial_lr)
+    raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)} (got {schedule!r})")
+
+
+def fresh_optimizer_at(schedule: str, epoch: int, iteration: int) -> bool:
+    """Whether the run starts this (epoch, iteration) with a new optimiser.
+
+    nnUNetTrainer_warmup builds a new SGD when epoch 0 starts and keeps that same optimiser (and its momentum)
+    through the switch to the poly stage at epoch 50; a resumed run restores the optimiser state in either stage.
+    Only the very start of the run qualifies: a run resumed inside epoch 0 keeps the momentum it saved.
+    """
+    return schedule == "warmup_poly" and epoch == 0 and iteration == 0
 
 
 def ema_update(previous: float | None, value: float, momentum: float = EMA_MOMENTUM) -> float:

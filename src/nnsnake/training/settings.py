@@ -15,6 +15,7 @@ from typing import Any
 
 from ..deprecation import warn_deprecated
 from ..errors import ConfigError
+from .variants import check_variant
 
 log = logging.getLogger("nnsnake")
 
@@ -49,6 +50,11 @@ class TrainingSettings:
     ``compile``: None = on for CUDA (not in deterministic mode), off on CPU. ``channels_last``: None = on for the
     CPU and for 2D configurations on CUDA. ``amp`` and ``num_workers`` are the deprecated names of ``autocast``
     and ``workers`` (constructor keywords only).
+
+    The trainer variants (docs/method.md §5.10; :mod:`nnsnake.training.variants`): ``loss`` (``dice_ce``, ``ce``,
+    ``dice``, ``topk10``, ``dice_topk10``), ``optimizer`` (``sgd``, ``adam`` = torch Adam, ``adamw`` = AdamW with
+    AMSGrad), ``lr_schedule`` (``poly``, ``cosine``, ``warmup_poly``), ``augmentation`` (``default``, ``none``,
+    ``no_mirroring``), ``deep_supervision``, ``oversample_foreground_percent`` and ``probabilistic_oversampling``.
     """
 
     epochs: int = 1000
@@ -69,6 +75,13 @@ class TrainingSettings:
     channels_last: bool | None = None
     save_best: bool = True
     gpu_lock_dir: str | None = None
+    loss: str = "dice_ce"
+    optimizer: str = "sgd"
+    lr_schedule: str = "poly"
+    augmentation: str = "default"
+    deep_supervision: bool = True
+    oversample_foreground_percent: float = 0.33
+    probabilistic_oversampling: bool = False
     pretrained_weights: str | None = None  # fine-tuning start (training/pretrained.py)
     amp: InitVar[str | bool | None] = None
     num_workers: InitVar[int | None] = None
@@ -104,6 +117,7 @@ class TrainingSettings:
             self.autocast is None or isinstance(self.autocast, bool) or self.autocast in AUTOCAST_CHOICES
         ):
             problems.append(f"autocast must be one of {AUTOCAST_CHOICES} (got {self.autocast!r})")
+        problems += check_variant(dataclasses.asdict(self))
         if problems:
             raise ConfigError("training settings: " + "; ".join(problems))
 

@@ -18,6 +18,7 @@ from ..jsonio import dumps, read_json
 from ..labels import LabelModel
 from .pretrained import pretrained_signature
 from .settings import STATE_FORMAT, TrainingSettings
+from .variants import VARIANT_DEFAULTS, non_default_variant
 
 
 def sha256_of(obj: Any, keep_label_order: bool = True) -> str:
@@ -81,6 +82,9 @@ def training_signature(
         # the key keeps the setting's former name: states written before the rename still resume
         "num_workers": int(workers) if settings.deterministic else None,
         **pretrained_signature(settings.pretrained_weights),  # nothing without it: older states still resume
+        # trainer variants only where they differ from nnU-Net's default trainer: a state written before they
+        # existed (or with the defaults) has the same signature, and resumes
+        **non_default_variant(settings),
     }
 
 
@@ -111,7 +115,8 @@ def signature_differences(stored: Mapping[str, Any], current: Mapping[str, Any])
     """Human-readable list of what differs between a stored and the current signature."""
     out = []
     for key in sorted(set(stored) | set(current)):
-        old, new = stored.get(key), current.get(key)
+        # an absent variant key means its default (see training_signature)
+        old, new = stored.get(key, VARIANT_DEFAULTS.get(key)), current.get(key, VARIANT_DEFAULTS.get(key))
         if old == new:
             continue
         if key.endswith("_sha256") or key in _SIGNATURE_MEANING:

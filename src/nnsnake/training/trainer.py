@@ -2,8 +2,9 @@
 
 The method is nnU-Net's: SGD with Nesterov momentum 0.99, poly learning rate set at the start of each epoch,
 deep-supervision Dice + CE loss, gradient clipping at 12, 250 training and 50 validation iterations per epoch,
-a global pseudo-Dice over the validation batches and its exponential moving average. What is ours is how the run
-survives:
+a global pseudo-Dice over the validation batches and its exponential moving average. nnU-Net's trainer variants
+(loss, optimiser, schedule, augmentation, deep supervision, oversampling) are settings here
+(:mod:`~nnsnake.training.variants`, docs/method.md §5.10). What is ours is how the run survives:
 
 * **State lives in ``state_dir``** (under ``work/``, never a Snakemake output, since Snakemake deletes a job's
   outputs when it starts): ``checkpoint_latest.pt`` (:class:`~nnsnake.training.state.TrainingState`) holds
@@ -59,7 +60,7 @@ from ..runtime import (
 )
 from .plot import plot_progress
 from .pretrained import load_pretrained_weights
-from .schedule import ema_update, global_dice, nanmean, poly_lr
+from .schedule import ema_update, fresh_optimizer_at, global_dice, learning_rate, nanmean
 from .settings import (
     BEST_FILE_PREFIX,
     LOCK_FILE,
@@ -81,6 +82,7 @@ from .signature import (
     training_signature,
 )
 from .state import TrainingState, atomic_torch_save, capture_rng_states, exclusive_lock, restore_rng_states
+from .variants import build_optimizer, nnunet_trainer_name, training_mirror_axes, variant_of
 
 log = logging.getLogger("nnsnake")
 
@@ -274,29 +276,28 @@ class _Trainer:
         )
         architecture = config["architecture"]
         strides = (architecture.get("arch_kwargs") or architecture)["strides"]
-        self.ds_scales = deep_supervision_scales(strides)
+        # deep_supervision false (nnUNetTrainerNoDeepSupervision): one output, one target, no loss wrapper
+        self.deep_supervision = bool(settings.deep_supervision)
+        self.ds_scales = deep_supervision_scales(strides) if self.deep_supervision else None
         if settings.deterministic:
             seed_everything(settings.seed)
-        self.network = build_network(architecture, self.num_input_channels, self.labels.num_outputs, True)
+        self.network = build_network(
+            architecture, self.num_input_channels, self.labels.num_outputs, self.deep_supervision
+        )
         if settings.pretrained_weights:  # fine-tuning; a resumed run replaces these weights by its own state
             load_pretrained_weights(self.network, settings.pretrained_weights)
         self.network.to(self.device)
         if runtime.channels_last:
             self.network.to(memory_format=self._memory_format())  # type: ignore[call-overload]
         self.model: Callable[..., Any] = torch.compile(self.network) if runtime.compile else self.network
-        self.optimizer = torch.optim.SGD(
-            self.network.parameters(),
-            lr=settings.initial_lr,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-            nesterov=True,
-        )
+        self.optimizer = build_optimizer(settings, self.network.parameters())
         self.grad_scaler = torch.amp.GradScaler("cuda") if runtime.use_grad_scaler else None
-        weights = deep_supervision_weights(len(self.ds_scales))
+        weights = deep_supervision_weights(len(self.ds_scales)) if self.ds_scales is not None else None
         self.loss = build_loss(
             batch_dice=bool(config.get("batch_dice", False)),
             ignore_label=self.labels.ignore_label,
-            deep_supervision_weights=[float(w) for w in weights],
+            deep_supervision_weights=[float(w) for w in weights] if weights is not None else None,
+            loss=settings.loss,
             **self._regions_kwargs(),
         )
 
@@ -339,6 +340,9 @@ class _Trainer:
             use_mask_for_norm=self.config.get("use_mask_for_norm"),
             is_cascaded=self.is_cascaded,
             load_previous_stage=load_previous,
+            oversample_foreground_percent=float(self.settings.oversample_foreground_percent),
+            probabilistic_oversampling=bool(self.settings.probabilistic_oversampling),
+            augmentation=self.settings.augmentation,
             seed=seed,
             pin_memory=self.device.type == "cuda",
         )
@@ -375,6 +379,10 @@ class _Trainer:
                 return None
             raise
 
+    def _loss_target(self, target: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor:
+        """One target per head with deep supervision; the single full-resolution target without it."""
+        return target if self.deep_supervision else target[0]
+
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
         non_blocking = self.device.type == "cuda"
         data = batch["data"].to(self.device, non_blocking=non_blocking)
@@ -391,7 +399,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             output = self.model(data)
-            loss = self.loss(output, target)
+            loss = self.loss(output, self._loss_target(target))
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -410,7 +418,7 @@ class _Trainer:
         data, target = self._to_device(batch)
         with self._autocast():
             output = self.model(data)
-            loss = self.loss(output, target)
+            loss = self.loss(output, self._loss_target(target))
         top = output[0] if isinstance(output, (list, tuple)) else output
         tp, fp, fn = pseudo_dice_counts(top, target[0], self.labels.ignore_label, **self._regions_kwargs())
         return loss.detach(), tp, fp, fn
@@ -502,8 +510,7 @@ class _Trainer:
         self, weights: Mapping[str, torch.Tensor], epoch: int, ema: float | None
     ) -> dict[str, Any]:
         """``model_final.pt`` / ``model_best.pt``: weights plus what inference needs to rebuild the network."""
-        from ..sampling import mirror_axes
-
+        trainer_name, exact = nnunet_trainer_name(self.settings)
         return {
             "format": MODEL_FORMAT,
             "network_weights": {k: v.detach().cpu() for k, v in weights.items()},
@@ -513,7 +520,13 @@ class _Trainer:
                 "patch_size": self.patch_size,
                 "num_input_channels": self.num_input_channels,
                 "num_outputs": self.labels.num_outputs,
-                "inference_allowed_mirroring_axes": list(mirror_axes(self.patch_size)),
+                # [] (no test-time mirroring) after training without mirroring, as nnU-Net's variants store None
+                "inference_allowed_mirroring_axes": list(
+                    training_mirror_axes(self.settings.augmentation, self.patch_size)
+                ),
+                "trainer_name": trainer_name,
+                "trainer_name_exact": exact,
+                "training_variant": variant_of(self.settings),
                 "labels": dict(self.dataset_json["labels"]),
                 "channel_names": dict(self.dataset_json["channel_names"]),
                 "plans_sha256": sha256_of(self.plans),
@@ -598,7 +611,9 @@ class _Trainer:
     def _run_epoch(self) -> None:
         """One epoch (or the rest of an interrupted one): train phase, validation phase, record."""
         settings, state = self.settings, self.state
-        lr = poly_lr(state.epoch, settings.epochs, settings.initial_lr)
+        if fresh_optimizer_at(settings.lr_schedule, state.epoch, state.iteration):
+            self.optimizer = build_optimizer(settings, self.network.parameters())
+        lr = learning_rate(settings.lr_schedule, state.epoch, settings.epochs, settings.initial_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         epoch_progress = _EpochProgress(
