@@ -101,8 +101,11 @@ def tiny_settings(**overrides) -> TrainingSettings:
 
 @pytest.fixture(scope="module")
 def preprocessed(tmp_path_factory) -> Path:
+    return make_preprocessed(tmp_path_factory.mktemp("preprocessed") / CONFIGURATION)
+
+
+def make_preprocessed(folder: Path) -> Path:
     """Six cases: a bright sphere (label 1) with a rim (label 2) in noise, z-scored, in nnsnake's store."""
-    folder = tmp_path_factory.mktemp("preprocessed") / CONFIGURATION
     rng = np.random.default_rng(0)
     grid = np.stack(np.meshgrid(*[np.arange(20)] * 3, indexing="ij"))
     for i, case in enumerate(CASES):

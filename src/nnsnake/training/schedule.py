@@ -32,6 +32,9 @@ def warmup_poly_lr(epoch: int, epochs: int, initial_lr: float = 1e-2, warmup: in
     over the remaining epochs, ``initial_lr * (1 - (epoch - 50) / (epochs - 50)) ** 0.9``.
 
     With ``epochs <= 50`` the run never leaves the warm-up (as nnU-Net's trainer would with that budget).
+    One optimiser serves both stages: nnU-Net keeps the warm-up SGD (and its momentum) when the poly stage starts
+    at epoch 50 and restores its state on resume in either stage, which is what the trainer does for every
+    schedule. (Its "new optimiser at epoch 0" is the one ``initialize`` already built: verified the same object.)
     """
     if epoch < warmup:
         return initial_lr / warmup * (1 + epoch)
@@ -47,16 +50,6 @@ def learning_rate(schedule: str, epoch: int, epochs: int, initial_lr: float = 1e
     if schedule == "warmup_poly":
         return warmup_poly_lr(epoch, epochs, initial_lr)
     raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)} (got {schedule!r})")
-
-
-def fresh_optimizer_at(schedule: str, epoch: int, iteration: int) -> bool:
-    """Whether the run starts this (epoch, iteration) with a new optimiser.
-
-    nnUNetTrainer_warmup builds a new SGD when epoch 0 starts and keeps that same optimiser (and its momentum)
-    through the switch to the poly stage at epoch 50; a resumed run restores the optimiser state in either stage.
-    Only the very start of the run qualifies: a run resumed inside epoch 0 keeps the momentum it saved.
-    """
-    return schedule == "warmup_poly" and epoch == 0 and iteration == 0
 
 
 def ema_update(previous: float | None, value: float, momentum: float = EMA_MOMENTUM) -> float:

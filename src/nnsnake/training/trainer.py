@@ -60,7 +60,7 @@ from ..runtime import (
 )
 from .plot import plot_progress
 from .pretrained import load_pretrained_weights
-from .schedule import ema_update, fresh_optimizer_at, global_dice, learning_rate, nanmean
+from .schedule import ema_update, global_dice, learning_rate, nanmean
 from .settings import (
     BEST_FILE_PREFIX,
     LOCK_FILE,
@@ -611,8 +611,6 @@ class _Trainer:
     def _run_epoch(self) -> None:
         """One epoch (or the rest of an interrupted one): train phase, validation phase, record."""
         settings, state = self.settings, self.state
-        if fresh_optimizer_at(settings.lr_schedule, state.epoch, state.iteration):
-            self.optimizer = build_optimizer(settings, self.network.parameters())
         lr = learning_rate(settings.lr_schedule, state.epoch, settings.epochs, settings.initial_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -123,7 +123,9 @@ def nnunet_trainer_name(settings: TrainingSettings) -> tuple[str, bool]:
         return name, True
     if key == "deep_supervision":
         return "nnUNetTrainerNoDeepSupervision", True
-    return DEFAULT_TRAINER, False  # oversampling share alone: no class
+    if key == "probabilistic_oversampling":
+        return "nnUNetTrainer_probabilisticOversampling", True
+    return DEFAULT_TRAINER, False  # another oversampling share: no class
 
 
 def training_mirror_axes(augmentation: str, patch_size: Iterable[int]) -> tuple[int, ...]:
