@@ -232,3 +232,140 @@ def test_broken_checkpoint_is_named(tmp_path):
         CheckpointError, match=f"{broken}: cannot be loaded as a weights-only torch checkpoint"
     ):
         load_checkpoint(broken)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# nnsnake -> nnU-Net: weights, checkpoints, postprocessing files
+
+
+def _fixture_network():
+    from nnsnake.inference import network_from_checkpoint
+
+    plans, dataset_json = read_json(MODEL / "plans.json"), read_json(MODEL / "dataset.json")
+    network, _ = network_from_checkpoint(MODEL / "fold_0" / "checkpoint_final.pth", plans, "2d", dataset_json)
+    return network, plans, dataset_json
+
+
+def test_plain_unet_weights_get_nnunets_names_aliases_and_order_back():
+    from nnsnake.inference.nnunet_models import nnunet_network_weights
+
+    network, _, _ = _fixture_network()
+    original = torch.load(MODEL / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    expected = original["network_weights"]
+    exported = nnunet_network_weights(network)
+    assert list(exported) == list(expected)  # DNA's 188 keys, aliases included, in DNA's order
+    for key, value in expected.items():
+        assert torch.equal(exported[key], value), key
+
+
+def test_resenc_nnunet_model_folder_loads(tmp_path):
+    """An nnU-Net ResEnc model folder (DNA's 536-style aliased state dict) predicts: the weights load strictly."""
+    from nnsnake.inference import network_from_checkpoint
+    from nnsnake.inference.nnunet_models import nnunet_checkpoint, nnunet_network_weights
+    from nnsnake.network import ResidualEncoderUNet, build_network
+
+    plans, dataset_json = read_json(MODEL / "plans.json"), read_json(MODEL / "dataset.json")
+    config = plans["configurations"]["2d"]
+    arch = config["architecture"]
+    arch["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    kwargs = arch["arch_kwargs"]
+    kwargs["n_blocks_per_stage"] = [1, 2, 2, 2]
+    kwargs["n_conv_per_stage_decoder"] = [1, 1, 1]
+    del kwargs["n_conv_per_stage"]
+    plans["plans_name"] = "nnUNetResEncUNetMPlans"
+    torch.manual_seed(0)
+    source = build_network(arch, 1, 3, deep_supervision=True)
+    assert isinstance(source, ResidualEncoderUNet)
+    weights = nnunet_network_weights(source)
+    assert any(".all_modules." in k for k in weights) and any(
+        k.startswith("decoder.encoder.") for k in weights
+    )
+    folder = tmp_path / "Dataset104_HippocampusDemo" / "nnUNetTrainer__nnUNetResEncUNetMPlans__2d"
+    (folder / "fold_0").mkdir(parents=True)
+    from nnsnake.jsonio import write_json
+
+    write_json(folder / "plans.json", plans)
+    write_json(folder / "dataset.json", dataset_json)
+    checkpoint = nnunet_checkpoint(
+        weights,
+        plans=plans,
+        configuration="2d",
+        dataset_json=dataset_json,
+        fold=0,
+        mirror_axes=(0, 1),
+        epoch=1,
+    )
+    torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+    network, _ = network_from_checkpoint(
+        folder / "fold_0" / "checkpoint_final.pth", plans, "2d", dataset_json
+    )
+    for key, value in source.state_dict().items():
+        assert torch.equal(network.state_dict()[key], value), key
+    status, out = _predict(tmp_path, folder)
+    assert status == 0 and all((out / f"{c}.nii.gz").is_file() for c in CASES)
+
+
+def test_postprocessing_files_in_nnunets_format():
+    import pickletools
+
+    from nnsnake.inference.nnunet_models import (
+        nnunet_postprocessing_json,
+        nnunet_postprocessing_pickle,
+    )
+
+    decision = {
+        "steps": [
+            {"operation": "keep_largest_component", "labels": [1, 2], "scope": "all_foreground"},
+            {"operation": "keep_largest_component", "labels": [2], "scope": "2"},
+        ]
+    }
+    record = nnunet_postprocessing_json(decision)
+    assert record["postprocessing_fns"] == ["remove_all_but_largest_component_from_segmentation"] * 2
+    assert record["postprocessing_kwargs"] == [{"labels_or_regions": [1, 2]}, {"labels_or_regions": 2}]
+    data = nnunet_postprocessing_pickle(decision)
+    pickletools.dis(data, out=open(os.devnull, "w"))  # well-formed
+    globals_named = [arg for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"]
+    assert (
+        globals_named
+        == [
+            "nnunetv2.postprocessing.remove_connected_components remove_all_but_largest_component_from_segmentation"
+        ]
+        * 2
+    )
+
+    class _Stub(pickle.Unpickler):  # stands in for nnunetv2 (never imported by the product)
+        def find_class(self, module, name):
+            return f"{module}.{name}"
+
+    import io
+
+    functions, kwargs = _Stub(io.BytesIO(data)).load()
+    assert (
+        functions
+        == [f"nnunetv2.postprocessing.remove_connected_components.{record['postprocessing_fns'][0]}"] * 2
+    )
+    assert kwargs == record["postprocessing_kwargs"]
+    empty = nnunet_postprocessing_pickle({"steps": []})
+    assert _Stub(io.BytesIO(empty)).load() == ([], [])
+
+
+def test_nnunet_postprocessing_json_is_read_as_steps(tmp_path):
+    from nnsnake.inference.nnunet_models import nnunet_postprocessing_steps
+    from nnsnake.jsonio import write_json
+
+    path = tmp_path / "postprocessing.json"
+    write_json(
+        path,
+        {
+            "postprocessing_fns": ["remove_all_but_largest_component_from_segmentation"] * 2,
+            "postprocessing_kwargs": [{"labels_or_regions": [1, 2]}, {"labels_or_regions": 1}],
+        },
+    )
+    steps = nnunet_postprocessing_steps(path)
+    assert [(s["operation"], s["labels"]) for s in steps] == [
+        ("keep_largest_component", [1, 2]),
+        ("keep_largest_component", [1]),
+    ]
+    write_json(path, {"postprocessing_fns": ["my_custom_fn"], "postprocessing_kwargs": [{}]})
+    with pytest.raises(ModelFolderError, match="is not one nnsnake knows"):
+        nnunet_postprocessing_steps(path)

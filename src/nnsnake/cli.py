@@ -1,10 +1,14 @@
-"""The ``nnsnake`` command: segment new images with a finished workflow's results, check a raw dataset.
+"""The ``nnsnake`` command: segment new images with a finished workflow's results, export them, check a raw
+dataset.
 
 ``nnsnake predict -i IN -o OUT -m results/<DatasetName>`` runs :func:`nnsnake.steps.predict`: the selected
 configuration or ensemble, all its folds, mirroring, the postprocessing, the input's exact geometry. ``-m`` may
 also name an nnU-Net trained-model folder ``<Trainer>__<Plans>__<configuration>`` (``--folds``, ``--checkpoint``
 as nnU-Net's ``-f``, ``-chk``); its checkpoints are read without running any code they might carry.
-``nnsnake verify DATASET`` reports every problem of a raw dataset at once (the workflow's verify rule).
+``-m`` may also be a model bundle (``nnsnake export``'s zip, verified file by file) or an nnU-Net dataset results
+folder with ``inference_information.json``. ``nnsnake export -m results/<DatasetName> -o model.zip`` writes
+that bundle (``--format nnunet``: nnU-Net's trained-model layout). ``nnsnake verify DATASET`` reports every
+problem of a raw dataset at once (the workflow's verify rule).
 Deliberate errors (:class:`nnsnake.errors.NnsnakeError`: bad input folder, missing results, unknown device) and
 file-system errors print one line ``nnsnake <command>: error: <message>`` and exit with status 1;
 ``--traceback`` shows where they came from. Anything else is a bug and shows its traceback.
@@ -50,8 +54,10 @@ def _build_parser() -> argparse.ArgumentParser:
         required=True,
         type=Path,
         metavar="MODEL",
-        help="the workflow's results folder of the dataset, results/<DatasetName>, or an nnU-Net trained-model "
-        "folder nnUNet_results/<DatasetXXX_Name>/<Trainer>__<Plans>__<configuration>",
+        help="the workflow's results folder of the dataset, results/<DatasetName>; a model bundle model.zip "
+        "(nnsnake export); an nnU-Net dataset results folder nnUNet_results/<DatasetXXX_Name> with "
+        "inference_information.json (its selected model or ensemble and postprocessing); or an nnU-Net "
+        "trained-model folder nnUNet_results/<DatasetXXX_Name>/<Trainer>__<Plans>__<configuration>",
     )
     predict.add_argument(
         "-f",
@@ -118,6 +124,51 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
 
+    export = commands.add_parser(
+        "export",
+        help="write a finished model as a self-describing bundle (or in nnU-Net's layout) to share it",
+        description="Export the model the workflow selected: an nnsnake bundle (.zip with the fold weights, plans, "
+        "dataset.json, selection and postprocessing decisions, cross-validation summary and metadata.json with "
+        "SHA-256 checksums), which `nnsnake predict -m model.zip` runs, or (--format nnunet) nnU-Net's "
+        "trained-model layout for nnUNetv2_predict and nnUNetv2_install_pretrained_model_from_zip.",
+    )
+    export.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        type=Path,
+        metavar="RESULTS",
+        help="the workflow's results/<DatasetName>",
+    )
+    export.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        help="the bundle, e.g. model.zip (--format nnunet: a .zip, or a folder used as nnUNet_results)",
+    )
+    export.add_argument(
+        "--format", choices=("nnsnake", "nnunet"), default="nnsnake", help="bundle format (default nnsnake)"
+    )
+    export.add_argument(
+        "--all",
+        dest="all_candidates",
+        action="store_true",
+        help="include every trained candidate, not just the selected one",
+    )
+    export.add_argument(
+        "--licence", default=None, metavar="TEXT", help="licence text recorded in metadata.json"
+    )
+    export.add_argument(
+        "-f",
+        "--folds",
+        nargs="+",
+        default=None,
+        metavar="FOLD",
+        help="folds to export (default: the cross-validated folds)",
+    )
+    export.add_argument("--quiet", action="store_true", help="warnings and errors only")
+
     verify = commands.add_parser(
         "verify",
         help="check a raw dataset (nnU-Net v2 layout) and list every problem",
@@ -171,6 +222,21 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from nnsnake.steps.export import export_model
+
+    result = export_model(
+        args.model,
+        args.output,
+        format=args.format,
+        all_candidates=args.all_candidates,
+        licence=args.licence,
+        folds=args.folds,
+    )
+    print(f"exported {result['selected']} ({result['format']} format) to {result['output']}")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     report = steps.check_dataset(args.dataset, args.output, processes=args.processes)
     for warning in report.warnings:
@@ -194,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
     )
-    handlers = {"predict": _predict, "verify": _verify}
+    handlers = {"predict": _predict, "export": _export, "verify": _verify}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

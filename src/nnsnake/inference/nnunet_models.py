@@ -17,6 +17,7 @@ import importlib
 import os
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -313,3 +314,326 @@ def nnunet_weights_for(
         else:
             renamed[key] = value  # left as it is: the strict load names it
     return renamed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# weights: nnsnake's module names -> nnU-Net's (export)
+
+_OWN_BLOCK_KEY = re.compile(r"(encoder|decoder)\.(\d+)\.(\d+)\.(\d+)\.(\w+)")
+_OWN_LAYER_KEY = re.compile(r"(upsamplers|heads)\.(\d+)\.(\w+)")
+
+
+def nnunet_network_weights(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``network``'s weights under dynamic_network_architectures' names, aliases included, in DNA's order: the
+    state dict nnU-Net's strict ``load_state_dict`` accepts (the reverse of :func:`nnunet_weights_for`).
+
+    ResidualEncoderUNet already has DNA's module names (``nnunet_state_dict``). For PlainConvUNet each conv block
+    ``encoder.s.j`` / ``decoder.l.j`` (conv, [dropout], norm, activation) becomes
+    ``encoder.stages.s.0.convs.j`` / ``decoder.stages.l.convs.j`` with ``conv.*``, ``norm.*`` and the
+    ``all_modules.<position>.*`` aliases; the encoder appears again under ``decoder.encoder``, followed by the
+    decoder stages, ``decoder.transpconvs`` and ``decoder.seg_layers``.
+    """
+    from ..network import PlainConvUNet, ResidualEncoderUNet
+
+    if isinstance(network, ResidualEncoderUNet):
+        return network.nnunet_state_dict()
+    if not isinstance(network, PlainConvUNet):
+        raise TypeError(f"{type(network).__name__}: no nnU-Net naming known for this network class")
+    blocks: dict[str, dict[str, list[tuple[str, torch.Tensor]]]] = {"encoder": {}, "decoder": {}}
+    layers: dict[str, list[tuple[str, torch.Tensor]]] = {"upsamplers": [], "heads": []}
+    for key, value in network.state_dict().items():
+        if match := _OWN_BLOCK_KEY.fullmatch(key):
+            side, stage, conv, index, leaf = match.groups()
+            base = (
+                f"encoder.stages.{stage}.0.convs.{conv}"
+                if side == "encoder"
+                else f"decoder.stages.{stage}.convs.{conv}"
+            )
+            entries = blocks[side].setdefault(base, [])
+            entries.append((f"{base}.{'conv' if index == '0' else 'norm'}.{leaf}", value))
+            entries.append((f"{base}.all_modules.{index}.{leaf}", value))
+        elif match := _OWN_LAYER_KEY.fullmatch(key):
+            kind, level, leaf = match.groups()
+            name = "transpconvs" if kind == "upsamplers" else "seg_layers"
+            layers[kind].append((f"decoder.{name}.{level}.{leaf}", value))
+        else:
+            raise ValueError(f"{key}: no nnU-Net name for this PlainConvUNet parameter")
+
+    def in_dna_order(side: str) -> list[tuple[str, torch.Tensor]]:
+        ordered = []
+        for entries in blocks[side].values():  # per block: conv and norm, then the all_modules aliases
+            ordered += [e for e in entries if ".all_modules." not in e[0]]
+            ordered += [e for e in entries if ".all_modules." in e[0]]
+        return ordered
+
+    encoder = in_dna_order("encoder")
+    return dict(
+        encoder
+        + [(f"decoder.{k}", v) for k, v in encoder]
+        + in_dna_order("decoder")
+        + layers["upsamplers"]
+        + layers["heads"]
+    )
+
+
+def nnunet_checkpoint(
+    network_weights: Mapping[str, torch.Tensor],
+    *,
+    plans: Mapping[str, Any],
+    configuration: str,
+    dataset_json: Mapping[str, Any],
+    fold: int | str,
+    mirror_axes: Sequence[int] | None,
+    epoch: int,
+    trainer_name: str = "nnUNetTrainer",
+    logging: Mapping[str, list[Any]] | None = None,
+    best_ema: float | None = None,
+) -> dict[str, Any]:
+    """A ``checkpoint_final.pth`` dict in nnUNetTrainer.save_checkpoint's layout (§6.1 of the method notes):
+    what ``nnUNetPredictor.initialize_from_trained_model_folder`` reads (``network_weights`` under DNA's names,
+    ``trainer_name``, ``init_args.configuration``, ``inference_allowed_mirroring_axes``) plus the rest of the
+    layout with plain values: no optimizer state (nnU-Net's predictor and pretrained-weights loader never read
+    it), lists of floats in ``logging``, ``torch.device('cpu')`` as the device. Only tensors, containers,
+    numbers, strings and torch.device: torch's weights-only loader reads it as it is.
+    """
+    empty_log = (
+        "mean_fg_dice",
+        "ema_fg_dice",
+        "dice_per_class_or_region",
+        "train_losses",
+        "val_losses",
+        "lrs",
+        "epoch_start_timestamps",
+        "epoch_end_timestamps",
+    )
+    return {
+        "network_weights": dict(network_weights),
+        "grad_scaler_state": None,
+        "logging": {key: list((logging or {}).get(key, [])) for key in empty_log},
+        "_best_ema": best_ema,
+        "current_epoch": int(epoch),
+        "init_args": {
+            "plans": dict(plans),
+            "configuration": configuration,
+            "fold": fold if fold == "all" else int(fold),
+            "dataset_json": dict(dataset_json),
+            "device": torch.device("cpu"),
+        },
+        "trainer_name": trainer_name,
+        "inference_allowed_mirroring_axes": tuple(int(a) for a in mirror_axes)
+        if mirror_axes is not None
+        else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# postprocessing decisions in nnU-Net's files
+
+NNUNET_POSTPROCESSING_MODULE = "nnunetv2.postprocessing.remove_connected_components"
+NNUNET_POSTPROCESSING_FUNCTION = "remove_all_but_largest_component_from_segmentation"
+
+
+def nnunet_postprocessing_steps(path: PathLike) -> list[dict[str, Any]]:
+    """The steps of an nnU-Net ``postprocessing.json`` (find_best_configuration's decision) as nnsnake steps.
+
+    Only the JSON twin is read: ``postprocessing.pkl`` is a pickle of function references and is never opened.
+    Each step keeps the largest component of the union of its ``labels_or_regions`` (a label, a region, or a
+    list of them), as nnU-Net's ``remove_all_but_largest_component_from_segmentation`` does.
+    """
+    from ..postprocessing import make_step
+
+    path = Path(path)
+    data = read_json(path)
+    names, kwargs = data.get("postprocessing_fns"), data.get("postprocessing_kwargs")
+    if not isinstance(names, list) or not isinstance(kwargs, list) or len(names) != len(kwargs):
+        raise ModelFolderError(
+            f"{path}: not nnU-Net's postprocessing.json (postprocessing_fns and postprocessing_kwargs, lists of "
+            "equal length)"
+        )
+    steps = []
+    for name, arguments in zip(names, kwargs, strict=True):
+        short = str(name).rsplit(".", 1)[-1]
+        extra = set(arguments) - {"labels_or_regions", "background_label"}
+        if short != NNUNET_POSTPROCESSING_FUNCTION or extra or arguments.get("background_label", 0) != 0:
+            raise ModelFolderError(
+                f"{path}: postprocessing step {name}({arguments}) is not one nnsnake knows (it replays "
+                f"{NNUNET_POSTPROCESSING_FUNCTION} with background 0); predict with --no-postprocessing"
+            )
+        steps.append(make_step(arguments["labels_or_regions"], "nnU-Net"))
+    return steps
+
+
+def _nnunet_kwargs(step: Mapping[str, Any]) -> dict[str, Any]:
+    labels = [int(label) for label in step["labels"]]
+    scope = step.get("scope")
+    if scope == "all_foreground" or len(labels) != 1:
+        return {"labels_or_regions": labels}
+    return {"labels_or_regions": labels[0]}
+
+
+def nnunet_postprocessing_json(decision: Mapping[str, Any]) -> dict[str, Any]:
+    """nnsnake's postprocessing decision as nnU-Net's ``postprocessing.json``."""
+    steps = list(decision.get("steps", []))
+    record: dict[str, Any] = {
+        "postprocessing_fns": [NNUNET_POSTPROCESSING_FUNCTION] * len(steps),
+        "postprocessing_kwargs": [_nnunet_kwargs(step) for step in steps],
+    }
+    for key in ("input_folder", "postprocessed"):
+        if key in decision:
+            record[key] = decision[key]
+    return record
+
+
+def _pickled_str(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return b"X" + struct.pack("<I", len(raw)) + raw  # BINUNICODE
+
+
+def _pickled_int_or_list(value: int | list[int]) -> bytes:
+    if isinstance(value, list):  # EMPTY_LIST, MARK, items, APPENDS
+        return b"](" + b"".join(b"J" + struct.pack("<i", int(v)) for v in value) + b"e"
+    return b"J" + struct.pack("<i", int(value))  # BININT
+
+
+def nnunet_postprocessing_pickle(decision: Mapping[str, Any]) -> bytes:
+    """The bytes of nnU-Net's ``postprocessing.pkl`` for a decision: the tuple (list of references to
+    ``remove_all_but_largest_component_from_segmentation``, list of kwargs dicts), written opcode by opcode
+    (pickle protocol 2). nnsnake never imports nnunetv2, and this names nothing but that one function, so
+    ``nnUNetv2_apply_postprocessing -pp_pkl_file`` can replay the decision.
+    """
+    reference = f"c{NNUNET_POSTPROCESSING_MODULE}\n{NNUNET_POSTPROCESSING_FUNCTION}\n".encode()  # GLOBAL
+    kwargs = [_nnunet_kwargs(step) for step in decision.get("steps", [])]
+    functions = b"](" + reference * len(kwargs) + b"e"
+    dicts = b"]("
+    for arguments in kwargs:  # EMPTY_DICT, key, value, SETITEM
+        dicts += (
+            b"}" + _pickled_str("labels_or_regions") + _pickled_int_or_list(arguments["labels_or_regions"])
+        )
+        dicts += b"s"
+    dicts += b"e"
+    return b"\x80\x02" + functions + dicts + b"\x86."  # PROTO 2, TUPLE2, STOP
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dataset results folders with inference_information.json (find_best_configuration's choice)
+
+INFERENCE_INFORMATION = "inference_information.json"
+
+
+@dataclass(frozen=True)
+class NnunetSelection:
+    """What ``nnUNetv2_find_best_configuration`` chose in a dataset results folder, checked: the member model
+    folders (with the previous stage of a cascade member), the folds and the postprocessing steps."""
+
+    path: Path
+    selected: str
+    members: list[NnunetModelFolder]
+    previous: dict[str, NnunetModelFolder]  # member folder name -> its previous stage's folder
+    folds: list[str]
+    postprocessing_file: Path | None
+    steps: list[dict[str, Any]] | None
+
+
+def previous_stage_folder(
+    folder: NnunetModelFolder, folds: Sequence[str], checkpoint: str
+) -> NnunetModelFolder | None:
+    """The model folder of a cascade stage's previous configuration: the sibling
+    ``<Trainer>__<Plans>__<previous_stage>`` with the same folds (nnU-Net's inference instructions run it first
+    and pass its segmentations with ``-prev_stage_predictions``); None for a configuration without one."""
+    previous = folder.plans["configurations"][folder.configuration].get("previous_stage")
+    if not previous:
+        return None
+    trainer, plans_name, _ = _name_parts(folder.path)
+    sibling = folder.path.parent / f"{trainer}__{plans_name}__{previous}"
+    if not sibling.is_dir():
+        raise ModelFolderError(
+            f"{folder.path}: {folder.configuration} is a cascade stage and needs the {previous} model "
+            f"{sibling.name} beside it ({sibling} does not exist); copy it there or predict the stages with nnU-Net"
+        )
+    return read_nnunet_model_folder(sibling, folds, checkpoint)
+
+
+def _postprocessing_json(
+    dataset_dir: Path, best: Mapping[str, Any], member_ids: list[str], folds: list[str]
+) -> Path:
+    """Where the winner's postprocessing.json lies in ``dataset_dir``: ``postprocessing_file`` (an absolute path
+    on the machine that ran find_best_configuration) re-rooted at the dataset folder, else nnU-Net's usual
+    place (``<model>/crossval_results_folds_<f>/`` or ``ensembles/<id>/``)."""
+    recorded = Path(str(best.get("postprocessing_file") or ""))
+    parts = recorded.parts
+    candidates = []
+    if dataset_dir.name in parts:
+        index = len(parts) - 1 - parts[::-1].index(dataset_dir.name)
+        candidates.append(dataset_dir.joinpath(*parts[index + 1 :]).with_suffix(".json"))
+    elif parts and not recorded.is_absolute():
+        candidates.append((dataset_dir / recorded).with_suffix(".json"))
+    fold_tag = "_".join(folds)
+    if len(member_ids) == 1:
+        candidates.append(
+            dataset_dir / member_ids[0] / f"crossval_results_folds_{fold_tag}" / "postprocessing.json"
+        )
+    else:
+        ensemble = "ensemble___" + "___".join(member_ids) + f"___{fold_tag}"
+        candidates.append(dataset_dir / "ensembles" / ensemble / "postprocessing.json")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ModelFolderError(
+        f"{dataset_dir}: the postprocessing of the selected model is missing: expected {candidates[0]} (nnsnake "
+        "reads the JSON twin of postprocessing.pkl, never the pickle); copy it there, or predict with "
+        "--no-postprocessing"
+    )
+
+
+def read_inference_information(
+    path: PathLike,
+    folds: Sequence[int | str] | None = None,
+    checkpoint: str = "final",
+    postprocess: bool = True,
+) -> NnunetSelection:
+    """Read and check an nnU-Net dataset results folder holding ``inference_information.json``.
+
+    The selected configuration or ensemble (``best_model_or_ensemble.selected_model_or_models``: each member is
+    ``<trainer>__<plans_identifier>__<configuration>`` in this folder), the folds the file names (``folds``
+    overrides), every checkpoint scanned for unsafe content, a cascade member's previous stage, and (with
+    ``postprocess``) the postprocessing steps read from ``postprocessing.json``. Raises
+    :class:`ModelFolderError` naming what is missing.
+    """
+    dataset_dir = Path(path)
+    information_file = dataset_dir / INFERENCE_INFORMATION
+    information = read_json(information_file)
+    best = information.get("best_model_or_ensemble") or {}
+    chosen = best.get("selected_model_or_models")
+    if not isinstance(chosen, list) or not chosen:
+        raise ModelFolderError(
+            f"{information_file}: no best_model_or_ensemble.selected_model_or_models; rerun "
+            "nnUNetv2_find_best_configuration"
+        )
+    member_ids = [f"{m['trainer']}__{m['plans_identifier']}__{m['configuration']}" for m in chosen]
+    crossval_folds = [str(f) for f in information.get("folds", [])]
+    fold_names = [str(f) for f in folds] if folds else crossval_folds
+    if not fold_names:
+        raise ModelFolderError(f"{information_file}: names no folds; pass the folds to use with --folds")
+    absent = [m for m in member_ids if not (dataset_dir / m).is_dir()]
+    if absent:
+        raise ModelFolderError(
+            f"{information_file} selects {', '.join(member_ids)}, but {', '.join(absent)} is not in {dataset_dir}; "
+            "copy the whole nnUNet_results dataset folder"
+        )
+    members = [read_nnunet_model_folder(dataset_dir / m, fold_names, checkpoint) for m in member_ids]
+    previous = {}
+    for member in members:
+        stage = previous_stage_folder(member, fold_names, checkpoint)
+        if stage is not None:
+            previous[member.name] = stage
+    steps = None
+    pp_file = None
+    if postprocess:
+        pp_file = _postprocessing_json(dataset_dir, best, member_ids, crossval_folds or fold_names)
+        steps = nnunet_postprocessing_steps(pp_file)
+    selected = (
+        member_ids[0]
+        if len(member_ids) == 1
+        else ("ensemble___" + "___".join(member_ids) + "___" + "_".join(crossval_folds or fold_names))
+    )
+    return NnunetSelection(dataset_dir, selected, members, previous, fold_names, pp_file, steps)

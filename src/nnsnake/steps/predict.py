@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,29 +88,56 @@ def verify_prediction_inputs(
     return {case_id: list(files.images) for case_id, files in cases.items()}
 
 
-def _model_files(results_dir: Path, configuration: str, folds: Sequence[str]) -> list[Path]:
+def _model_files(results_dir: Path, member: str, folds: Sequence[str]) -> list[Path]:
+    """A member's fold models: ``training/<configuration>/`` of the default planner's plans, or
+    ``<plans_name>/training/<configuration>/`` of another planner's (docs/architecture.md)."""
+    from ..selection import DEFAULT_PLANS_NAME, split_member
     from ..training import MODEL_FINAL
 
-    return [results_dir / "training" / configuration / f"fold_{f}" / MODEL_FINAL for f in folds]
+    plans_name, configuration = split_member(member)
+    root = results_dir if plans_name == DEFAULT_PLANS_NAME else results_dir / plans_name
+    return [root / "training" / configuration / f"fold_{f}" / MODEL_FINAL for f in folds]
 
 
-def _stages_to_run(plans: Mapping[str, Any], members: Sequence[str]) -> list[str]:
-    """The members plus the previous stages they need, each stage after the one it depends on."""
+def _stages_to_run(plans_by_name: Mapping[str, Mapping[str, Any]], members: Sequence[str]) -> list[str]:
+    """The members plus the previous stages they need (same plans), each stage after the one it depends on."""
+    from ..selection import member_id, split_member
+
     order: list[str] = []
 
-    def add(configuration: str, chain: tuple[str, ...]) -> None:
-        if configuration in order:
+    def add(member: str, chain: tuple[str, ...]) -> None:
+        if member in order:
             return
-        if configuration in chain:
-            raise EvaluationError(f"plans: previous_stage of {configuration} loops ({' -> '.join(chain)})")
-        previous = configuration_of(plans, configuration).get("previous_stage")
+        if member in chain:
+            raise EvaluationError(f"plans: previous_stage of {member} loops ({' -> '.join(chain)})")
+        plans_name, configuration = split_member(member)
+        previous = configuration_of(plans_by_name[plans_name], configuration).get("previous_stage")
         if previous:
-            add(previous, (*chain, configuration))
-        order.append(configuration)
+            add(member_id(plans_name, previous), (*chain, member))
+        order.append(member)
 
     for member in members:
         add(member, ())
     return order
+
+
+def _member_plans(results_dir: Path, plans: dict, members: Sequence[str]) -> dict[str, dict]:
+    """The plans of every planner the members come from (the default planner's are ``plans``)."""
+    from ..selection import DEFAULT_PLANS_NAME, split_member
+
+    plans_by_name = {DEFAULT_PLANS_NAME: plans}
+    for member in members:
+        plans_name = split_member(member)[0]
+        if plans_name in plans_by_name:
+            continue
+        path = results_dir / plans_name / PLANS_FILE
+        if not path.is_file():
+            raise EvaluationError(
+                f"{path} is missing: {member} of the selected candidate was trained with the {plans_name} plans; "
+                "rerun the workflow's plan step for that planner"
+            )
+        plans_by_name[plans_name] = read_json(path)
+    return plans_by_name
 
 
 def _load_selection(results_dir: Path, postprocess: bool) -> tuple[dict, dict, dict | None, dict]:
@@ -255,16 +284,29 @@ def _nnsnake_model(
             f"--checkpoint {checkpoint}: an nnsnake results folder predicts with model_final.pt; "
             "--checkpoint applies to nnU-Net trained-model folders"
         )
+    from ..selection import member_id, split_member
+
     selection, plans, decision, dataset_json = _load_selection(results_dir, postprocess)
     members = list(selection["members"])
     fold_names = _fold_names(folds, selection, results_dir)
-    names = _stages_to_run(plans, members)
+    plans_by_name = _member_plans(results_dir, plans, members)
+    names = _stages_to_run(plans_by_name, members)
     models = {stage: _model_files(results_dir, stage, fold_names) for stage in names}
     _missing_models(models, selection["selected"])
-    stages = [
-        _Stage(name, name, plans, models[name], configuration_of(plans, name).get("previous_stage"))
-        for name in names
-    ]
+    stages = []
+    for name in names:
+        plans_name, configuration = split_member(name)
+        member_plans = plans_by_name[plans_name]
+        previous = configuration_of(member_plans, configuration).get("previous_stage")
+        stages.append(
+            _Stage(
+                name,
+                configuration,
+                member_plans,
+                models[name],
+                member_id(plans_name, previous) if previous else None,
+            )
+        )
     return _Model(
         "nnsnake results", selection["selected"], members, stages, fold_names, dataset_json, decision, {}
     )
@@ -272,17 +314,25 @@ def _nnsnake_model(
 
 def _nnunet_model(model_dir: Path, folds: Sequence[int | str] | None, checkpoint: str) -> _Model:
     """An nnU-Net trained-model folder (``nnUNetv2_predict -m`` semantics: one configuration, its folds, no
-    postprocessing), every checkpoint scanned for unsafe content."""
-    from ..inference.nnunet_models import read_nnunet_model_folder
+    postprocessing), every checkpoint scanned for unsafe content; a cascade stage runs the sibling folder of its
+    previous stage first (what ``-prev_stage_predictions`` would be given)."""
+    from ..inference.nnunet_models import previous_stage_folder, read_nnunet_model_folder
 
     folder = read_nnunet_model_folder(model_dir, folds, checkpoint)
-    previous = configuration_of(folder.plans, folder.configuration).get("previous_stage")
-    if previous:
-        raise ModelFolderError(
-            f"{model_dir}: {folder.configuration} is a cascade stage and needs {previous}'s predictions; "
-            "predicting nnU-Net cascades is not supported yet (predict its stages separately with nnU-Net)"
+    previous = previous_stage_folder(folder, folder.folds, checkpoint)
+    stages = []
+    if previous is not None:
+        stages.append(
+            _Stage(previous.configuration, previous.configuration, previous.plans, previous.checkpoints, None)
         )
-    stage = _Stage(folder.configuration, folder.configuration, folder.plans, folder.checkpoints, None)
+    stage = _Stage(
+        folder.configuration,
+        folder.configuration,
+        folder.plans,
+        folder.checkpoints,
+        previous.configuration if previous is not None else None,
+    )
+    stages.append(stage)
     details = {
         "trainer": folder.trainer,
         "plans_name": folder.plans_name,
@@ -292,10 +342,113 @@ def _nnunet_model(model_dir: Path, folds: Sequence[int | str] | None, checkpoint
         "nnU-Net trained-model folder",
         folder.name,
         [stage.name],
-        [stage],
+        stages,
         folder.folds,
         folder.dataset_json,
         None,
+        details,
+    )
+
+
+def _nnunet_selection_model(
+    dataset_dir: Path, folds: Sequence[int | str] | None, checkpoint: str, postprocess: bool
+) -> _Model:
+    """An nnU-Net dataset results folder with ``inference_information.json``: the configuration or ensemble
+    ``nnUNetv2_find_best_configuration`` selected, with its folds and its postprocessing (from
+    ``postprocessing.json``), as its inference instructions run it (predict, ensemble, apply_postprocessing)."""
+    from ..inference.nnunet_models import read_inference_information
+
+    selection = read_inference_information(dataset_dir, folds, checkpoint, postprocess)
+    stages: list[_Stage] = []
+    for member in selection.members:
+        previous = selection.previous.get(member.name)
+        if previous is not None and all(s.name != previous.name for s in stages):
+            stages.append(
+                _Stage(previous.name, previous.configuration, previous.plans, previous.checkpoints, None)
+            )
+        stages.append(
+            _Stage(
+                member.name,
+                member.configuration,
+                member.plans,
+                member.checkpoints,
+                previous.name if previous is not None else None,
+            )
+        )
+    first = selection.members[0]
+    details = {
+        "trainer": ", ".join(dict.fromkeys(m.trainer for m in selection.members)),
+        "plans_name": ", ".join(dict.fromkeys(m.plans_name for m in selection.members)),
+        "checkpoint": first.checkpoints[0].name,
+        "postprocessing_file": str(selection.postprocessing_file) if selection.postprocessing_file else None,
+    }
+    decision = {"steps": selection.steps} if selection.steps is not None else None
+    return _Model(
+        "nnU-Net dataset results folder",
+        selection.selected,
+        [m.name for m in selection.members],
+        stages,
+        selection.folds,
+        first.dataset_json,
+        decision,
+        details,
+    )
+
+
+def _bundle_model(
+    bundle: Path,
+    folds: Sequence[int | str] | None,
+    checkpoint: str,
+    postprocess: bool,
+    scratch: Path,
+) -> _Model:
+    """A model bundle of ``nnsnake export``: every member verified against its SHA-256 while it is extracted
+    into ``scratch``, then the selected candidate as the bundle describes it (stages, plans, fold weights)."""
+    from ..inference.bundles import BundleError, extract_bundle
+    from ..postprocessing import read_decision
+
+    if checkpoint != "final":
+        raise EvaluationError(f"--checkpoint {checkpoint}: a model bundle holds the final weights only")
+    metadata = extract_bundle(bundle, scratch)
+    model = metadata.get("model") or {}
+    try:
+        stage_info = model["stages"]
+        candidate = model["candidates"][model["selected"]]
+        bundle_folds = [str(f) for f in model["folds"]]
+        dataset_json = read_json(scratch / model["dataset_json"])
+    except (KeyError, TypeError, OSError) as exc:
+        raise BundleError(
+            f"{bundle}: metadata.json does not describe a model ({exc!r}); export it again"
+        ) from None
+    fold_names = [str(f) for f in folds] if folds else bundle_folds
+    absent = sorted(set(fold_names) - set(bundle_folds))
+    if absent:
+        raise BundleError(
+            f"{bundle}: holds folds {', '.join(bundle_folds)}, not {', '.join(absent)}; choose others with --folds"
+        )
+    plans_cache: dict[str, dict[str, Any]] = {}
+    stages = []
+    for name in candidate["stages"]:
+        info = stage_info[name]
+        plans = plans_cache.setdefault(info["plans"], read_json(scratch / info["plans"]))
+        checkpoints = [scratch / info["checkpoints"][f] for f in fold_names]
+        stages.append(_Stage(name, info["configuration"], plans, checkpoints, info.get("previous")))
+    decision = None
+    if postprocess and model.get("postprocessing"):
+        decision = read_decision(scratch / model["postprocessing"])
+    details = {
+        "bundle": str(bundle),
+        "bundle_created": metadata.get("created"),
+        "licence": metadata.get("licence"),
+    }
+    return _Model(
+        "nnsnake model bundle",
+        model["selected"],
+        list(candidate["members"]),
+        stages,
+        fold_names,
+        dataset_json,
+        decision,
         details,
     )
 
@@ -316,22 +469,44 @@ def _neither_hint(path: Path) -> str:
 
 
 def _load_model(
-    model_dir: Path, folds: Sequence[int | str] | None, checkpoint: str, postprocess: bool
+    model_dir: Path,
+    folds: Sequence[int | str] | None,
+    checkpoint: str,
+    postprocess: bool,
+    scratch: Callable[[], Path] | None = None,
 ) -> _Model:
-    """The model ``-m`` names: an nnsnake results folder (it has selection.json or plans.json without being an
-    nnU-Net model folder) or an nnU-Net trained-model folder; anything else gets one error saying what was
-    expected."""
-    from ..inference.nnunet_models import MODEL_FOLDER_LAYOUT, looks_like_nnunet_model_folder
+    """The model ``-m`` names: a model bundle (a zip from ``nnsnake export``, extracted into the folder
+    ``scratch()`` gives), an nnsnake results folder (it has selection.json or plans.json without being an nnU-Net
+    model folder), an nnU-Net dataset results folder with inference_information.json, or an nnU-Net
+    trained-model folder; anything else gets one error saying what was expected."""
+    from ..inference.bundles import is_bundle
+    from ..inference.nnunet_models import (
+        INFERENCE_INFORMATION,
+        MODEL_FOLDER_LAYOUT,
+        looks_like_nnunet_model_folder,
+    )
 
+    if model_dir.is_file() and zipfile.is_zipfile(model_dir):
+        if not is_bundle(model_dir):
+            from ..inference.bundles import read_bundle_metadata
+
+            read_bundle_metadata(model_dir)  # raises the error that says what the zip is not
+        if scratch is None:
+            raise EvaluationError(f"{model_dir}: a model bundle needs a folder to extract into")
+        return _bundle_model(model_dir, folds, checkpoint, postprocess, scratch())
     nnunet = model_dir.is_dir() and looks_like_nnunet_model_folder(model_dir)
     if (model_dir / SELECTION_FILE).is_file() or ((model_dir / PLANS_FILE).is_file() and not nnunet):
         return _nnsnake_model(model_dir, folds, checkpoint, postprocess)
     if nnunet:
         return _nnunet_model(model_dir, folds, checkpoint)
+    if (model_dir / INFERENCE_INFORMATION).is_file():
+        return _nnunet_selection_model(model_dir, folds, checkpoint, postprocess)
     raise ModelFolderError(
         f"{model_dir} is not a finished nnsnake results folder (results/<DatasetName> with {SELECTION_FILE}, "
-        f"{PLANS_FILE}, {POSTPROCESSING_FILE}, after the workflow has run select and postprocess) nor an nnU-Net "
-        f"trained-model folder ({MODEL_FOLDER_LAYOUT}){_neither_hint(model_dir)}"
+        f"{PLANS_FILE}, {POSTPROCESSING_FILE}, after the workflow has run select and postprocess), nor an nnU-Net "
+        f"trained-model folder ({MODEL_FOLDER_LAYOUT}), nor an nnU-Net dataset results folder "
+        f"(nnUNet_results/<Dataset> with {INFERENCE_INFORMATION}), nor a model bundle (a .zip of nnsnake export)"
+        f"{_neither_hint(model_dir)}"
     )
 
 
@@ -406,77 +581,86 @@ def predict(
     input_path, output_path, results_path = Path(input_dir), Path(output_dir), Path(results_dir)
     if output_path.resolve() == input_path.resolve():
         raise EvaluationError(f"{output_dir}: the output folder must differ from the input folder")
-    model = _load_model(results_path, folds, checkpoint, postprocess)
-    dataset_json = model.dataset_json
-    ending = dataset_json["file_ending"]
-    cases = verify_prediction_inputs(input_path, dataset_json, processes)
-    todo = _cases_to_do(cases, output_path, ending, save_probabilities, continue_prediction)
-    log.info(
-        "predicting %d of %d case(s) with %s (%s; folds %s, mirroring %s)%s",
-        len(todo),
-        len(cases),
-        model.selected,
-        model.kind,
-        ", ".join(model.folds),
-        "on" if inference.mirroring else "off",
-        f"; {len(cases) - len(todo)} already done" if len(todo) < len(cases) else "",
-    )
-    labels = LabelModel.from_dataset_json(dataset_json)
-    work = output_path / WORK_FOLDER
-    device_used = None
-    # the device is chosen (and a GPU claimed) before anything is written, so a wrong --device leaves no trace
-    with _device_for(inference, bool(todo)) as torch_device:
-        output_path.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(work, ignore_errors=True)
-        try:
-            if todo:
-                device_used = str(torch_device)
-                stage_settings = inference.replace(device=device_used)
-                _predict_stages(
-                    todo,
-                    work,
-                    model,
-                    stage_settings,
-                    save_probabilities=save_probabilities,
-                    progress=progress,
-                )
-            for case_id in sorted(todo):
-                _finish_case(
-                    [work / m / f"{case_id}{ending}" for m in model.members],
-                    prediction_paths(output_path / case_id, ending),
-                    labels,
-                    ending,
-                    model.decision,
-                    save_probabilities,
-                )
-        finally:
+    with contextlib.ExitStack() as resources:
+        model = _load_model(
+            results_path, folds, checkpoint, postprocess, scratch=lambda: _scratch_folder(resources)
+        )
+        dataset_json = model.dataset_json
+        ending = dataset_json["file_ending"]
+        cases = verify_prediction_inputs(input_path, dataset_json, processes)
+        todo = _cases_to_do(cases, output_path, ending, save_probabilities, continue_prediction)
+        log.info(
+            "predicting %d of %d case(s) with %s (%s; folds %s, mirroring %s)%s",
+            len(todo),
+            len(cases),
+            model.selected,
+            model.kind,
+            ", ".join(model.folds),
+            "on" if inference.mirroring else "off",
+            f"; {len(cases) - len(todo)} already done" if len(todo) < len(cases) else "",
+        )
+        labels = LabelModel.from_dataset_json(dataset_json)
+        work = output_path / WORK_FOLDER
+        device_used = None
+        # the device is chosen (and a GPU claimed) before anything is written, so a wrong --device leaves no trace
+        with _device_for(inference, bool(todo)) as torch_device:
+            output_path.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(work, ignore_errors=True)
-    seconds = time.perf_counter() - start
-    record = {
-        "selected": model.selected,
-        "model_kind": model.kind,
-        **model.details,
-        "members": model.members,
-        "configurations_run": [stage.name for stage in model.stages],
-        "folds": model.folds,
-        **_settings_record(inference, device_used),
-        "postprocessing_steps": model.decision["steps"] if model.decision is not None else None,
-        "results_dir": str(results_path),
-        "input_dir": str(input_path),
-        "cases": sorted(cases),
-        "n_predicted": len(todo),
-        "seconds": seconds,
-        "seconds_per_case": seconds / len(todo) if todo else None,
-    }
-    write_json(output_path / PREDICTION_RECORD, record)
-    log.info("wrote %d segmentation(s) to %s in %.1f s", len(todo), output_path, seconds)
-    return {
-        "n_cases": len(cases),
-        "n_predicted": len(todo),
-        "selected": model.selected,
-        "output_dir": str(output_path),
-        "seconds": seconds,
-    }
+            try:
+                if todo:
+                    device_used = str(torch_device)
+                    stage_settings = inference.replace(device=device_used)
+                    _predict_stages(
+                        todo,
+                        work,
+                        model,
+                        stage_settings,
+                        save_probabilities=save_probabilities,
+                        progress=progress,
+                    )
+                for case_id in sorted(todo):
+                    _finish_case(
+                        [work / m / f"{case_id}{ending}" for m in model.members],
+                        prediction_paths(output_path / case_id, ending),
+                        labels,
+                        ending,
+                        model.decision,
+                        save_probabilities,
+                    )
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        seconds = time.perf_counter() - start
+        record = {
+            "selected": model.selected,
+            "model_kind": model.kind,
+            **model.details,
+            "members": model.members,
+            "configurations_run": [stage.name for stage in model.stages],
+            "folds": model.folds,
+            **_settings_record(inference, device_used),
+            "postprocessing_steps": model.decision["steps"] if model.decision is not None else None,
+            "results_dir": str(results_path),
+            "input_dir": str(input_path),
+            "cases": sorted(cases),
+            "n_predicted": len(todo),
+            "seconds": seconds,
+            "seconds_per_case": seconds / len(todo) if todo else None,
+        }
+        write_json(output_path / PREDICTION_RECORD, record)
+        log.info("wrote %d segmentation(s) to %s in %.1f s", len(todo), output_path, seconds)
+        return {
+            "n_cases": len(cases),
+            "n_predicted": len(todo),
+            "selected": model.selected,
+            "output_dir": str(output_path),
+            "seconds": seconds,
+        }
+
+
+def _scratch_folder(resources: contextlib.ExitStack) -> Path:
+    """A temporary folder removed when ``resources`` closes (a bundle's extracted files live as long as the
+    prediction that reads them)."""
+    return Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="nnsnake_bundle_")))
 
 
 def _settings_record(settings: InferenceSettings, device_used: str | None) -> dict[str, Any]:
