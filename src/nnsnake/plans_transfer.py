@@ -50,7 +50,7 @@ def check_channels(
             continue
         if len(schemes) != len(channels):
             raise ConfigError(
-                f"planning.transfer_plans_from: {source} plans {len(schemes)} input channel(s) "
+                f"planning.transfer_plans_from: {source} normalises {len(schemes)} input channel(s) "
                 f"({name}: {schemes}) but this dataset has {len(channels)} ({', '.join(channels.values())}); "
                 "pretrained weights need the same channels in the same order"
             )

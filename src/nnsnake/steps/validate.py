@@ -35,10 +35,12 @@ def _validation_cases(splits_path: PathLike, fold: int | str, preprocessed_dir: 
     from ..preprocessing import stored_case_ids
     from ..splits import fold_cases
 
-    _, val_ids = fold_cases(read_json(splits_path), fold)
+    stored_ids = stored_case_ids(preprocessed_dir)
+    # fold all validates on what it trained on, every preprocessed case, as the trainer chose them
+    _, val_ids = fold_cases(read_json(splits_path), fold, case_ids=stored_ids or None)
     if not val_ids:
         raise EvaluationError(f"{splits_path}: fold {fold} has no validation cases")
-    stored = set(stored_case_ids(preprocessed_dir))
+    stored = set(stored_ids)
     missing = [c for c in val_ids if c not in stored]
     if missing:
         raise EvaluationError(

@@ -46,15 +46,6 @@ def is_head(key: str) -> bool:
     return bool(_HEAD_KEY.search(key))
 
 
-@functools.lru_cache(maxsize=8)
-def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(functools.partial(fh.read, 1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def _existing(path: PathLike) -> Path:
     file = Path(path)
     if not file.is_file():
@@ -66,10 +57,12 @@ def _existing(path: PathLike) -> Path:
 
 
 def weights_sha256(path: PathLike) -> str:
-    """SHA-256 of the weights file's bytes (cached per path, modification time and size)."""
-    file = _existing(path)
-    stat = file.stat()
-    return _file_sha256(str(file.resolve()), stat.st_mtime_ns, stat.st_size)
+    """SHA-256 of the weights file's bytes (read once per training, when its signature is made)."""
+    sha = hashlib.sha256()
+    with open(_existing(path), "rb") as fh:
+        for block in iter(functools.partial(fh.read, 1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def pretrained_signature(path: PathLike | None) -> dict[str, Any]:
