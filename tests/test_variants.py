@@ -1,4 +1,4 @@
-"""Trainer variants as settings (docs/method.md §5.10) against nnunetv2 2.8.1's trainer classes.
+"""Trainer variants as settings (docs/method.md §5.12) against nnunetv2 2.8.1's trainer classes.
 
 ``fixtures/variants/reference.json`` and ``loss_inputs.npz`` come from ``fixtures/variants/make_reference.py``,
 which runs nnU-Net's own trainers: loss values on fixed tensors, the learning rate of every epoch (warm-up

@@ -482,7 +482,7 @@ def make_data_iterators(
     Each batch is ``{'data': float32 (B, C, *P), 'target': list per deep-supervision scale (or one tensor
     without deep supervision), 'keys': case ids}``.
 
-    Trainer variants (docs/method.md §5.10): ``probabilistic_oversampling`` forces each sample with the
+    Trainer variants (docs/method.md §5.12): ``probabilistic_oversampling`` forces each sample with the
     probability :func:`~nnsnake.sampling.probabilistic_oversampling_p` instead of the last samples of a batch
     (both loaders, as nnU-Net); ``augmentation`` ``no_mirroring`` drops the mirror step, ``none`` trains on the
     validation pipeline with the plain patch (nnUNetTrainerNoDA).

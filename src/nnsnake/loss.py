@@ -9,7 +9,7 @@ Region mode (dataset.json labels that are lists): BCE-with-logits + sigmoid soft
 The target is then the boolean region map built by the augmentation pipeline, with the ignore mask as an extra
 last channel when the dataset has an ignore label.
 
-The loss variants of nnU-Net's trainers (``training.loss``, docs/method.md §5.10): ``ce``
+The loss variants of nnU-Net's trainers (``training.loss``, docs/method.md §5.12): ``ce``
 (nnUNetTrainerCELoss), ``dice`` (nnUNetTrainerDiceLoss), ``topk10`` (nnUNetTrainerTopk10Loss) and ``dice_topk10``
 (nnUNetTrainerDiceTopK10Loss), with the same deep-supervision weights; combinations nnU-Net refuses (CE or
 TopK with regions, Dice alone with an ignore label) are refused with a :class:`~nnsnake.errors.ConfigError`.

@@ -1,4 +1,4 @@
-"""The learning-rate schedules and the validation metric of a training run (docs/method.md §5.1, §5.6, §5.10).
+"""The learning-rate schedules and the validation metric of a training run (docs/method.md §5.1, §5.6, §5.12).
 
 Each schedule sets the learning rate at the start of an epoch from the epoch index alone, so a resumed run needs
 no scheduler state. The formulas are written in the operation order of nnU-Net's schedulers, so the rates are

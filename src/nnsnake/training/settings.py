@@ -51,7 +51,7 @@ class TrainingSettings:
     CPU and for 2D configurations on CUDA. ``amp`` and ``num_workers`` are the deprecated names of ``autocast``
     and ``workers`` (constructor keywords only).
 
-    The trainer variants (docs/method.md §5.10; :mod:`nnsnake.training.variants`): ``loss`` (``dice_ce``, ``ce``,
+    The trainer variants (docs/method.md §5.12; :mod:`nnsnake.training.variants`): ``loss`` (``dice_ce``, ``ce``,
     ``dice``, ``topk10``, ``dice_topk10``), ``optimizer`` (``sgd``, ``adam`` = torch Adam, ``adamw`` = AdamW with
     AMSGrad), ``lr_schedule`` (``poly``, ``cosine``, ``warmup_poly``), ``augmentation`` (``default``, ``none``,
     ``no_mirroring``), ``deep_supervision``, ``oversample_foreground_percent`` and ``probabilistic_oversampling``.

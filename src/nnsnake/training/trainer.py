@@ -4,7 +4,7 @@ The method is nnU-Net's: SGD with Nesterov momentum 0.99, poly learning rate set
 deep-supervision Dice + CE loss, gradient clipping at 12, 250 training and 50 validation iterations per epoch,
 a global pseudo-Dice over the validation batches and its exponential moving average. nnU-Net's trainer variants
 (loss, optimiser, schedule, augmentation, deep supervision, oversampling) are settings here
-(:mod:`~nnsnake.training.variants`, docs/method.md §5.10). What is ours is how the run survives:
+(:mod:`~nnsnake.training.variants`, docs/method.md §5.12). What is ours is how the run survives:
 
 * **State lives in ``state_dir``** (under ``work/``, never a Snakemake output, since Snakemake deletes a job's
   outputs when it starts): ``checkpoint_latest.pt`` (:class:`~nnsnake.training.state.TrainingState`) holds

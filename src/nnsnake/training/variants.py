@@ -1,4 +1,4 @@
-"""nnU-Net's trainer variants as orthogonal training settings (docs/method.md §5.10).
+"""nnU-Net's trainer variants as orthogonal training settings (docs/method.md §5.12).
 
 nnU-Net expresses a changed loss, optimiser, schedule, augmentation or sampling rule as a subclass of its trainer
 (``nnUNetTrainerTopk10Loss``, ``nnUNetTrainerNoMirroring``, ...). nnsnake makes each of them a key of the
