@@ -1,4 +1,4 @@
-"""Plans transfer for fine-tuning (``planning.transfer_plans_from``, docs/method.md §3.11).
+"""Plans transfer for fine-tuning (``planning.transfer_plans_from``, docs/method.md §5.11).
 
 Pretrained weights fit only a network of the same architecture, so a fine-tuning dataset is planned with the
 pretraining dataset's plans, as nnU-Net's ``nnUNetv2_move_plans_between_datasets`` does: everything (spacing,
