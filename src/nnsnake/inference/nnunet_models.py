@@ -540,7 +540,9 @@ def previous_stage_folder(
     """The model folder of a cascade stage's previous configuration: the sibling
     ``<Trainer>__<Plans>__<previous_stage>`` with the same folds (nnU-Net's inference instructions run it first
     and pass its segmentations with ``-prev_stage_predictions``); None for a configuration without one."""
-    previous = folder.plans["configurations"][folder.configuration].get("previous_stage")
+    from ..planning import resolve_configuration
+
+    previous = resolve_configuration(folder.plans, folder.configuration).get("previous_stage")
     if not previous:
         return None
     trainer, plans_name, _ = _name_parts(folder.path)

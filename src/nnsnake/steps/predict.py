@@ -457,6 +457,8 @@ def _neither_hint(path: Path) -> str:
     """What the folder looks like instead, for the error that says what ``-m`` expects."""
     from ..inference.nnunet_models import looks_like_nnunet_model_folder
 
+    if path.is_file():
+        return f" ({path} is a file, and not a zip)"
     if not path.is_dir():
         return f" ({path} does not exist)"
     found = sorted(p.parent.name for p in path.glob(f"*/{SELECTION_FILE}"))
