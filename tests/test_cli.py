@@ -176,6 +176,46 @@ def test_predict_fails_cleanly(finished, tmp_path, capsys, change, expected):
     assert not (tmp_path / "out").exists()  # every check runs before anything is written
 
 
+def test_export_fails_cleanly_and_writes_nothing(finished, tmp_path, capsys):
+    dataset, results = finished
+    out = tmp_path / "model.zip"
+    assert main(["export", "-m", str(dataset), "-o", str(out)]) == 1  # a raw dataset, not results
+    err = capsys.readouterr().err
+    assert err.startswith("nnsnake export: error: ") and "not a finished nnsnake results folder" in err
+    assert "Traceback" not in err and not out.exists() and not list(tmp_path.iterdir())
+    assert main(["export", "--format", "nnunet", "-m", str(results), "-o", str(tmp_path / "n")]) == 0
+    assert main(["export", "--format", "nnunet", "-m", str(results), "-o", str(tmp_path / "n")]) == 1
+    assert "Dataset990_Tiny exists; remove it" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n"]  # no staging folder left behind
+
+
+def test_export_then_predict_from_the_bundle(finished, tmp_path, capsys):
+    """The tiny results folder round trip through a bundle and through nnU-Net's layout (fast; the demo's
+    round trips are in test_bundles.py)."""
+    dataset, results = finished
+    images = ["-i", str(dataset / "imagesTs"), "--device", "cpu", "--quiet"]
+    assert main(["export", "-m", str(results), "-o", str(tmp_path / "m.zip")]) == 0
+    assert main(["export", "--format", "nnunet", "-m", str(results), "-o", str(tmp_path / "nn")]) == 0
+    outputs = {}
+    for name, model in (
+        ("results", results),
+        ("bundle", tmp_path / "m.zip"),
+        ("nnunet", tmp_path / "nn" / "Dataset990_Tiny"),
+    ):
+        outputs[name] = tmp_path / f"out_{name}"
+        assert main(["predict", *images, "-o", str(outputs[name]), "-m", str(model)]) == 0, (
+            capsys.readouterr().err
+        )
+    cases = sorted(p.name for p in outputs["results"].glob("*.nii.gz"))
+    assert cases
+    for case in cases:
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(outputs["results"] / case)))
+        for name in ("bundle", "nnunet"):
+            np.testing.assert_array_equal(
+                sitk.GetArrayFromImage(sitk.ReadImage(str(outputs[name] / case))), reference
+            )
+
+
 def test_verify_reports_ok_and_problems(finished, tmp_path, capsys):
     dataset, _ = finished
     assert main(["verify", str(dataset), "-o", str(tmp_path / "report.json")]) == 0
