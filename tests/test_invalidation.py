@@ -154,6 +154,17 @@ def test_training_parameter_of_one_configuration_reruns_only_its_trainings(compl
     assert "Params have changed" in output
 
 
+def test_trainer_variant_of_one_configuration_reruns_only_its_trainings(completed: Path) -> None:
+    """A trainer variant (nnUNetTrainerTopk10Loss as `loss: topk10`) set for one configuration reruns exactly what
+    an other per-configuration training value does: that configuration's trainings and what depends on them."""
+    counts, output = dry_run(completed, "training_per_configuration={3d_fullres: {loss: topk10}}")
+    assert counts == {"train": 2, "validate": 2, "crossval": 1, "ensemble_crossval": 1, **SELECTION_AND_AFTER}
+    jobs = executed_jobs(output).values()
+    assert sorted(outputs[0] for rule, outputs in jobs if rule == "train") == [
+        f"results/{NAME}/training/3d_fullres/fold_{fold}/model_final.pt" for fold in (0, 1)
+    ]
+
+
 def replan(completed: Path, tmp_path: Path, change: str) -> tuple[Path, Path, bytes]:
     """A copy of the finished run, the plan-level ``change`` applied and only the plan rerun (the checkpoint
     hides everything after it until then); returns the copy, its plans.json and that file's earlier bytes."""
