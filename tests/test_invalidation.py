@@ -156,7 +156,7 @@ def test_training_parameter_of_one_configuration_reruns_only_its_trainings(compl
 
 def test_trainer_variant_of_one_configuration_reruns_only_its_trainings(completed: Path) -> None:
     """A trainer variant (nnUNetTrainerTopk10Loss as `loss: topk10`) set for one configuration reruns exactly what
-    an other per-configuration training value does: that configuration's trainings and what depends on them."""
+    another per-configuration training value does: that configuration's trainings and what depends on them."""
     counts, output = dry_run(completed, "training_per_configuration={3d_fullres: {loss: topk10}}")
     assert counts == {"train": 2, "validate": 2, "crossval": 1, "ensemble_crossval": 1, **SELECTION_AND_AFTER}
     jobs = executed_jobs(output).values()
