@@ -191,6 +191,13 @@ def training_settings(wildcards):
     return config["training"] | config["training_per_configuration"].get(wildcards.configuration, {})
 
 
+def pretrained_weights_file(wildcards):
+    """The weights a configuration's trainings start from (training.pretrained_weights), as an input so that
+    Snakemake retrains when the file changes; none without fine-tuning."""
+    path = training_settings(wildcards).get("pretrained_weights")
+    return [path] if path else []
+
+
 def trained_configurations(wildcards):
     """Configurations whose folds are trained and cross-validated: the planned ones, restricted by config."""
     return planned_configurations(wildcards)

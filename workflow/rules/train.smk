@@ -13,6 +13,7 @@ rule train:
         preprocessed=preprocessed_manifest,
         dataset_json=DATASET_JSON,
         previous_stage=previous_stage_for_training,
+        pretrained=pretrained_weights_file,
     output:
         model=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/model_final.pt",
         log=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/log.json",
