@@ -32,7 +32,7 @@ from ._common import (
     PathLike,
     log,
 )
-from .predict import _model_files, _nnsnake_model, _Stage, _stages_to_run
+from .predict import _nnsnake_model, _Stage
 
 FORMATS = ("nnsnake", "nnunet")
 NNUNET_TRAINER = (
@@ -68,20 +68,34 @@ def export_model(
 # nnsnake bundles
 
 
-def _candidate_stages(
-    results_dir: Path, plans: Mapping[str, Any], name: str, folds: list[str]
-) -> list[_Stage] | None:
-    """The stages of a candidate that is not the selected one, or None when a fold of it was never trained."""
+def _candidate_members(name: str, bootstrap: Mapping[str, Any]) -> list[str]:
     from ..selection import candidate_members
 
-    stages = []
-    for stage in _stages_to_run(plans, candidate_members(name)):
-        files = _model_files(results_dir, stage, folds)
-        if not all(f.is_file() for f in files):
+    recorded = (bootstrap.get("candidates") or {}).get(name, {}).get("members")
+    return list(recorded) if recorded else list(candidate_members(name))
+
+
+def _candidate_stages(
+    results: Path, selection: Mapping[str, Any], name: str, members: list[str], folds: list[str]
+) -> list[_Stage] | None:
+    """The stages of a candidate that is not the selected one, as :func:`_nnsnake_model` reads them were it
+    selected (it is asked through a view of the results folder whose selection.json names the candidate, so the
+    results layout stays its business); None when a fold of it was never trained."""
+    with tempfile.TemporaryDirectory(prefix="nnsnake_candidate_") as view:
+        overlay = Path(view)
+        for entry in results.iterdir():
+            if entry.name != SELECTION_FILE:
+                (overlay / entry.name).symlink_to(entry.resolve())
+        write_json(overlay / SELECTION_FILE, {**selection, "selected": name, "members": members})
+        try:
+            model = _nnsnake_model(overlay, folds, "final", postprocess=False)
+        except EvaluationError as exc:
+            log.warning("candidate %s is left out: %s", name, exc)
             return None
-        previous = plans["configurations"][stage].get("previous_stage")
-        stages.append(_Stage(stage, stage, plans, files, previous))
-    return stages
+        return [
+            _Stage(s.name, s.configuration, s.plans, [p.resolve() for p in s.checkpoints], s.previous)
+            for s in model.stages
+        ]
 
 
 def _training_record(stage: _Stage, folds: Sequence[str]) -> dict[str, Any]:
@@ -126,19 +140,16 @@ def export_bundle(
     }
     stages = {s.name: s for s in model.stages}
     if all_candidates:
-        plans = model.stages[0].plans
+        bootstrap = read_json(results / BOOTSTRAP_FILE) if (results / BOOTSTRAP_FILE).is_file() else {}
         for name in selection.get("candidates", {}):
             if name in candidates:
                 continue
-            found = _candidate_stages(results, plans, name, model.folds)
-            if found is None:
-                log.warning("candidate %s is left out: not every fold of it was trained", name)
-                continue
-            from ..selection import candidate_members
-
-            candidates[name] = {"members": candidate_members(name), "stages": [s.name for s in found]}
-            for stage in found:
-                stages.setdefault(stage.name, stage)
+            members = _candidate_members(name, bootstrap)
+            found = _candidate_stages(results, selection, name, members, model.folds)
+            if found is not None:
+                candidates[name] = {"members": members, "stages": [s.name for s in found]}
+                for stage in found:
+                    stages.setdefault(stage.name, stage)
 
     files: dict[str, Path | bytes] = {}
     plans_members: dict[str, str] = {}  # plans JSON text -> member name
