@@ -93,7 +93,7 @@ def _first_epoch_loss(folder: Path) -> float:
 def test_pretrained_weights_lower_the_first_epoch_loss(runs):
     scratch, tuned = _first_epoch_loss(runs["scratch"]), _first_epoch_loss(runs["tuned"])
     # fresh heads on trained features start above scratch for a few steps, then the pretrained encoder and
-    # decoder pay off: measured 0.55 vs 0.86 (24 iterations, CPU, torch 2.13)
+    # decoder pay off: measured 0.41 vs 0.76 (24 iterations, CPU, torch 2.13)
     assert tuned < 0.8 * scratch, (tuned, scratch)
     signature = torch.load(runs["tuned"] / "state" / "checkpoint_latest.pt", weights_only=True)["signature"]
     assert signature["pretrained_weights"] == str(CHECKPOINT)
