@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import shutil
@@ -30,6 +31,7 @@ from nnsnake.preprocessing import (
     save_case,
     stored_case_ids,
 )
+from nnsnake.sampling import crop_with_pad
 
 PROPERTY_KEYS = (
     "spacing",
@@ -312,7 +314,7 @@ def _case(seed: int = 0):
 
 def test_save_and_load_roundtrip(tmp_path):
     data, seg, properties = _case()
-    save_case(tmp_path, "case_a", data, seg, properties)
+    save_case(tmp_path, "case_a", data, seg, properties, store="npy")
     for use_mmap in (False, True):
         d, s, p = load_case(tmp_path, "case_a", mmap=use_mmap)
         np.testing.assert_array_equal(d, data)
@@ -327,7 +329,9 @@ def test_save_and_load_roundtrip(tmp_path):
     big = (
         np.random.default_rng(1).standard_normal((2, 64, 128, 80)).astype(np.float32)
     )  # > 4 MiB: memory-mapped
-    save_case(tmp_path, "case_big", big, seg[:, :1, :1, :1], {**properties, "class_locations": {}})
+    save_case(
+        tmp_path, "case_big", big, seg[:, :1, :1, :1], {**properties, "class_locations": {}}, store="npy"
+    )
     d, _, p = load_case(tmp_path, "case_big", mmap=True)
     owner = d
     while isinstance(owner, np.ndarray):
@@ -342,7 +346,7 @@ def test_save_and_load_roundtrip(tmp_path):
 
 def test_interrupted_save_leaves_no_complete_case(tmp_path, monkeypatch):
     data, seg, properties = _case()
-    save_case(tmp_path, "case_a", data, seg, properties)
+    save_case(tmp_path, "case_a", data, seg, properties, store="npy")
     real_save = np.save
     calls = {"n": 0}
 
@@ -354,9 +358,124 @@ def test_interrupted_save_leaves_no_complete_case(tmp_path, monkeypatch):
 
     monkeypatch.setattr(preprocessing.np, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        save_case(tmp_path, "case_a", data * 2, seg, properties)
+        save_case(tmp_path, "case_a", data * 2, seg, properties, store="npy")
     assert stored_case_ids(tmp_path) == []  # the old JSON went first, so the half-new case is not complete
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the blosc2 store
+
+
+def test_blosc2_chunks_and_blocks_fit_the_patch():
+    chunks, blocks = preprocessing.blosc2_chunks_and_blocks((2, 200, 300, 250), 4, [96, 160, 128])
+    assert chunks[0] == blocks[0] == 1  # one channel per block
+    assert math.prod(blocks) * 4 <= preprocessing.BLOSC2_BLOCK_BYTES
+    assert math.prod(chunks) * 4 <= preprocessing.BLOSC2_CHUNK_BYTES
+    assert all(
+        c % b == 0 and c <= 1.5 * p for c, b, p in zip(chunks[1:], blocks[1:], [96, 160, 128], strict=True)
+    )
+    small = preprocessing.blosc2_chunks_and_blocks((1, 5, 30, 40), 1, [40, 56, 40])  # clamped to the image
+    assert small == ((1, 5, 30, 40), (1, 5, 30, 40))
+    assert preprocessing.blosc2_chunks_and_blocks((1, 9, 300, 300), 4, [256, 256])[1][1] == 1  # 2d: one slice
+
+
+def test_blosc2_store_roundtrip_and_patch_reads(tmp_path, monkeypatch):
+    """The blosc2 store gives the arrays back exactly, whole or per patch (equal to the npy store's reads),
+    read-only when lazy; a store change removes the other format's files."""
+    data, seg, properties = _case()
+    big = np.random.default_rng(3).standard_normal((2, 40, 70, 90)).astype(np.float32)
+    big[:, :, :50] = -0.5  # a constant background, as normalised images have
+    big_seg = np.random.default_rng(4).integers(-1, 3, (1, 40, 70, 90)).astype(np.int8)
+    save_case(tmp_path / "npy", "case_big", big, big_seg, {**properties, "class_locations": {}}, store="npy")
+    save_case(tmp_path, "case_a", data, seg, properties, store="blosc2", patch_size=[4, 4, 4])
+    save_case(
+        tmp_path, "case_big", big, big_seg, {**properties, "class_locations": {}}, patch_size=[16, 32, 32]
+    )
+    assert sorted(p.name for p in tmp_path.glob("case_big*")) == [
+        "case_big.b2nd",
+        "case_big.json",
+        "case_big_locations.npy",
+        "case_big_seg.b2nd",
+    ]
+    for use_mmap in (False, True):
+        d, s, p = load_case(tmp_path, "case_a", mmap=use_mmap)
+        np.testing.assert_array_equal(d, data)
+        np.testing.assert_array_equal(s, seg)
+        assert d.dtype == np.float32 and s.dtype == np.int8 and d.flags.writeable != use_mmap
+        np.testing.assert_array_equal(p["class_locations"][1], properties["class_locations"][1])
+    monkeypatch.setattr(preprocessing, "MMAP_MIN_BYTES", 2**20)  # smaller arrays are read whole
+    lazy, lazy_seg, _ = load_case(tmp_path, "case_big", mmap=True)
+    assert (
+        isinstance(lazy, preprocessing.Blosc2CaseArray)
+        and lazy.shape == big.shape
+        and lazy.nbytes == big.nbytes
+    )
+    mapped, mapped_seg, _ = load_case(tmp_path / "npy", "case_big", mmap=True)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        lower = [int(rng.integers(-5, n - 3)) for n in big.shape[1:]]
+        patch = crop_with_pad(lazy, lower, [16, 32, 32], 0.0, np.float32)
+        np.testing.assert_array_equal(patch, crop_with_pad(mapped, lower, [16, 32, 32], 0.0, np.float32))
+        patch_seg = crop_with_pad(lazy_seg, lower, [16, 32, 32], -1, np.int16)
+        np.testing.assert_array_equal(patch_seg, crop_with_pad(mapped_seg, lower, [16, 32, 32], -1, np.int16))
+    assert not lazy[:, 3:9].flags.writeable
+    np.testing.assert_array_equal(np.asarray(lazy), big)
+    assert (tmp_path / "case_big.b2nd").stat().st_size < big.nbytes / 2  # compressed
+    save_case(tmp_path, "case_big", big, big_seg, {**properties, "class_locations": {}}, store="npy")
+    assert not list(tmp_path.glob("case_big*.b2nd")) and stored_case_ids(tmp_path) == ["case_a", "case_big"]
+    np.testing.assert_array_equal(load_case(tmp_path, "case_big")[0], big)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_loader_batches_are_the_same_from_both_stores(tmp_path, monkeypatch):
+    """A training loader reading patch by patch (no case cache) draws identical batches from either store."""
+    import torch
+
+    from nnsnake.sampling import PatchDataLoader
+
+    monkeypatch.setattr(preprocessing, "MMAP_MIN_BYTES", 2**16)  # lazy reads even for these small cases
+    rng = np.random.default_rng(7)
+    for case_id in ("a", "b"):
+        data = rng.standard_normal((2, 24, 40, 36)).astype(np.float32)
+        seg = rng.integers(0, 3, (1, 24, 40, 36)).astype(np.int8)
+        properties = {"class_locations": sample_class_locations(seg[0], [1, 2])}
+        for store in ("npy", "blosc2"):
+            save_case(tmp_path / store, case_id, data, seg, properties, store=store, patch_size=[16, 16, 16])
+    batches = {}
+    for store in ("npy", "blosc2"):
+        loader = PatchDataLoader(
+            ["a", "b"],
+            lambda cid, store=store: load_case(tmp_path / store, cid, mmap=True),
+            2,
+            (16, 16, 16),
+            seed=0,
+            case_cache_bytes=0,
+        )
+        batches[store] = [loader.generate_train_batch() for _ in range(4)]
+    for npy, blosc in zip(batches["npy"], batches["blosc2"], strict=True):
+        assert npy["keys"] == blosc["keys"]
+        assert torch.equal(npy["data"], blosc["data"]) and torch.equal(npy["target"], blosc["target"])
+
+
+def test_interrupted_blosc2_save_leaves_no_complete_case(tmp_path, monkeypatch):
+    import blosc2
+
+    data, seg, properties = _case()
+    save_case(tmp_path, "case_a", data, seg, properties, store="blosc2")
+    real_asarray = blosc2.asarray
+
+    def failing_asarray(array, **kwargs):
+        if array.dtype == np.int8:  # the segmentation, after the data
+            open(kwargs["urlpath"], "wb").write(b"partial")
+            raise OSError("disk full")
+        return real_asarray(array, **kwargs)
+
+    monkeypatch.setattr(blosc2, "asarray", failing_asarray)
+    with pytest.raises(OSError, match="disk full"):
+        save_case(tmp_path, "case_a", data * 2, seg, properties, store="blosc2")
+    assert stored_case_ids(tmp_path) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -6,14 +6,19 @@ bounding box → normalise per channel (before resampling, so the nonzero mask s
 foreground oversampling. The arrays equal nnunetv2 2.8.1's (see tests/test_preprocessing.py); the speed comes
 from :mod:`nnsnake.resampling`.
 
-Store (one folder per configuration, four files per case, chosen by measurement, see benchmarks/preprocess.py):
+Store (one folder per configuration, four files per case, chosen by measurement, see benchmarks/preprocess.py;
+``preprocessing.store`` picks the arrays' format):
 
-* ``<case>.npy``: data float32 ``(C, *spatial)``, plain ``.npy`` so training memory-maps it: a random patch is a
-  strided copy out of the page cache, with no decompression. Measured against nnunetv2's Blosc2 files (LZ4HC,
-  patch-shaped chunks): 2-4x the random-patch reads per second, at 1.5x (Hippocampus) to 8x (BraTS, whose
-  constant non-zero background Blosc2 compresses away) the disk. Blosc2 tuned for speed (LZ4, small blocks)
-  stayed 3-4x slower than ``.npy``; reads were the priority;
-* ``<case>_seg.npy``: segmentation int8 (int16 when labels exceed 127) ``(1, *spatial)``, -1 outside the
+* ``blosc2`` (default): ``<case>.b2nd`` / ``<case>_seg.b2nd``, Blosc2 NDArrays compressed with LZ4HC (shuffle
+  or not, whichever a central sample compresses better), one channel per block, blocks and chunks shaped after
+  the configuration's patch so a random patch decompresses little beyond itself. Disk at or below nnunetv2's
+  (the same arrays and codec, int8 segmentations instead of int16), patch reads at least as fast (opened files
+  are cached), training iterations as fast as ``.npy`` (the loader keeps decompressed cases in memory);
+* ``npy``: ``<case>.npy`` data float32 ``(C, *spatial)``, plain ``.npy`` so training memory-maps it: a random
+  patch is a strided copy out of the page cache, with no decompression: 2-4x the reads of Blosc2 at 1.5x
+  (Hippocampus) to 8x (BraTS, whose constant non-zero background Blosc2 compresses away) the disk; for small
+  datasets on fast disks;
+* ``<case>_seg.npy`` (or ``.b2nd``): segmentation int8 (int16 when labels exceed 127) ``(1, *spatial)``, -1 outside the
   nonzero mask;
 * ``<case>_locations.npy``: int32 ``(N, n_spatial)`` voxel coordinates of all classes, concatenated;
 * ``<case>.json``: properties (spacing, geometry, crop box, shapes), the row ranges of each class in the
@@ -32,6 +37,7 @@ import logging
 import math
 import mmap
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -51,7 +57,10 @@ from .resampling import compute_new_shape, resample_data_or_seg_to_shape
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = "nnsnake-npy-1"
+STORES = ("npy", "blosc2")
+DEFAULT_STORE = "blosc2"
+STORE_FORMATS = {"npy": "nnsnake-npy-1", "blosc2": "nnsnake-blosc2-1"}
+STORE_FORMAT = STORE_FORMATS["npy"]
 RESAMPLING_FUNCTION = "resample_data_or_seg_to_shape"
 CLASS_LOCATIONS_SEED = 1234
 MIN_LOCATIONS_PER_CLASS = 10000
@@ -59,11 +68,20 @@ MIN_LOCATIONS_FRACTION = 0.01
 
 DATA_SUFFIX = ".npy"
 SEG_SUFFIX = "_seg.npy"
+ARRAY_SUFFIXES = {"npy": (DATA_SUFFIX, SEG_SUFFIX), "blosc2": (".b2nd", "_seg.b2nd")}
 LOCATIONS_SUFFIX = "_locations.npy"
 PROPERTIES_SUFFIX = ".json"
 # with mmap requested, smaller files are read whole: one read() from the page cache beats mapping the file
 # and faulting its pages in (measured 4x faster for Hippocampus-sized cases)
 MMAP_MIN_BYTES = 4 * 2**20
+# Blosc2 layout (measured in benchmarks/preprocess.py): LZ4HC level 5 decompresses as fast as LZ4 and compresses
+# better; blocks (the unit a read decompresses) about a patch edge but at most 128 KiB, chunks a few blocks, at
+# most 6 MiB and 1.5 patch edges, so a random patch touches few chunks and decompresses little beyond itself
+BLOSC2_BLOCK_BYTES = 128 * 2**10
+BLOSC2_CHUNK_BYTES = 6 * 2**20
+BLOSC2_CHUNK_PATCH_FACTOR = 1.5
+BLOSC2_CODEC = "LZ4HC"
+BLOSC2_CLEVEL = 5
 
 ClassKey = int | tuple[int, ...]
 
@@ -258,12 +276,22 @@ def preprocess_case(
 # the store
 
 
-def case_files(folder: str | os.PathLike, case_id: str) -> dict[str, Path]:
-    """Paths of a stored case: ``data``, ``seg``, ``locations``, ``properties`` (the JSON, written last)."""
+def check_store(store: str) -> str:
+    """``store`` if it names a store format (``npy`` or ``blosc2``), else a ValueError naming the config key."""
+    if store not in STORES:
+        raise ValueError(f"preprocessing.store must be one of {list(STORES)}, got {store!r}")
+    return store
+
+
+def case_files(folder: str | os.PathLike, case_id: str, store: str = "npy") -> dict[str, Path]:
+    """Paths of a stored case: ``data``, ``seg``, ``locations``, ``properties`` (the JSON, written last).
+
+    ``store`` picks the array files' format (the JSON records which one a case uses)."""
     folder = Path(folder)
+    data_suffix, seg_suffix = ARRAY_SUFFIXES[check_store(store)]
     return {
-        "data": folder / f"{case_id}{DATA_SUFFIX}",
-        "seg": folder / f"{case_id}{SEG_SUFFIX}",
+        "data": folder / f"{case_id}{data_suffix}",
+        "seg": folder / f"{case_id}{seg_suffix}",
         "locations": folder / f"{case_id}{LOCATIONS_SUFFIX}",
         "properties": folder / f"{case_id}{PROPERTIES_SUFFIX}",
     }
@@ -274,6 +302,91 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
         np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
 
 
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def blosc2_chunks_and_blocks(
+    shape: Sequence[int], itemsize: int, patch_size: Sequence[int] | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Chunk and block shapes for a ``(C, *spatial)`` array read in patches of ``patch_size`` (the last axes;
+    a 2d patch reads one slice). One channel per block; each block edge the patch edge's power of two (at
+    most the image's), halved along its longest edge until the block fits ``BLOSC2_BLOCK_BYTES``; chunks grow
+    one block per axis in turn while they fit ``BLOSC2_CHUNK_BYTES`` and ``BLOSC2_CHUNK_PATCH_FACTOR`` patch
+    edges."""
+    spatial = [max(1, int(s)) for s in shape[1:]]
+    patch = [int(p) for p in (patch_size or spatial)][-len(spatial) :]
+    patch = [1] * (len(spatial) - len(patch)) + patch
+    block = [min(_next_power_of_two(p), s) for p, s in zip(patch, spatial, strict=True)]
+    while math.prod(block) * itemsize > BLOSC2_BLOCK_BYTES and max(block) > 1:
+        longest = max(range(len(block)), key=lambda a: (block[a], a))
+        block[longest] = (block[longest] + 1) // 2
+    limits = [
+        max(b, min(math.ceil(s / b) * b, int(BLOSC2_CHUNK_PATCH_FACTOR * p)))
+        for b, s, p in zip(block, spatial, patch, strict=True)
+    ]
+    chunk = list(block)
+    grown = True
+    while grown:
+        grown = False
+        for axis in range(len(chunk)):
+            wider = chunk[axis] + block[axis]
+            if (
+                wider <= limits[axis]
+                and math.prod(chunk) // chunk[axis] * wider * itemsize <= BLOSC2_CHUNK_BYTES
+            ):
+                chunk[axis] = wider
+                grown = True
+    return (1, *chunk), (1, *block)
+
+
+def _blosc2_filter(array: np.ndarray, block: Sequence[int]) -> Any:
+    """SHUFFLE or no filter, whichever compresses a central sample of ``array`` (2 blocks per axis) smaller
+    (a normalised image with a constant background often compresses better unshuffled)."""
+    import blosc2
+
+    sample_shape = [1, *(2 * b for b in block[1:])]
+    if array.itemsize == 1:
+        return blosc2.Filter.NOFILTER  # shuffling one-byte items changes nothing
+    centre = tuple(
+        slice(max(0, (n - c) // 2), max(0, (n - c) // 2) + c)
+        for n, c in zip(array.shape, sample_shape, strict=True)
+    )
+    sample = np.ascontiguousarray(array[centre])
+    codec = blosc2.Codec[BLOSC2_CODEC]
+    sizes = {
+        f: len(blosc2.compress2(sample, codec=codec, clevel=BLOSC2_CLEVEL, filters=[f], nthreads=1))
+        for f in (blosc2.Filter.SHUFFLE, blosc2.Filter.NOFILTER)
+    }
+    return min(sizes, key=lambda f: sizes[f])
+
+
+def _atomic_save_blosc2(path: Path, array: np.ndarray, patch_size: Sequence[int] | None) -> None:
+    """A Blosc2 NDArray file (chunks and blocks shaped for patch reads), written under a temporary name."""
+    import blosc2
+
+    array = np.ascontiguousarray(array)
+    chunks, blocks = blosc2_chunks_and_blocks(array.shape, array.itemsize, patch_size)
+    cparams = {
+        "codec": blosc2.Codec[BLOSC2_CODEC],
+        "clevel": BLOSC2_CLEVEL,
+        "filters": [_blosc2_filter(array, blocks)],
+        "nthreads": 1,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        blosc2.asarray(array, urlpath=tmp, mode="w", chunks=chunks, blocks=blocks, cparams=cparams)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def save_case(
     folder: str | os.PathLike,
     case_id: str,
@@ -281,15 +394,20 @@ def save_case(
     seg: np.ndarray,
     properties: Mapping[str, Any],
     signature: Mapping[str, Any] | None = None,
+    store: str = DEFAULT_STORE,
+    patch_size: Sequence[int] | None = None,
 ) -> str:
     """Store a preprocessed case atomically (arrays first, the JSON last; the old JSON is removed first).
+
+    ``store``: ``npy`` (plain, memory-mapped) or ``blosc2`` (compressed, chunks and blocks shaped for reads of
+    ``patch_size``); files of the case in the other format are removed.
 
     Returns the case's content digest (sha256 of its arrays), also stored in the JSON: the manifest lists it, so
     a changed image or label changes the manifest and reruns what depends on it, while a touched but unchanged
     raw file does not."""
-    files = case_files(folder, case_id)
+    files = case_files(folder, case_id, store)
     files["properties"].parent.mkdir(parents=True, exist_ok=True)
-    files["properties"].unlink(missing_ok=True)
+    _remove_case(Path(folder), case_id)
     properties = dict(properties)
     locations = properties.pop("class_locations", None)
     ranges: dict[str, list[int]] | None = None
@@ -306,11 +424,15 @@ def save_case(
             stacked = np.concatenate(parts)
     data = data.astype(np.float32, copy=False)
     digest = case_digest(data, seg)
-    _atomic_save_npy(files["data"], data)
-    _atomic_save_npy(files["seg"], seg)
+    if store == "blosc2":
+        _atomic_save_blosc2(files["data"], data, patch_size)
+        _atomic_save_blosc2(files["seg"], seg, patch_size)
+    else:
+        _atomic_save_npy(files["data"], data)
+        _atomic_save_npy(files["seg"], seg)
     _atomic_save_npy(files["locations"], stacked)
     record = {
-        "format": STORE_FORMAT,
+        "format": STORE_FORMATS[store],
         "properties": properties,
         "class_locations": ranges,
         # the JSON sorts ``ranges`` by key; the keys' own order (nnU-Net's: regions or labels, then the annotated
@@ -371,10 +493,79 @@ def _open_npy(path: Path, mmap_mode: bool) -> np.ndarray:
     return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape, order=order)
 
 
+class Blosc2CaseArray:
+    """Read-only, numpy-like view of a stored Blosc2 array (what ``load_case(mmap=True)`` gives for the blosc2
+    store): ``shape``, ``dtype``, ``ndim``, ``nbytes``; indexing with slices decompresses only the blocks it
+    touches and returns a numpy array; ``np.asarray`` decompresses everything."""
+
+    def __init__(self, array: Any, path: Path) -> None:
+        self._array = array
+        self.path = path
+        self.shape: tuple[int, ...] = tuple(int(n) for n in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        out = np.asarray(self._array[key])
+        out.flags.writeable = False
+        return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        out = np.asarray(self._array[...])
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"Blosc2CaseArray({self.path}, shape={self.shape}, dtype={self.dtype})"
+
+
+@functools.lru_cache(maxsize=128)  # each holds a file descriptor: stay well below the usual 1024
+def _blosc2_handle(path: str, mtime_ns: int, size: int) -> Any:
+    """An opened Blosc2 file, cached per file version: a loader re-opens a case for every patch, and parsing
+    the header costs as much as decompressing a small patch. Opened memory-mapped, one decompression thread
+    (loader processes are the parallelism)."""
+    import blosc2
+
+    try:
+        return blosc2.open(path, mode="r", mmap_mode="r", dparams={"nthreads": 1})
+    except Exception as exc:  # blosc2 raises RuntimeError/ValueError on damaged files
+        raise ValueError(
+            f"{path}: unreadable Blosc2 array ({exc}); rerun preprocessing to rewrite it"
+        ) from exc
+
+
+def _open_blosc2(path: Path, lazy: bool) -> np.ndarray | Blosc2CaseArray:
+    """A Blosc2 file decompressed into memory, or (``lazy``) a view that decompresses per read; small arrays
+    (under ``MMAP_MIN_BYTES``) are always decompressed whole, which is faster than any partial read."""
+    stat = os.stat(path)
+    view = Blosc2CaseArray(_blosc2_handle(str(path), stat.st_mtime_ns, stat.st_size), path)
+    if lazy and view.nbytes >= MMAP_MIN_BYTES:
+        return view
+    out = np.asarray(view)
+    out.flags.writeable = not lazy
+    return out
+
+
+def _open_array(path: Path, store: str, mmap_mode: bool) -> np.ndarray | Blosc2CaseArray:
+    return _open_blosc2(path, mmap_mode) if store == "blosc2" else _open_npy(path, mmap_mode)
+
+
+def _store_of_format(path: str, store_format: str | None) -> str:
+    for store, name in STORE_FORMATS.items():
+        if store_format == name:
+            return store
+    raise ValueError(f"{path}: unknown store format {store_format!r}; rerun preprocessing with this nnsnake")
+
+
 @functools.lru_cache(maxsize=4096)
-def _cached_properties(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
-    """Parsed case JSON plus its class locations, cached per file version (cases are re-opened per patch)."""
+def _cached_record(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], str]:
+    """Parsed case JSON plus its class locations and its store, cached per file version (cases are re-opened
+    per patch)."""
     record = jsonio.read_json(path)
+    store = _store_of_format(path, record.get("format"))
     properties = dict(record["properties"])
     ranges = record.get("class_locations")
     if ranges is not None:
@@ -382,12 +573,10 @@ def _cached_properties(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
         stacked.flags.writeable = False
         order = record.get("class_location_order") or sorted(ranges, key=lambda k: tuple(ranges[k]))
         properties["class_locations"] = {_key_from_text(k): stacked[slice(*ranges[k])] for k in order}
-    return properties
+    return properties, store
 
 
-def load_properties(folder: str | os.PathLike, case_id: str) -> dict[str, Any]:
-    """A stored case's properties, with ``class_locations`` as {int label or region tuple: int32 (N, n_spatial)}
-    (read-only arrays)."""
+def _load_record(folder: str | os.PathLike, case_id: str) -> tuple[dict[str, Any], str]:
     path = case_files(folder, case_id)["properties"]
     try:
         stat = os.stat(path)
@@ -395,8 +584,14 @@ def load_properties(folder: str | os.PathLike, case_id: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path}: preprocessed case {case_id!r} is missing or incomplete; rerun preprocessing"
         ) from None
-    properties = _cached_properties(str(path), stat.st_mtime_ns, stat.st_size)
-    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in properties.items()}
+    properties, store = _cached_record(str(path), stat.st_mtime_ns, stat.st_size)
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in properties.items()}, store
+
+
+def load_properties(folder: str | os.PathLike, case_id: str) -> dict[str, Any]:
+    """A stored case's properties, with ``class_locations`` as {int label or region tuple: int32 (N, n_spatial)}
+    (read-only arrays)."""
+    return _load_record(folder, case_id)[0]
 
 
 def load_case(
@@ -404,12 +599,16 @@ def load_case(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``(data float32 (C, *spatial), seg int8/int16 (1, *spatial), properties)`` of a stored case.
 
-    With ``mmap=True`` the arrays are read-only memory maps (files under 4 MiB are read whole, which is
-    faster): a training loader then reads just its patch. Properties are cached per file version.
+    With ``mmap=True`` the arrays are read-only and read lazily (files under 4 MiB are read whole, which is
+    faster): memory maps for the npy store, :class:`Blosc2CaseArray` views for the blosc2 store (numpy-like:
+    shape, dtype, slicing, ``np.asarray``); a training loader then reads just its patch. Without ``mmap`` both
+    are writable numpy arrays. Properties are cached per file version.
     """
-    properties = load_properties(folder, case_id)
-    files = case_files(folder, case_id)
-    return _open_npy(files["data"], mmap), _open_npy(files["seg"], mmap), properties
+    properties, store = _load_record(folder, case_id)
+    files = case_files(folder, case_id, store)
+    data = _open_array(files["data"], store, mmap)
+    seg = _open_array(files["seg"], store, mmap)
+    return data, seg, properties  # type: ignore[return-value]  # Blosc2CaseArray: numpy-like, read-only
 
 
 def stored_case_ids(folder: str | os.PathLike) -> list[str]:
@@ -423,14 +622,16 @@ def stored_case_ids(folder: str | os.PathLike) -> list[str]:
         if not p.name.startswith(".")
     )
     # other JSON files may share the folder (the workflow's manifest.json): a case also has its data file
-    return sorted(i for i in ids if case_files(folder, i)["data"].is_file())
+    return sorted(i for i in ids if any(case_files(folder, i, st)["data"].is_file() for st in STORES))
 
 
 def _remove_case(folder: Path, case_id: str) -> None:
-    files = case_files(folder, case_id)
-    files["properties"].unlink(missing_ok=True)  # first: the case is incomplete from here on
-    for key in ("data", "seg", "locations"):
-        files[key].unlink(missing_ok=True)
+    """Remove a stored case in any format: its JSON first, so it is incomplete from there on."""
+    case_files(folder, case_id)["properties"].unlink(missing_ok=True)
+    for store in STORES:
+        files = case_files(folder, case_id, store)
+        for key in ("data", "seg", "locations"):
+            files[key].unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,12 +644,15 @@ def _file_fingerprint(path: str | os.PathLike) -> list[Any]:
 
 
 def plan_signature(
-    plans: Mapping[str, Any], configuration: str, dataset_json: Mapping[str, Any]
+    plans: Mapping[str, Any], configuration: str, dataset_json: Mapping[str, Any], store: str = "npy"
 ) -> dict[str, Any]:
-    """The plan entries a preprocessed case depends on (a change to any of them recomputes the case)."""
+    """The plan entries a preprocessed case depends on (a change to any of them recomputes the case); with the
+    blosc2 store also the patch size, which shapes its chunks."""
     config = resolve_configuration(plans, configuration)
+    layout = {"patch_size": list(config["patch_size"])} if check_store(store) == "blosc2" else {}
     return {
-        "format": STORE_FORMAT,
+        "format": STORE_FORMATS[store],
+        **layout,
         "transpose_forward": list(plans["transpose_forward"]),
         "spacing": list(config["spacing"]),
         "normalization_schemes": list(config["normalization_schemes"]),
@@ -474,9 +678,12 @@ def case_signature(
     return jsonio.to_builtin(signature)
 
 
-def case_is_current(folder: str | os.PathLike, case_id: str, signature: Mapping[str, Any]) -> bool:
-    """True when the case is stored completely and was made from exactly these inputs and plan entries."""
-    files = case_files(folder, case_id)
+def case_is_current(
+    folder: str | os.PathLike, case_id: str, signature: Mapping[str, Any], store: str = "npy"
+) -> bool:
+    """True when the case is stored completely (in ``store``) and was made from exactly these inputs and plan
+    entries."""
+    files = case_files(folder, case_id, store)
     if not all(f.is_file() for f in files.values()):
         return False
     try:
@@ -495,12 +702,14 @@ def _preprocess_and_save(
     dataset_json: Mapping[str, Any],
     out_dir: str,
     signature: Mapping[str, Any],
+    store: str = "npy",
 ) -> dict[str, Any]:
     """Worker: one case, start to finish. Errors come back as PreprocessingError naming the case."""
     try:
         with _single_threaded_blas():
             data, seg, properties = preprocess_case(image_paths, seg_path, plans, configuration, dataset_json)
-            digest = save_case(out_dir, case_id, data, seg, properties, signature)
+            patch_size = resolve_configuration(plans, configuration).get("patch_size")
+            digest = save_case(out_dir, case_id, data, seg, properties, signature, store, patch_size)
     except Exception as exc:
         _remove_case(Path(out_dir), case_id)
         files = ", ".join([*image_paths, *([seg_path] if seg_path else [])])
@@ -542,13 +751,15 @@ def preprocess_dataset(
     progress: bool = True,
     *,
     num_processes: int | None = None,
+    store: str = DEFAULT_STORE,
 ) -> dict[str, Any]:
     """Preprocess the training cases of a raw dataset for one configuration into ``out_dir``.
 
     Parallel over cases (``processes`` worker processes, each holding one case at a time, so memory stays
     bounded; ``num_processes`` is its deprecated name), incremental (cases whose signature is unchanged are
     skipped), atomic per case. With ``case_ids=None`` every training case is processed and stored cases no
-    longer in the dataset are removed. Returns a deterministic manifest ``{configuration, data_identifier, format, cases: {id: {shape,
+    longer in the dataset are removed. ``store``: ``blosc2`` (compressed, chunked for patch reads) or ``npy``
+    (plain, memory-mapped); a change of store rewrites the cases. Returns a deterministic manifest ``{configuration, data_identifier, format, cases: {id: {shape,
     seg_dtype}}}`` (write it as the job's JSON output); counts and timings go to the log.
     A failing case raises :class:`PreprocessingError` naming it, after the running cases have finished.
     """
@@ -575,14 +786,15 @@ def preprocess_dataset(
         if unknown:
             raise PreprocessingError(f"{raw_dir}: unknown case id(s) {unknown}")
         selected = list(case_ids)
-    plan = plan_signature(plans, configuration, dataset_json)
+    check_store(store)
+    plan = plan_signature(plans, configuration, dataset_json, store)
     jobs, manifest_cases = [], {}
     for case_id in selected:
         files = cases[case_id]
         images = [str(p) for p in files.images]
         seg = str(files.label) if files.label is not None else None
         signature = case_signature(images, seg, plan)
-        if case_is_current(out, case_id, signature):
+        if case_is_current(out, case_id, signature, store):
             record = jsonio.read_json(case_files(out, case_id)["properties"])
             manifest_cases[case_id] = {
                 "shape": record["shape"],
@@ -591,7 +803,17 @@ def preprocess_dataset(
             }
         else:
             jobs.append(
-                (case_id, images, seg, dict(plans), configuration, dict(dataset_json), str(out), signature)
+                (
+                    case_id,
+                    images,
+                    seg,
+                    dict(plans),
+                    configuration,
+                    dict(dataset_json),
+                    str(out),
+                    signature,
+                    store,
+                )
             )
     log.info(
         "%s: %d case(s) to preprocess, %d unchanged", configuration, len(jobs), len(selected) - len(jobs)
@@ -606,7 +828,7 @@ def preprocess_dataset(
     return {
         "configuration": configuration,
         "data_identifier": config.get("data_identifier"),
-        "format": STORE_FORMAT,
+        "format": STORE_FORMATS[store],
         "cases": {k: manifest_cases[k] for k in sorted(manifest_cases)},
     }
 

@@ -20,5 +20,6 @@ rule preprocess:
         runtime=240,
     params:
         dataset=str(DATASET_DIR),
+        store=config["preprocessing"]["store"],
     script:
         "../scripts/preprocess.py"

@@ -7,4 +7,5 @@ steps.preprocess(
     snakemake.wildcards.configuration,
     snakemake.output[0],
     processes=snakemake.threads,
+    store=snakemake.params.store,
 )

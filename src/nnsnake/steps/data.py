@@ -138,8 +138,10 @@ def preprocess(
     configuration: str,
     manifest_path: str | os.PathLike,
     processes: int = 1,
+    store: str = "blosc2",
 ) -> dict[str, Any]:
-    """Preprocess every training case for one configuration into the manifest's folder; manifest last."""
+    """Preprocess every training case for one configuration into the manifest's folder (``store``: blosc2 or
+    npy); manifest last."""
     from ..dataset import load_dataset_json
     from ..preprocessing import preprocess_dataset
 
@@ -154,6 +156,7 @@ def preprocess(
         None,  # every training case
         processes,
         progress=True,
+        store=store,
     )
     write_json(manifest_path, manifest)
     log.info("preprocessed %s in %.1f s", configuration, time.perf_counter() - start)
