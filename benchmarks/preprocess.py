@@ -1,5 +1,7 @@
 """Raw data to preprocessed 3d_fullres (fingerprint, plan, preprocess): nnsnake vs nnunetv2 2.8.1, same run.
 
+nnsnake runs twice, once per store (``preprocessing.store``: ``blosc2``, the default, and ``npy``).
+
     python benchmarks/preprocess.py [--dataset DIR ...] [--processes 2] [--reads 200]
 
 Default datasets: ../shared/data/Dataset004_Hippocampus and ../shared/data/Dataset303_BraTSVariedSpacing.
@@ -28,13 +30,16 @@ from pathlib import Path
 import numpy as np
 from common import SHARED, anchor_bin, dataset_id, folder_size_mb, link_raw, measure, nnunet_env, print_table
 
+STORES = ("blosc2", "npy")  # the first is the default store, the one the ratio column compares
 NNSNAKE_SNIPPET = """
 import sys
 from nnsnake import steps
-raw, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+raw, out, n, store = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 steps.fingerprint(raw, out + "/fingerprint.json", processes=n)
 steps.plan(out + "/fingerprint.json", raw, out + "/plans.json")
-steps.preprocess(raw, out + "/plans.json", "3d_fullres", out + "/preprocessed/3d_fullres/manifest.json", processes=n)
+steps.preprocess(
+    raw, out + "/plans.json", "3d_fullres", out + "/preprocessed/3d_fullres/manifest.json", processes=n, store=store
+)
 """
 
 
@@ -55,14 +60,15 @@ def patch_reads_per_second(
 
 
 def compare_reads(
-    nnunet_folder: Path, nnsnake_folder: Path, patch: list[int], n_reads: int
-) -> tuple[float, float]:
+    nnunet_folder: Path, nnsnake_folders: dict[str, Path], patch: list[int], n_reads: int
+) -> dict[str, float]:
+    """Median over 3 interleaved rounds of random patch reads/s: nnunetv2's store and each nnsnake store."""
     import blosc2
 
     from nnsnake.preprocessing import load_case, stored_case_ids
 
     blosc2.set_nthreads(1)
-    case_ids = stored_case_ids(nnsnake_folder)
+    case_ids = stored_case_ids(next(iter(nnsnake_folders.values())))
 
     def open_nnunet(case_id: str) -> tuple:
         params = {"nthreads": 1}
@@ -71,17 +77,21 @@ def compare_reads(
             blosc2.open(str(nnunet_folder / f"{case_id}_seg.b2nd"), mode="r", dparams=params, mmap_mode="r"),
         )
 
-    def open_nnsnake(case_id: str) -> tuple:
-        data, seg, _ = load_case(nnsnake_folder, case_id, mmap=True)
-        return data, seg
+    def nnsnake_opener(folder: Path) -> Callable[[str], tuple]:
+        def open_nnsnake(case_id: str) -> tuple:
+            data, seg, _ = load_case(folder, case_id, mmap=True)
+            return data, seg
 
-    results = {"nnunetv2": [], "nnsnake": []}
-    for opener in (open_nnunet, open_nnsnake):  # warm the page cache for both
+        return open_nnsnake
+
+    openers = {"nnunetv2": open_nnunet, **{k: nnsnake_opener(f) for k, f in nnsnake_folders.items()}}
+    results: dict[str, list[float]] = {k: [] for k in openers}
+    for opener in openers.values():  # warm the page cache for all
         patch_reads_per_second(opener, case_ids, patch, min(20, n_reads))
-    for round_ in range(3):  # interleaved rounds: a busy machine slows both alike
-        results["nnunetv2"].append(patch_reads_per_second(open_nnunet, case_ids, patch, n_reads, seed=round_))
-        results["nnsnake"].append(patch_reads_per_second(open_nnsnake, case_ids, patch, n_reads, seed=round_))
-    return float(np.median(results["nnunetv2"])), float(np.median(results["nnsnake"]))
+    for round_ in range(3):  # interleaved rounds: a busy machine slows all alike
+        for name, opener in openers.items():
+            results[name].append(patch_reads_per_second(opener, case_ids, patch, n_reads, seed=round_))
+    return {k: float(np.median(v)) for k, v in results.items()}
 
 
 def main() -> None:
@@ -101,7 +111,7 @@ def main() -> None:
         SHARED / "data" / "Dataset004_Hippocampus",
         SHARED / "data" / "Dataset303_BraTSVariedSpacing",
     ]
-    rows = [("dataset", "", "nnunetv2", "nnsnake", "ratio")]
+    rows = [("dataset", "", "nnunetv2", *[f"nnsnake {k}" for k in STORES], f"ratio ({STORES[0]})")]
     with tempfile.TemporaryDirectory() as tmp:
         for ds in (d.resolve() for d in datasets):
             root = Path(tmp) / ds.name
@@ -124,49 +134,54 @@ def main() -> None:
             )
             if theirs.returncode:
                 sys.exit(f"nnunetv2 failed on {ds.name}:\n{theirs.output[-3000:]}")
-            out = root / "nnsnake"
-            out.mkdir()
-            ours = measure(
-                [sys.executable, "-c", NNSNAKE_SNIPPET, str(ds), str(out), str(args.processes)], env=env
-            )
-            if ours.returncode:
-                sys.exit(f"nnsnake failed on {ds.name}:\n{ours.output[-3000:]}")
+            ours, stores = {}, {}
+            for store in STORES:
+                out = root / f"nnsnake_{store}"
+                out.mkdir()
+                ours[store] = measure(
+                    [sys.executable, "-c", NNSNAKE_SNIPPET, str(ds), str(out), str(args.processes), store],
+                    env=env,
+                )
+                if ours[store].returncode:
+                    sys.exit(f"nnsnake ({store}) failed on {ds.name}:\n{ours[store].output[-3000:]}")
+                stores[store] = out / "preprocessed" / "3d_fullres"
             nnunet_store = root / "nnunet" / "pre" / ds.name / "nnUNetPlans_3d_fullres"
-            nnsnake_store = out / "preprocessed" / "3d_fullres"
             plans = json.loads((out / "plans.json").read_text())
             patch = plans["configurations"]["3d_fullres"]["patch_size"]
             n_reads = args.reads if np.prod(patch) < 1e6 else max(10, args.reads // 10)
-            reads_theirs, reads_ours = compare_reads(nnunet_store, nnsnake_store, patch, n_reads)
-            disk_theirs, disk_ours = folder_size_mb(nnunet_store), folder_size_mb(nnsnake_store)
+            reads = compare_reads(nnunet_store, stores, patch, n_reads)
+            disk_theirs = folder_size_mb(nnunet_store)
+            disk = {k: folder_size_mb(f) for k, f in stores.items()}
+            main_ = ours[STORES[0]]
             name = ds.name
             rows += [
                 (
                     name,
                     "wall time s (fingerprint+plan+preprocess)",
                     f"{theirs.wall_s:.1f}",
-                    f"{ours.wall_s:.1f}",
-                    f"{theirs.wall_s / ours.wall_s:.2f}x faster",
+                    *[f"{ours[k].wall_s:.1f}" for k in STORES],
+                    f"{theirs.wall_s / main_.wall_s:.2f}x faster",
                 ),
                 (
                     name,
                     "peak memory MB (process tree)",
                     f"{theirs.peak_rss_mb:.0f}",
-                    f"{ours.peak_rss_mb:.0f}",
-                    f"{ours.peak_rss_mb / theirs.peak_rss_mb:.2f}x of nnunetv2",
+                    *[f"{ours[k].peak_rss_mb:.0f}" for k in STORES],
+                    f"{main_.peak_rss_mb / theirs.peak_rss_mb:.2f}x of nnunetv2",
                 ),
                 (
                     name,
                     "disk MB (3d_fullres store)",
                     f"{disk_theirs:.1f}",
-                    f"{disk_ours:.1f}",
-                    f"{disk_ours / disk_theirs:.2f}x of nnunetv2",
+                    *[f"{disk[k]:.1f}" for k in STORES],
+                    f"{disk[STORES[0]] / disk_theirs:.2f}x of nnunetv2",
                 ),
                 (
                     name,
                     f"patch reads/s ({'x'.join(map(str, patch))})",
-                    f"{reads_theirs:.1f}",
-                    f"{reads_ours:.1f}",
-                    f"{reads_ours / reads_theirs:.2f}x faster",
+                    f"{reads['nnunetv2']:.1f}",
+                    *[f"{reads[k]:.1f}" for k in STORES],
+                    f"{reads[STORES[0]] / reads['nnunetv2']:.2f}x faster",
                 ),
             ]
     print(f"raw -> preprocessed 3d_fullres, {args.processes} processes each, OMP_NUM_THREADS=1")

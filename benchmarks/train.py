@@ -8,7 +8,10 @@ is the steadier number on a shared machine (it does not count time the process w
 augmentation workers it misses the workers' CPU, so compare wall time there.
 
 Extra nnsnake variants (``--variants``): ``workers=N`` (augmentation in N worker processes instead of in-process),
-``bf16`` (CPU bfloat16 autocast), ``channels_last``.
+``bf16`` (CPU bfloat16 autocast), ``channels_last``, ``store=npy`` / ``store=blosc2`` (the same training from a
+preprocessed store of that format; the default run uses the default store). ``--no-nnunet`` skips nnunetv2.
+
+    python benchmarks/train.py --configs 3d_fullres --no-nnunet --variants store=npy   # blosc2 vs npy store
 
     python benchmarks/train.py                                    # 2d and 3d_fullres, 5 iterations, 0 workers
     python benchmarks/train.py --configs 3d_fullres --iterations 4 --variants bf16 workers=1
@@ -98,22 +101,30 @@ def run_nnunet(
 # nnsnake (run in a child process so imports and memory start equal)
 
 
-def ensure_preprocessed(work: Path, anchor_pre: Path, configuration: str) -> Path:
-    """nnsnake's store of Hippocampus for ``configuration`` from the anchor's plans (incremental, cached)."""
+def store_root(work: Path, store: str | None) -> Path:
+    """Preprocessed root of one store format: ``<work>/pre`` for the default store, else ``<work>/pre_<store>``."""
+    from nnsnake.preprocessing import DEFAULT_STORE
+
+    return work / ("pre" if store in (None, DEFAULT_STORE) else f"pre_{store}")
+
+
+def ensure_preprocessed(work: Path, plans: Path, configuration: str, store: str | None = None) -> Path:
+    """nnsnake's store of Hippocampus for ``configuration`` from ``plans`` (incremental, cached)."""
     from nnsnake.dataset import load_dataset_json
     from nnsnake.jsonio import read_json
-    from nnsnake.preprocessing import preprocess_dataset
+    from nnsnake.preprocessing import DEFAULT_STORE, preprocess_dataset
 
     raw = SHARED / "data" / DATASET
-    out = work / "pre" / configuration
+    out = store_root(work, store) / configuration
     preprocess_dataset(
         raw,
         load_dataset_json(raw),
-        read_json(anchor_pre / "nnUNetPlans.json"),
+        read_json(plans),
         configuration,
         out,
         processes=2,
         progress=False,
+        store=store or DEFAULT_STORE,
     )
     return out
 
@@ -256,6 +267,7 @@ def main() -> None:
     parser.add_argument("--plans", help="plans.json, default the anchor's nnUNetPlans.json")
     parser.add_argument("--splits", help="splits.json, default the anchor's splits_final.json")
     parser.add_argument("--dataset-json", help="dataset.json, default the shared raw Hippocampus'")
+    parser.add_argument("--no-nnunet", action="store_true", help="nnsnake runs only (e.g. store comparisons)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -273,11 +285,14 @@ def main() -> None:
     if args.gpu:
         gpu_main(args, inputs)
         return
-    if not (anchor_pre / "nnUNetPlans.json").is_file():
+    if not Path(inputs["plans"]).is_file() or not (
+        args.no_nnunet or (anchor_pre / "nnUNetPlans.json").is_file()
+    ):
         sys.exit(
             f"{anchor_pre}/nnUNetPlans.json not found: run tests/fixtures/make_nnunetv2_reference.sh first"
         )
-    install_anchor_trainer(REPO / "benchmarks" / f"{TRAINER}.py")
+    if not args.no_nnunet:
+        install_anchor_trainer(REPO / "benchmarks" / f"{TRAINER}.py")
     rows = []
     print(
         f"Hippocampus fold 0, {args.iterations} iterations, {args.workers} augmentation workers, "
@@ -286,17 +301,26 @@ def main() -> None:
     )
     for configuration in args.configs:
         if args.pre is None:
-            ensure_preprocessed(work, anchor_pre, configuration)
-        theirs = run_nnunet(work, anchor_pre, configuration, args.iterations, args.workers, args.threads)
-        rows.append((configuration, "nnunetv2", theirs, None))
-        print_row(*rows[-1])
+            ensure_preprocessed(work, Path(inputs["plans"]), configuration)
+        theirs = None
+        if not args.no_nnunet:
+            theirs = run_nnunet(work, anchor_pre, configuration, args.iterations, args.workers, args.threads)
+            rows.append((configuration, "nnunetv2", theirs, None))
+            print_row(*rows[-1])
         ours = run_nnsnake(inputs, configuration, args.iterations, args.workers, args.threads)
         rows.append((configuration, "nnsnake", ours, theirs))
         print_row(*rows[-1])
         for variant in args.variants:
             kwargs: dict = {"amp": "off", "channels_last": None}
             workers = args.workers
-            if variant == "bf16":
+            variant_inputs = inputs
+            if variant.startswith("store="):
+                store = variant.split("=")[1]
+                if args.pre is not None:
+                    sys.exit("store=... variants preprocess their own copy: leave out --pre")
+                ensure_preprocessed(work, Path(inputs["plans"]), configuration, store)
+                variant_inputs = dict(inputs, pre=str(store_root(work, store)))
+            elif variant == "bf16":
                 kwargs["amp"] = "bf16"
             elif variant == "channels_last":
                 kwargs["channels_last"] = True
@@ -304,10 +328,16 @@ def main() -> None:
                 workers = int(variant.split("=")[1])
             else:
                 sys.exit(f"unknown variant {variant!r}")
-            result = run_nnsnake(inputs, configuration, args.iterations, workers, args.threads, **kwargs)
+            result = run_nnsnake(
+                variant_inputs, configuration, args.iterations, workers, args.threads, **kwargs
+            )
             rows.append((configuration, f"nnsnake {variant}", result, theirs))
             print_row(*rows[-1])
     print("\nx = nnunetv2 seconds per iteration / nnsnake seconds per iteration (target >= 1.3)")
+    by_store = {name: r for _, name, r, _ in rows if name in ("nnsnake", "nnsnake store=npy")}
+    if len(by_store) == 2:
+        ratio = by_store["nnsnake"]["wall_s_per_it"] / by_store["nnsnake store=npy"]["wall_s_per_it"]
+        print(f"default store / npy store, wall s per iteration: {ratio:.3f} (target <= 1.05)")
 
 
 def gpu_main(args: argparse.Namespace, inputs: dict) -> None:

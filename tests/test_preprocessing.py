@@ -531,6 +531,30 @@ def test_preprocess_dataset_is_incremental(raw_dataset, tmp_path):
     assert stored_case_ids(out) == ["c1", "c2"] and not list(out.glob("c3*"))
 
 
+def test_three_shards_write_the_same_store_as_one(raw_dataset, tmp_path):
+    """preprocessing.shards: each shard preprocesses a disjoint subset; together the files are byte-identical to
+    one unsharded run, and the merged manifests equal its manifest."""
+    raw, dataset_json, plans = raw_dataset
+    whole = preprocess_dataset(raw, dataset_json, plans, "3d_fullres", tmp_path / "one", progress=False)
+    parts = [
+        preprocess_dataset(
+            raw, dataset_json, plans, "3d_fullres", tmp_path / "sharded", progress=False, shard=i, shards=3
+        )
+        for i in range(3)
+    ]
+    assert [sorted(p["cases"]) for p in parts] == [["c1"], ["c2"], ["c3"]]
+    assert preprocessing.merge_manifests(parts) == whole
+    one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
+    sharded = {p.name: p.read_bytes() for p in (tmp_path / "sharded").iterdir()}
+    assert len(one) == 12 and one.keys() == sharded.keys()
+    assert [k for k in one if one[k] != sharded[k]] == []
+    assert preprocessing.shard_case_ids([f"c{i}" for i in range(10)], 1, 4) == ["c1", "c5", "c9"]
+    with pytest.raises(ValueError, match="more than one shard"):
+        preprocessing.merge_manifests([parts[0], parts[0]])
+    with pytest.raises(ValueError, match="shard 3 of 3"):
+        preprocessing.shard_case_ids(["c1"], 3, 3)
+
+
 def test_preprocessed_case_matches_preprocess_case(raw_dataset, tmp_path):
     raw, dataset_json, plans = raw_dataset
     out = tmp_path / "pre"

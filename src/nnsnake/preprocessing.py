@@ -32,6 +32,7 @@ path, size and mtime, and every plan entry that affects the result) is unchanged
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import logging
 import math
@@ -735,9 +736,49 @@ class _single_threaded_blas:
             self._limits.restore_original_limits()
 
 
-def _clean_temporaries(folder: Path) -> None:
-    for tmp in folder.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+def _clean_temporaries(folder: Path, case_ids: Sequence[str] | None = None) -> None:
+    """Remove temporary files left by killed jobs: all of them, or only those of ``case_ids`` (a shard must not
+    touch the files other shards are writing right now)."""
+    if case_ids is None:
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        return
+    for case_id in case_ids:
+        for store in STORES:
+            for path in case_files(folder, case_id, store).values():
+                for tmp in folder.glob(f".{glob.escape(path.name)}.*.tmp"):
+                    tmp.unlink(missing_ok=True)
+
+
+def shard_case_ids(case_ids: Sequence[str], shard: int, shards: int) -> list[str]:
+    """The cases of shard ``shard`` (0-based) of ``shards``: every ``shards``-th of the sorted ids, so shards
+    are disjoint, cover all cases, and stay balanced in count."""
+    if shards < 1 or not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} of {shards}: need 0 <= shard < shards and shards >= 1")
+    return sorted(case_ids)[shard::shards]
+
+
+def merge_manifests(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One manifest from the shards' manifests: equal to the manifest of one unsharded run."""
+    if not parts:
+        raise ValueError("no shard manifests to merge")
+    heads = {_manifest_head(p) for p in parts}
+    if len(heads) != 1:
+        raise ValueError("shard manifests come from different configurations, plans or stores: rerun them")
+    cases: dict[str, Any] = {}
+    for part in parts:
+        overlap = set(cases) & set(part["cases"])
+        if overlap:
+            raise ValueError(f"case(s) {sorted(overlap)} appear in more than one shard manifest")
+        cases.update(part["cases"])
+    return {
+        **{k: v for k, v in parts[0].items() if k != "cases"},
+        "cases": {k: cases[k] for k in sorted(cases)},
+    }
+
+
+def _manifest_head(manifest: Mapping[str, Any]) -> str:
+    return jsonio.dumps({k: v for k, v in manifest.items() if k != "cases"})
 
 
 def preprocess_dataset(
@@ -752,8 +793,14 @@ def preprocess_dataset(
     *,
     num_processes: int | None = None,
     store: str = DEFAULT_STORE,
+    shard: int = 0,
+    shards: int = 1,
 ) -> dict[str, Any]:
     """Preprocess the training cases of a raw dataset for one configuration into ``out_dir``.
+
+    ``shard`` of ``shards`` (0-based) preprocesses only that deterministic subset of the cases
+    (:func:`shard_case_ids`), so several jobs can share the work; their files are identical to an unsharded
+    run's and :func:`merge_manifests` of their manifests equals its manifest.
 
     Parallel over cases (``processes`` worker processes, each holding one case at a time, so memory stays
     bounded; ``num_processes`` is its deprecated name), incremental (cases whose signature is unchanged are
@@ -769,14 +816,21 @@ def preprocess_dataset(
     processes = processes_argument(processes, num_processes, "preprocess_dataset")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _clean_temporaries(out)
     cases, problems = discover_cases(raw_dir, dict(dataset_json))
     if problems:
         raise PreprocessingError(
             f"{raw_dir}: dataset layout problems (run the verify rule for the full report): "
             + "; ".join(str(p) for p in problems[:5])
         )
-    if case_ids is None:
+    if case_ids is None and shards > 1:
+        selected = shard_case_ids(list(cases), shard, shards)
+        _clean_temporaries(out, selected)
+        if shard == 0:  # stale cases belong to no shard: the first removes them
+            for stale in sorted(set(stored_case_ids(out)) - set(cases)):
+                log.info("removing %s: no longer in the dataset", stale)
+                _remove_case(out, stale)
+    elif case_ids is None:
+        _clean_temporaries(out)
         selected = sorted(cases)
         for stale in sorted(set(stored_case_ids(out)) - set(cases)):
             log.info("removing %s: no longer in the dataset", stale)
@@ -786,6 +840,7 @@ def preprocess_dataset(
         if unknown:
             raise PreprocessingError(f"{raw_dir}: unknown case id(s) {unknown}")
         selected = list(case_ids)
+        _clean_temporaries(out, selected)
     check_store(store)
     plan = plan_signature(plans, configuration, dataset_json, store)
     jobs, manifest_cases = [], {}
