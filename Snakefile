@@ -26,4 +26,6 @@ include: "workflow/rules/targets.smk"
 rule all:
     default_target: True
     input:
+        # every planner's plans as plain paths, so that the first DAG holds each plan job (--until plan)
+        all_plans_files(),
         final_outputs,

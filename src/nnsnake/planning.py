@@ -14,12 +14,14 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .errors import ConfigError
 from .labels import LabelModel
 
 # ---- constants of nnU-Net's default ExperimentPlanner (docs/method.md §3.1) ------------------------------------------
@@ -839,3 +841,96 @@ def merge_custom_configurations(new_plans: dict, old_plans: dict | None) -> dict
             if config_name not in merged["configurations"]:
                 merged["configurations"][config_name] = copy.deepcopy(config)
     return merged
+
+
+# ---- derived configurations ---------------------------------------------------------------------------------
+# characters a configuration name may hold: it becomes a wildcard value, a folder name and part of candidate ids
+_CONFIGURATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def add_extra_configurations(plans: dict, extra: Mapping[str, Mapping[str, Any]] | None) -> dict:
+    """The plans with derived configurations added (config ``planning.extra_configurations``).
+
+    Each entry is nnU-Net's ``inherits_from`` form, e.g. ``{"3d_fullres_bs24": {"inherits_from": "3d_fullres",
+    "batch_size": 24}}``: resolved as nnU-Net resolves it (the parent's keys, then the child's, a shallow merge),
+    it shares the parent's preprocessed data unless it sets its own ``data_identifier``, and it is trained like any
+    configuration. A name the planner already makes, a missing parent (for example ``3d_lowres`` on a dataset whose
+    plan has none) or a cycle is a :class:`~nnsnake.errors.ConfigError` naming the entry.
+    """
+    merged = copy.deepcopy(plans)
+    if not extra:
+        return merged
+    configurations = merged["configurations"]
+    generated = set(configurations)
+    for name, entry in extra.items():
+        where = f"planning.extra_configurations.{name}"
+        if name in generated:
+            raise ConfigError(
+                f"{where}: the {merged.get('experiment_planner_used', 'planner')} already makes a configuration "
+                f"named {name}; give the derived configuration another name (e.g. {name}_custom)"
+            )
+        if not _CONFIGURATION_NAME.match(name) or "__" in name or name.startswith("ensemble_"):
+            raise ConfigError(
+                f"{where}: the name must be letters, digits, '_', '.', '-' (no '__', not starting with "
+                "'ensemble_'): it becomes a folder name and part of candidate names"
+            )
+        if not isinstance(entry, Mapping) or not entry.get("inherits_from"):
+            raise ConfigError(
+                f"{where}: give the configuration it derives from, e.g. {{inherits_from: 3d_fullres, batch_size: 24}}"
+            )
+        configurations[name] = copy.deepcopy(dict(entry))
+    for name, entry in extra.items():
+        parent = entry["inherits_from"]
+        if parent not in configurations:
+            raise ConfigError(
+                f"planning.extra_configurations.{name}: inherits_from {parent}, which the plan of "
+                f"{merged.get('dataset_name', 'this dataset')} does not contain (it has {sorted(generated)}); "
+                "derive from one of those or drop the entry for this dataset"
+            )
+        try:
+            resolve_configuration(merged, name)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"planning.extra_configurations.{name}: {err}") from None
+    return merged
+
+
+def preprocessed_data_owner(plans: Mapping[str, Any], configuration: str) -> str:
+    """The configuration whose preprocessed folder holds ``configuration``'s data.
+
+    nnU-Net names preprocessed data by ``data_identifier``: a cascade stage or a derived configuration inherits
+    its parent's identifier and so reads the parent's data. The owner is the first configuration of the plans
+    that defines that identifier itself (no ``inherits_from``); one that sets its own identifier owns its data.
+    """
+    wanted = resolve_configuration(dict(plans), configuration).get("data_identifier")
+    for name, entry in plans["configurations"].items():
+        if "inherits_from" not in entry and entry.get("data_identifier") == wanted:
+            return name
+    return configuration
+
+
+# what preprocessing reads from a configuration and from the plans as a whole
+_PREPROCESSING_KEYS = (
+    "spacing",
+    "normalization_schemes",
+    "use_mask_for_norm",
+    "resampling_fn_data",
+    "resampling_fn_data_kwargs",
+    "resampling_fn_seg",
+    "resampling_fn_seg_kwargs",
+    "resampling_fn_probabilities",
+    "resampling_fn_probabilities_kwargs",
+)
+_PLANS_PREPROCESSING_KEYS = ("transpose_forward", "foreground_intensity_properties_per_channel")
+
+
+def same_preprocessing(
+    plans_a: Mapping[str, Any], name_a: str, plans_b: Mapping[str, Any], name_b: str
+) -> bool:
+    """Whether two configurations (of the same or of two planners' plans) preprocess to identical data: the
+    residual-encoder planners' 2d and 3d_fullres normally reuse the default planner's folder, as nnU-Net does,
+    but only when spacing, normalisation, resampling and axis order really agree (transferred plans may not)."""
+    a = resolve_configuration(dict(plans_a), name_a)
+    b = resolve_configuration(dict(plans_b), name_b)
+    return all(a.get(k) == b.get(k) for k in _PREPROCESSING_KEYS) and all(
+        plans_a.get(k) == plans_b.get(k) for k in _PLANS_PREPROCESSING_KEYS
+    )

@@ -26,6 +26,9 @@ from .errors import SelectionError
 
 ENSEMBLE_PREFIX = "ensemble_"
 ENSEMBLE_SEPARATOR = "+"
+# a member of another planner than the default one is <plans_name>__<configuration> (nnU-Net's id style)
+DEFAULT_PLANS_NAME = "nnUNetPlans"
+PLANS_SEPARATOR = "__"
 
 RULE = (
     "nnU-Net's choice is the candidate with the highest pooled score (foreground mean over labels of the "
@@ -51,6 +54,20 @@ def ensemble_name(members: Sequence[str]) -> str:
                 f"{ENSEMBLE_SEPARATOR!r} or starts with {ENSEMBLE_PREFIX!r})"
             )
     return ENSEMBLE_PREFIX + ENSEMBLE_SEPARATOR.join(members)
+
+
+def member_id(plans_name: str, configuration: str) -> str:
+    """A trained configuration's candidate name: the bare configuration for the default planner's plans (so
+    single-planner results keep their names), ``<plans_name>__<configuration>`` for the others."""
+    if plans_name == DEFAULT_PLANS_NAME:
+        return configuration
+    return f"{plans_name}{PLANS_SEPARATOR}{configuration}"
+
+
+def split_member(member: str) -> tuple[str, str]:
+    """``(plans_name, configuration)`` of a member name made by :func:`member_id`."""
+    plans_name, separator, configuration = member.partition(PLANS_SEPARATOR)
+    return (plans_name, configuration) if separator else (DEFAULT_PLANS_NAME, member)
 
 
 def candidate_members(candidate: str) -> list[str]:
@@ -209,7 +226,8 @@ def bootstrap_selection(
     costs = {
         name: int(cost[name]) if cost is not None and name in cost else candidate_cost(name) for name in names
     }
-    order = sorted(names, key=lambda name: costs[name])  # stable: single configurations before ensembles
+    # nnU-Net's order decides exact ties: stable, single configurations before ensembles (whatever ``cost`` says)
+    order = sorted(names, key=candidate_cost)
 
     pooled = {name: pooled_score(tables[name]) for name in names}
     nnunet_choice = _first_best(order, pooled)

@@ -1,6 +1,7 @@
 # Configuration, paths, wildcard constraints and input functions shared by every rule.
 import copy
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -9,16 +10,15 @@ from snakemake.logging import logger
 from snakemake.utils import update_config, validate
 
 from nnsnake.dataset import list_raw_files
-
-CONFIGURATIONS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
-
-
-wildcard_constraints:
-    configuration="|".join(CONFIGURATIONS),
-    first="|".join(CONFIGURATIONS),
-    second="|".join(CONFIGURATIONS),
-    fold=r"\d+|all",
-    input_set=r"[^/]+",
+from nnsnake.planning import (
+    PLANNER_PRESETS,
+    get_planner_preset,
+    add_extra_configurations,
+    preprocessed_data_owner,
+    resolve_configuration,
+    same_preprocessing,
+)
+from nnsnake.selection import DEFAULT_PLANS_NAME, ensemble_name, member_id, split_member
 
 
 def typed_scalars(value):
@@ -117,6 +117,31 @@ LOGS = f"logs/{DATASET}"
 DATASET_JSON = str(DATASET_DIR / "dataset.json")
 CONDA_ENV = "../envs/nnsnake.yaml"
 
+PLANNED_CONFIGURATIONS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+# derived configurations (nnU-Net's inherits_from) from config planning.extra_configurations, trained like the others
+CONFIGURATIONS = PLANNED_CONFIGURATIONS + list(config["planning"]["extra_configurations"])
+# Several planners side by side (config planning.planners): the default planner's results keep their paths
+# (results/<DS>/plans.json, training/, crossval/, preprocessed/), another planner's go beside them under its plans
+# name (results/<DS>/nnUNetResEncUNetMPlans/plans.json, .../training/...). Rules match both through the
+# {planner_dir} wildcard, which is "" for the default planner and "<plans_name>/" for the others.
+PLANNER_DIRS = {
+    preset.plans_name: ("" if preset.plans_name == DEFAULT_PLANS_NAME else f"{preset.plans_name}/")
+    for preset in PLANNER_PRESETS.values()
+}
+
+
+def _alternatives(values):
+    return "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+
+
+wildcard_constraints:
+    configuration=_alternatives(CONFIGURATIONS),
+    planner_dir=f"(?:|{_alternatives(d for d in PLANNER_DIRS.values() if d)})",
+    first=f"(?:(?:{_alternatives(n for n in PLANNER_DIRS if n != DEFAULT_PLANS_NAME)})__)?(?:{_alternatives(CONFIGURATIONS)})",
+    second=f"(?:(?:{_alternatives(n for n in PLANNER_DIRS if n != DEFAULT_PLANS_NAME)})__)?(?:{_alternatives(CONFIGURATIONS)})",
+    fold=r"\d+|all",
+    input_set=r"[^/]+",
+
 
 def raw_training_files(wildcards):
     """dataset.json and every file of imagesTr/ and labelsTr/: editing any of them reruns verification."""
@@ -154,8 +179,53 @@ RULES_AFTER_PLAN = {
 }
 
 
-def plan_checkpoint():
-    """The plan job; stops with the stage targets named when `--until` asks for jobs the plan decides."""
+PLANNERS = list(config["planning"]["planners"])
+PLANS_NAMES = [get_planner_preset(p).plans_name for p in PLANNERS]
+if config["planning"]["transfer_plans_from"] and len(PLANNERS) > 1:
+    raise WorkflowError(
+        f"config planning.transfer_plans_from takes the architecture from {config['planning']['transfer_plans_from']} "
+        f"for the one planner it is planned with, but planning.planners lists {PLANNERS}: keep one planner (the one "
+        "whose plans name the transferred plans should carry)"
+    )
+
+
+def transfer_plans_source(wildcards):
+    """The plans file of planning.transfer_plans_from, as an input so that an edit of it replans."""
+    source = config["planning"]["transfer_plans_from"]
+    return [source] if source else []
+
+
+def plans_root(plans_name):
+    """Where a planner's plans, training and cross-validation live: the results folder for the default
+    planner's plans, a subfolder named after the plans for the others."""
+    return f"{RESULTS}/{PLANNER_DIRS[plans_name]}".rstrip("/")
+
+
+def plans_name_of(wildcards):
+    """The plans name a job's {planner_dir} wildcard stands for (the default planner's when it is empty)."""
+    planner_dir = wildcards.get("planner_dir", "")
+    return planner_dir.rstrip("/") or DEFAULT_PLANS_NAME
+
+
+PLANNER_OF_PLANS_NAME = {preset.plans_name: preset.planner for preset in PLANNER_PRESETS.values()}
+
+
+def planner_of_dir(wildcards):
+    """nnU-Net's planner class whose plans a {planner_dir} holds."""
+    return PLANNER_OF_PLANS_NAME[plans_name_of(wildcards)]
+
+
+def gpu_memory_target_gb(wildcards):
+    """planning.gpu_memory_target_gb, or the planner preset's own target when it is null."""
+    target = config["planning"]["gpu_memory_target_gb"]
+    return (
+        target if target is not None else get_planner_preset(planner_of_dir(wildcards)).gpu_memory_target_gb
+    )
+
+
+def plan_checkpoint(plans_name=DEFAULT_PLANS_NAME):
+    """A planner's plan job (a checkpoint); stops with the stage targets named when `--until` asks for jobs the
+    plan decides."""
     until = set(getattr(workflow.dag_settings, "until", None) or ())
     hidden = sorted(until & RULES_AFTER_PLAN)
     if hidden:
@@ -166,29 +236,113 @@ def plan_checkpoint():
             "preprocess) or `snakemake train_all` (... and splits, train), or give the output files themselves "
             f"as targets (e.g. {RESULTS}/preprocessed/3d_fullres/manifest.json)."
         )
-    return checkpoints.plan.get()
+    return checkpoints.plan.get(planner_dir=PLANNER_DIRS[plans_name])
 
 
-def planned_configurations(wildcards):
-    """Configurations to run: those the plan contains (checkpoint), restricted to config 'configurations'."""
-    with open(plan_checkpoint().output[0]) as fh:
-        planned = list(json.load(fh)["configurations"])
+EXTRA_CONFIGURATIONS = config["planning"]["extra_configurations"]
+
+
+def read_plans(plans_name=DEFAULT_PLANS_NAME):
+    """A planner's plans (checkpoint) with the derived configurations of config planning.extra_configurations.
+
+    The derived ones are not written into plans.json: adding or editing one would change plans.json and so
+    rerun every training of that planner. Each gets its own plans file instead (rule derive_plans)."""
+    with open(plan_checkpoint(plans_name).output[0]) as fh:
+        plans = json.load(fh)
+    return add_extra_configurations(plans, EXTRA_CONFIGURATIONS)
+
+
+def all_plans_files():
+    """Every planner's plans.json, listed plainly (not through the checkpoint) so that the DAG holds every plan
+    job from the start: `--until plan` then builds every planner's plans."""
+    return [f"{plans_root(name)}/plans.json" for name in PLANS_NAMES]
+
+
+def planned_configurations(wildcards, plans_name=DEFAULT_PLANS_NAME):
+    """Configurations to run with a planner's plans: those the plan contains (checkpoint), restricted to config
+    'configurations'."""
+    planned = list(read_plans(plans_name)["configurations"])
     wanted = config["configurations"] or planned
     return [c for c in planned if c in wanted]
 
 
-def preprocessed_configuration(configuration):
-    """The configuration whose preprocessed data a configuration uses (the cascade reuses 3d_fullres)."""
-    return "3d_fullres" if configuration == "3d_cascade_fullres" else configuration
+def trained_members(wildcards):
+    """(plans name, configuration) of every configuration trained and cross-validated, planner by planner in
+    config order, each planner's in nnU-Net's order (derived configurations last)."""
+    return [
+        (plans_name, c)
+        for plans_name in PLANS_NAMES
+        for c in sorted(planned_configurations(wildcards, plans_name), key=CONFIGURATIONS.index)
+    ]
+
+
+def preprocessed_manifest_of(plans_name, configuration):
+    """The preprocessed folder (manifest) whose data a planner's configuration trains on.
+
+    nnU-Net names preprocessed data by data_identifier: a cascade stage or a derived configuration reads its
+    parent's data, and the residual-encoder planners' 2d and 3d_fullres data (nnUNetPlans_2d/3d_fullres) is the
+    default planner's, so it is preprocessed once, in results/<DS>/preprocessed/.
+    """
+    plans = read_plans(plans_name)
+    identifier = resolve_configuration(plans, configuration).get("data_identifier", "")
+    shared_prefix = f"{DEFAULT_PLANS_NAME}_"
+    if plans_name != DEFAULT_PLANS_NAME and identifier.startswith(shared_prefix):
+        shared = identifier[len(shared_prefix) :]
+        default_plans = read_plans(DEFAULT_PLANS_NAME)
+        if shared in default_plans["configurations"] and same_preprocessing(
+            plans, configuration, default_plans, shared
+        ):
+            return f"{RESULTS}/preprocessed/{shared}/manifest.json"
+    owner = preprocessed_data_owner(plans, configuration)
+    return f"{plans_root(plans_name)}/preprocessed/{owner}/manifest.json"
 
 
 def preprocessed_manifest(wildcards):
-    return f"{RESULTS}/preprocessed/{preprocessed_configuration(wildcards.configuration)}/manifest.json"
+    return preprocessed_manifest_of(plans_name_of(wildcards), wildcards.configuration)
+
+
+def next_stage_manifest(wildcards):
+    """The 3d_fullres data a 3d_lowres validation writes the cascade's input for."""
+    return preprocessed_manifest_of(plans_name_of(wildcards), "3d_fullres")
+
+
+def plans_file_of(plans_name, configuration):
+    """The plans file a configuration's jobs read: the planner's plans.json, or for a derived configuration
+    (planning.extra_configurations) its own derived/<configuration>/plans.json (plans.json plus its entry)."""
+    root = plans_root(plans_name)
+    if configuration in EXTRA_CONFIGURATIONS:
+        return f"{root}/derived/{configuration}/plans.json"
+    return f"{root}/plans.json"
+
+
+def plans_file(wildcards):
+    """The plans file of the job's planner and configuration."""
+    return plans_file_of(plans_name_of(wildcards), wildcards.configuration)
+
+
+# Training keys added after results existed, with the values that reproduce the earlier trainings: left out of
+# the train rule's settings param while they keep them, so that an upgrade does not report changed params (and
+# rerun every training and validation); TrainingSettings has the same defaults.
+TRAINING_KEYS_OMITTED_AT_DEFAULT = {
+    "loss": "dice_ce",
+    "optimizer": "sgd",
+    "lr_schedule": "poly",
+    "augmentation": "default",
+    "deep_supervision": True,
+    "oversample_foreground_percent": 0.33,
+    "probabilistic_oversampling": False,
+    "pretrained_weights": None,
+}
 
 
 def training_settings(wildcards):
     """The training section merged with this configuration's overrides: a change reruns only its trainings."""
-    return config["training"] | config["training_per_configuration"].get(wildcards.configuration, {})
+    merged = config["training"] | config["training_per_configuration"].get(wildcards.configuration, {})
+    return {
+        key: value
+        for key, value in merged.items()
+        if key not in TRAINING_KEYS_OMITTED_AT_DEFAULT or value != TRAINING_KEYS_OMITTED_AT_DEFAULT[key]
+    }
 
 
 def pretrained_weights_file(wildcards):
@@ -196,11 +350,6 @@ def pretrained_weights_file(wildcards):
     Snakemake retrains when the file changes; none without fine-tuning."""
     path = training_settings(wildcards).get("pretrained_weights")
     return [path] if path else []
-
-
-def trained_configurations(wildcards):
-    """Configurations whose folds are trained and cross-validated: the planned ones, restricted by config."""
-    return planned_configurations(wildcards)
 
 
 def split_folds():
@@ -216,39 +365,84 @@ def split_folds():
     return list(range(5))
 
 
-def previous_stage_predictions(configuration, folds):
-    """Folders of a cascade stage's previous-stage (3d_lowres) out-of-fold predictions, one per fold."""
-    if configuration != "3d_cascade_fullres":
+def previous_stage_predictions(wildcards, folds):
+    """Folders of a cascade stage's previous-stage out-of-fold predictions (same plans), one per fold."""
+    plans_name = plans_name_of(wildcards)
+    previous = resolve_configuration(read_plans(plans_name), wildcards.configuration).get("previous_stage")
+    if not previous:
         return []
-    return [f"{RESULTS}/training/3d_lowres/fold_{fold}/predicted_next_stage" for fold in folds]
+    root = plans_root(plans_name)
+    return [f"{root}/training/{previous}/fold_{fold}/predicted_next_stage" for fold in folds]
 
 
 def previous_stage_for_training(wildcards):
-    return previous_stage_predictions(wildcards.configuration, split_folds())
+    return previous_stage_predictions(wildcards, split_folds())
 
 
 def previous_stage_for_validation(wildcards):
-    """A fold's validation cases are the lowres fold's validation cases: only that fold's predictions."""
-    return previous_stage_predictions(wildcards.configuration, [wildcards.fold])
+    """A fold's validation cases are the lowres fold's validation cases: only that fold's predictions. Fold all
+    validates every case, each with the out-of-fold prediction its training used (not lowres fold all's)."""
+    folds = split_folds() if wildcards.fold == "all" else [wildcards.fold]
+    return previous_stage_predictions(wildcards, folds)
+
+
+def crossval_folds():
+    """The folds pooled into the cross-validation and recorded by the selection: config 'folds' without fold
+    all, which validates on its own training cases (nnU-Net leaves it out too); fold all alone when it is the only
+    fold, so such a run still completes (its scores are then on training data)."""
+    folds = [fold for fold in config["folds"] if str(fold) != "all"]
+    return folds or ["all"]
+
+
+def member_summary(member):
+    """The cross-validation summary of a trained configuration (a candidate member)."""
+    plans_name, configuration = split_member(member)
+    return f"{plans_root(plans_name)}/crossval/{configuration}/summary.json"
 
 
 def candidate_summaries(wildcards):
-    """Cross-validation summary of every candidate: each trained configuration and (optionally) every pair."""
-    configurations = sorted(trained_configurations(wildcards), key=CONFIGURATIONS.index)
-    candidates = {c: f"{RESULTS}/crossval/{c}/summary.json" for c in configurations}
+    """Cross-validation summary of every candidate: each trained configuration of every planner and (optionally)
+    every pair of them. Ensembles live in results/<DS>/crossval/ensemble_<a>+<b>/."""
+    members = [member_id(p, c) for p, c in trained_members(wildcards)]
+    candidates = {m: member_summary(m) for m in members}
     if config["selection"]["ensembles"]:
-        for i, first in enumerate(configurations):
-            for second in configurations[i + 1 :]:
-                name = f"ensemble_{first}+{second}"
+        for i, first in enumerate(members):
+            for second in members[i + 1 :]:
+                name = ensemble_name([first, second])
                 candidates[name] = f"{RESULTS}/crossval/{name}/summary.json"
     return candidates
+
+
+def selection_plans(wildcards):
+    """Every planner's plans.json, by plans name: select counts each candidate's network parameters from them
+    (with the derived configurations of the config)."""
+    return {name: f"{plans_root(name)}/plans.json" for name in PLANS_NAMES}
+
+
+def derivation_chain(configuration):
+    """The planning.extra_configurations entries a derived configuration is resolved from (itself, and its
+    parents while they are derived too): only these are its derive_plans job's params."""
+    chain = {}
+    while configuration in EXTRA_CONFIGURATIONS and configuration not in chain:
+        chain[configuration] = EXTRA_CONFIGURATIONS[configuration]
+        configuration = EXTRA_CONFIGURATIONS[configuration].get("inherits_from")
+    return chain
+
+
+def derived_plans_files(wildcards):
+    """The plans files of the trained derived configurations (prediction reads them)."""
+    return sorted({plans_file_of(p, c) for p, c in trained_members(wildcards) if c in EXTRA_CONFIGURATIONS})
+
+
+def model_file(plans_name, configuration, fold):
+    return f"{plans_root(plans_name)}/training/{configuration}/fold_{fold}/model_final.pt"
 
 
 def all_trained_models(wildcards):
     """Every fold model of every trained configuration (prediction loads those of the selected candidate)."""
     return {
-        f"model_{c}_{fold}": f"{RESULTS}/training/{c}/fold_{fold}/model_final.pt"
-        for c in trained_configurations(wildcards)
+        f"model_{member_id(p, c)}_{fold}": model_file(p, c, fold)
+        for p, c in trained_members(wildcards)
         for fold in config["folds"]
     }
 
@@ -272,18 +466,14 @@ def prediction_input_files(wildcards):
 
 
 def preprocessed_manifests(wildcards):
-    """The manifest of every preprocessed configuration the planned configurations use (stage preprocess)."""
-    configurations = sorted({preprocessed_configuration(c) for c in planned_configurations(wildcards)})
-    return [f"{RESULTS}/preprocessed/{c}/manifest.json" for c in configurations]
+    """The manifest of every preprocessed folder the trained configurations use (stage preprocess)."""
+    manifests = {preprocessed_manifest_of(p, c) for p, c in trained_members(wildcards)}
+    return sorted(manifests)
 
 
 def trained_models(wildcards):
     """The final model of every fold of every trained configuration (stage train)."""
-    return expand(
-        f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/model_final.pt",
-        configuration=trained_configurations(wildcards),
-        fold=config["folds"],
-    )
+    return [model_file(p, c, fold) for p, c in trained_members(wildcards) for fold in config["folds"]]
 
 
 def final_outputs(wildcards):
@@ -291,7 +481,7 @@ def final_outputs(wildcards):
         [
             f"{RESULTS}/verification.json",
             f"{RESULTS}/fingerprint.json",
-            f"{RESULTS}/plans.json",
+            *all_plans_files(),
             f"{RESULTS}/splits.json",
         ]
         + preprocessed_manifests(wildcards)

@@ -3,16 +3,16 @@
 
 rule validate:
     input:
-        model=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/model_final.pt",
-        plans=f"{RESULTS}/plans.json",
+        model=f"{RESULTS}/{{planner_dir}}training/{{configuration}}/fold_{{fold}}/model_final.pt",
+        plans=plans_file,
         splits=f"{RESULTS}/splits.json",
         preprocessed=preprocessed_manifest,
         dataset_json=DATASET_JSON,
         previous_stage=previous_stage_for_validation,
     output:
-        summary=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/validation/summary.json",
+        summary=f"{RESULTS}/{{planner_dir}}training/{{configuration}}/fold_{{fold}}/validation/summary.json",
     log:
-        f"{LOGS}/validate_{{configuration}}_fold_{{fold}}.log",
+        f"{LOGS}/{{planner_dir}}validate_{{configuration}}_fold_{{fold}}.log",
     conda:
         CONDA_ENV
     threads: 4
@@ -33,18 +33,20 @@ rule validate:
 # with other paths; the ruleorder gives it the 3d_lowres folds, which validate's own pattern also matches.
 use rule validate as validate_lowres with:
     input:
-        model=f"{RESULTS}/training/3d_lowres/fold_{{fold}}/model_final.pt",
-        plans=f"{RESULTS}/plans.json",
+        model=f"{RESULTS}/{{planner_dir}}training/3d_lowres/fold_{{fold}}/model_final.pt",
+        plans=f"{RESULTS}/{{planner_dir}}plans.json",
         splits=f"{RESULTS}/splits.json",
-        preprocessed=f"{RESULTS}/preprocessed/3d_lowres/manifest.json",
-        next_stage_manifest=f"{RESULTS}/preprocessed/3d_fullres/manifest.json",
+        preprocessed=lambda wildcards: preprocessed_manifest_of(plans_name_of(wildcards), "3d_lowres"),
+        next_stage_manifest=next_stage_manifest,
         dataset_json=DATASET_JSON,
         previous_stage=[],
     output:
-        summary=f"{RESULTS}/training/3d_lowres/fold_{{fold}}/validation/summary.json",
-        next_stage=directory(f"{RESULTS}/training/3d_lowres/fold_{{fold}}/predicted_next_stage"),
+        summary=f"{RESULTS}/{{planner_dir}}training/3d_lowres/fold_{{fold}}/validation/summary.json",
+        next_stage=directory(
+            f"{RESULTS}/{{planner_dir}}training/3d_lowres/fold_{{fold}}/predicted_next_stage"
+        ),
     log:
-        f"{LOGS}/validate_3d_lowres_fold_{{fold}}.log",
+        f"{LOGS}/{{planner_dir}}validate_3d_lowres_fold_{{fold}}.log",
     params:
         configuration="3d_lowres",
         dataset=dataset_folder_of_json,
@@ -57,15 +59,15 @@ ruleorder: validate_lowres > validate
 rule crossval:
     input:
         folds=lambda wildcards: expand(
-            f"{RESULTS}/training/{wildcards.configuration}/fold_{{fold}}/validation/summary.json",
-            fold=config["folds"],
+            f"{RESULTS}/{wildcards.planner_dir}training/{wildcards.configuration}/fold_{{fold}}/validation/summary.json",
+            fold=crossval_folds(),
         ),
         splits=f"{RESULTS}/splits.json",
         dataset_json=DATASET_JSON,
     output:
-        f"{RESULTS}/crossval/{{configuration}}/summary.json",
+        f"{RESULTS}/{{planner_dir}}crossval/{{configuration}}/summary.json",
     log:
-        f"{LOGS}/crossval_{{configuration}}.log",
+        f"{LOGS}/{{planner_dir}}crossval_{{configuration}}.log",
     conda:
         CONDA_ENV
     threads: 2
@@ -80,8 +82,8 @@ rule crossval:
 
 rule ensemble_crossval:
     input:
-        first=f"{RESULTS}/crossval/{{first}}/summary.json",
-        second=f"{RESULTS}/crossval/{{second}}/summary.json",
+        first=lambda wildcards: member_summary(wildcards.first),
+        second=lambda wildcards: member_summary(wildcards.second),
         dataset_json=DATASET_JSON,
     output:
         f"{RESULTS}/crossval/ensemble_{{first}}+{{second}}/summary.json",
@@ -103,6 +105,7 @@ rule select:
     input:
         unpack(candidate_summaries),
         plans=f"{RESULTS}/plans.json",
+        planner_plans=lambda wildcards: list(selection_plans(wildcards).values()),
         dataset_json=DATASET_JSON,
     output:
         selection=f"{RESULTS}/selection.json",
@@ -125,7 +128,9 @@ rule select:
         candidates=candidate_summaries,
         dataset=dataset_folder_of_json,
         selection=config["selection"],
-        folds=config["folds"],
+        folds=crossval_folds(),
+        plans_paths=selection_plans,
+        extra_configurations=EXTRA_CONFIGURATIONS,
     script:
         "../scripts/select.py"
 

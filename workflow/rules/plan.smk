@@ -40,14 +40,17 @@ rule fingerprint:
         "../scripts/fingerprint.py"
 
 
+# One checkpoint for every planner of config planning.planners: {planner_dir} is "" for the default planner
+# (results/<DS>/plans.json) and "<plans_name>/" for the others; the planner follows from the plans name.
 checkpoint plan:
     input:
         fingerprint=f"{RESULTS}/fingerprint.json",
         dataset_json=DATASET_JSON,
+        transfer_source=transfer_plans_source,
     output:
-        f"{RESULTS}/plans.json",
+        f"{RESULTS}/{{planner_dir}}plans.json",
     log:
-        f"{LOGS}/plan.log",
+        f"{LOGS}/{{planner_dir}}plan.log",
     conda:
         CONDA_ENV
     threads: 1
@@ -56,10 +59,35 @@ checkpoint plan:
         runtime=10,
     params:
         dataset=dataset_folder_of_json,
-        gpu_memory_target_gb=config["planning"]["gpu_memory_target_gb"],
+        gpu_memory_target_gb=gpu_memory_target_gb,
         overwrite_target_spacing=config["planning"]["overwrite_target_spacing"],
+        planner=planner_of_dir,
+        extra_configurations=config["planning"]["extra_configurations"],
+        transfer_plans_from=config["planning"]["transfer_plans_from"],
     script:
         "../scripts/plan.py"
+
+
+# A derived configuration (config planning.extra_configurations, nnU-Net's inherits_from) gets its own plans file,
+# plans.json plus its entry: adding or editing one leaves plans.json, and so every other training, as it was.
+rule derive_plans:
+    input:
+        plans=f"{RESULTS}/{{planner_dir}}plans.json",
+    output:
+        f"{RESULTS}/{{planner_dir}}derived/{{configuration}}/plans.json",
+    log:
+        f"{LOGS}/{{planner_dir}}derive_plans_{{configuration}}.log",
+    localrule: True
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        entries=lambda wildcards: derivation_chain(wildcards.configuration),
+    script:
+        "../scripts/derive_plans.py"
 
 
 rule splits:

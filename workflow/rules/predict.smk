@@ -5,6 +5,7 @@
 rule predict:
     input:
         unpack(all_trained_models),
+        derived_plans=derived_plans_files,
         selection=f"{RESULTS}/selection.json",
         postprocessing=f"{RESULTS}/postprocessing.json",
         images=prediction_input_files,

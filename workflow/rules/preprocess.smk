@@ -5,13 +5,13 @@
 
 rule preprocess:
     input:
-        plans=f"{RESULTS}/plans.json",
+        plans=plans_file,
         verification=f"{RESULTS}/verification.json",
         raw=raw_training_files,
     output:
-        f"{RESULTS}/preprocessed/{{configuration}}/manifest.json",
+        f"{RESULTS}/{{planner_dir}}preprocessed/{{configuration}}/manifest.json",
     log:
-        f"{LOGS}/preprocess_{{configuration}}.log",
+        f"{LOGS}/{{planner_dir}}preprocess_{{configuration}}.log",
     conda:
         CONDA_ENV
     threads: 8

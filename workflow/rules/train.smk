@@ -8,24 +8,24 @@
 
 rule train:
     input:
-        plans=f"{RESULTS}/plans.json",
+        plans=plans_file,
         splits=f"{RESULTS}/splits.json",
         preprocessed=preprocessed_manifest,
         dataset_json=DATASET_JSON,
         previous_stage=previous_stage_for_training,
         pretrained=pretrained_weights_file,
     output:
-        model=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/model_final.pt",
-        log=f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/log.json",
+        model=f"{RESULTS}/{{planner_dir}}training/{{configuration}}/fold_{{fold}}/model_final.pt",
+        log=f"{RESULTS}/{{planner_dir}}training/{{configuration}}/fold_{{fold}}/log.json",
         plot=report(
-            f"{RESULTS}/training/{{configuration}}/fold_{{fold}}/progress.png",
+            f"{RESULTS}/{{planner_dir}}training/{{configuration}}/fold_{{fold}}/progress.png",
             caption="../report/progress.rst",
             category="Training",
-            subcategory="{configuration}",
-            labels={"configuration": "{configuration}", "fold": "{fold}"},
+            subcategory="{planner_dir}{configuration}",
+            labels={"plans": "{planner_dir}", "configuration": "{configuration}", "fold": "{fold}"},
         ),
     log:
-        f"{LOGS}/train_{{configuration}}_fold_{{fold}}.log",
+        f"{LOGS}/{{planner_dir}}train_{{configuration}}_fold_{{fold}}.log",
     conda:
         CONDA_ENV
     threads: 4
@@ -34,7 +34,7 @@ rule train:
         mem_mb=16000,
         runtime=48 * 60,
     params:
-        state_dir=f"{WORK}/training/{{configuration}}/fold_{{fold}}",
+        state_dir=f"{WORK}/{{planner_dir}}training/{{configuration}}/fold_{{fold}}",
         gpu_lock_dir=f"{config['work']}/gpu_locks",
         settings=training_settings,
     script:

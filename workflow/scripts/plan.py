@@ -8,4 +8,7 @@ steps.plan(
     snakemake.output[0],
     gpu_memory_target_gb=p.gpu_memory_target_gb,
     overwrite_target_spacing=p.overwrite_target_spacing,
+    planner=p.planner,
+    extra_configurations=p.extra_configurations,
+    transfer_plans_from=p.transfer_plans_from,
 )

@@ -13,4 +13,6 @@ steps.select(
     dataset_dir=p.dataset,
     plans_path=snakemake.input.plans,
     folds=p.folds,
+    plans_paths=p.plans_paths,
+    extra_configurations=p.extra_configurations,
 )

@@ -19,7 +19,7 @@ from types import TracebackType
 
 from ..errors import NnsnakeError
 from .crossval import crossval, ensemble_crossval
-from .data import check_dataset, fingerprint, plan, preprocess, splits, verify
+from .data import check_dataset, derive_plans, fingerprint, plan, preprocess, splits, verify
 from .predict import predict, predict_folder, verify_prediction_inputs
 from .report import crossval_table, postprocessing_table
 from .select import decide_postprocessing, postprocess, select
@@ -53,6 +53,7 @@ __all__ = [
     "crossval",
     "crossval_table",
     "decide_postprocessing",
+    "derive_plans",
     "ensemble_crossval",
     "fingerprint",
     "log",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,30 +79,55 @@ def plan(
     fingerprint_path: str | os.PathLike,
     dataset_dir: str | os.PathLike,
     output: str | os.PathLike,
-    gpu_memory_target_gb: float = 8.0,
+    gpu_memory_target_gb: float | None = 8.0,
     overwrite_target_spacing: list[float] | None = None,
+    planner: str = "ExperimentPlanner",
+    extra_configurations: Mapping[str, Mapping[str, Any]] | None = None,
+    transfer_plans_from: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Plan every configuration from the fingerprint and write ``plans.json``; log each one's planned memory."""
+    """Plan every configuration from the fingerprint and write ``plans.json``; log each one's planned memory.
+
+    ``planner`` is nnU-Net's planner class name (``ExperimentPlanner``, ``nnUNetPlannerResEncM``/``L``/``XL``);
+    ``gpu_memory_target_gb`` None keeps the preset's own target. ``extra_configurations`` adds derived
+    configurations (nnU-Net's ``inherits_from``, :func:`nnsnake.planning.add_extra_configurations`).
+    ``transfer_plans_from``: take another dataset's plans instead of planning (nnU-Net's
+    ``nnUNetv2_move_plans_between_datasets``, :mod:`nnsnake.plans_transfer`), under the planner's plans name.
+    """
     from ..dataset import load_dataset_json
     from ..imageio import reader_name
     from ..labels import LabelModel
-    from ..planning import estimated_vram_gb, plan_experiment
+    from ..planning import add_extra_configurations, estimated_vram_gb, plan_experiment, resolve_configuration
 
     dataset_json = load_dataset_json(dataset_dir)
-    plans = plan_experiment(
-        read_json(fingerprint_path),
-        dataset_json,
-        dataset_name=Path(dataset_dir).name,
-        gpu_memory_target_gb=gpu_memory_target_gb,
-        overwrite_target_spacing=overwrite_target_spacing,
-        image_reader_writer=reader_name(dataset_json["file_ending"]),
-    )
+    if transfer_plans_from is not None:
+        from ..planning import get_planner_preset
+        from ..plans_transfer import transfer_plans_from_file
+
+        plans = transfer_plans_from_file(
+            transfer_plans_from,
+            dataset_dir,
+            fingerprint_path,
+            plans_name=get_planner_preset(planner).plans_name,
+        )
+        log.info("plans transferred from %s", transfer_plans_from)
+    else:
+        plans = plan_experiment(
+            read_json(fingerprint_path),
+            dataset_json,
+            dataset_name=Path(dataset_dir).name,
+            gpu_memory_target_gb=gpu_memory_target_gb,
+            overwrite_target_spacing=overwrite_target_spacing,
+            image_reader_writer=reader_name(dataset_json["file_ending"]),
+            planner=planner,
+        )
+    plans = add_extra_configurations(plans, extra_configurations)
     write_json(output, plans)
     labels = LabelModel.from_dataset_json(dataset_json)
     n_label_keys = (
         len(labels.names) + labels.has_ignore_label
     )  # every labels entry, as nnU-Net's planner counts
-    for name, cfg in plans["configurations"].items():
+    for name in plans["configurations"]:
+        cfg = resolve_configuration(plans, name)
         if "patch_size" in cfg:
             log.info(
                 "%s: patch %s, batch %s, spacing %s, planned GPU memory %.1f GB",
@@ -109,8 +135,26 @@ def plan(
                 cfg["patch_size"],
                 cfg["batch_size"],
                 cfg["spacing"],
-                estimated_vram_gb(cfg, n_label_keys),
+                estimated_vram_gb(cfg, n_label_keys, planner),
             )
+    return plans
+
+
+def derive_plans(
+    plans_path: str | os.PathLike,
+    extra_configurations: Mapping[str, Mapping[str, Any]],
+    output: str | os.PathLike,
+) -> dict[str, Any]:
+    """Write a derived configuration's plans file: the planner's plans plus its ``inherits_from`` entries.
+
+    Kept apart from plans.json so that adding or editing a derived configuration (config
+    ``planning.extra_configurations``) changes no file the other configurations' jobs read.
+    """
+    from ..planning import add_extra_configurations
+
+    plans = add_extra_configurations(read_json(plans_path), extra_configurations)
+    write_json(output, plans)
+    log.info("derived configuration(s) %s added to %s", ", ".join(extra_configurations), plans_path)
     return plans
 
 

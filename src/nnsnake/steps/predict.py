@@ -137,6 +137,20 @@ def _member_plans(results_dir: Path, plans: dict, members: Sequence[str]) -> dic
                 "rerun the workflow's plan step for that planner"
             )
         plans_by_name[plans_name] = read_json(path)
+    for member in members:  # derived configurations (inherits_from) come from their own plans files
+        plans_name, configuration = split_member(member)
+        if configuration in plans_by_name[plans_name]["configurations"]:
+            continue
+        root = results_dir if plans_name == DEFAULT_PLANS_NAME else results_dir / plans_name
+        derived = root / "derived" / configuration / PLANS_FILE
+        if not derived.is_file():
+            raise EvaluationError(
+                f"{member}: configuration {configuration} is neither in the {plans_name} plans nor in {derived}; "
+                "rerun the workflow (rule derive_plans)"
+            )
+        extended = read_json(derived)
+        for name, entry in extended["configurations"].items():
+            plans_by_name[plans_name]["configurations"].setdefault(name, entry)
     return plans_by_name
 
 

@@ -25,20 +25,83 @@ from ._common import (
     TRAINER_NAME,
     PathLike,
     case_files,
+    configuration_of,
     dataset_json_of,
     log,
     reference_files,
 )
 
 
-def _candidate_sort_key(name: str) -> tuple[int, list[tuple[int, str]]]:
-    from ..selection import candidate_members
+def _candidate_sort_key(name: str) -> tuple[int, list[tuple[int, int, str, str]]]:
+    """nnU-Net's candidate order: singles before pairs; the default planner's plans first, then the others by
+    name; within a plans name configurations 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres, then derived ones."""
+    from ..selection import DEFAULT_PLANS_NAME, candidate_members, split_member
+
+    def member_key(member: str) -> tuple[int, int, str, str]:
+        plans_name, configuration = split_member(member)
+        rank = (
+            CONFIGURATION_ORDER.index(configuration)
+            if configuration in CONFIGURATION_ORDER
+            else len(CONFIGURATION_ORDER)
+        )
+        return (plans_name != DEFAULT_PLANS_NAME, rank, plans_name, configuration)
 
     members = candidate_members(name)
-    return len(members), [
-        (CONFIGURATION_ORDER.index(m) if m in CONFIGURATION_ORDER else len(CONFIGURATION_ORDER), m)
-        for m in members
-    ]
+    return len(members), [member_key(m) for m in members]
+
+
+def _parameter_counts(
+    members: Sequence[str], plans_by_name: Mapping[str, Mapping[str, Any]], dataset_json: Mapping[str, Any]
+) -> dict[str, int]:
+    """Network parameters a member needs at prediction time (a cascade stage counts its previous stage too),
+    from the plans alone: the networks are built on PyTorch's meta device, which allocates no weights."""
+    import torch
+
+    from ..inference.checkpoints import num_input_channels
+    from ..labels import LabelModel
+    from ..network import build_network, count_parameters
+    from ..selection import split_member
+
+    n_outputs = LabelModel.from_dataset_json(dataset_json).num_outputs
+    counts: dict[str, int] = {}
+    for member in members:
+        plans_name, configuration = split_member(member)
+        plans = plans_by_name[plans_name]
+        total = 0
+        stage: str | None = configuration
+        while stage:
+            resolved = configuration_of(plans, stage)
+            with torch.device("meta"):
+                network = build_network(
+                    resolved["architecture"], num_input_channels(plans, resolved, dataset_json), n_outputs
+                )
+            total += count_parameters(network)
+            stage = resolved.get("previous_stage")
+        counts[member] = total
+    return counts
+
+
+def _candidate_costs(
+    names: Sequence[str],
+    plans_paths: Mapping[str, PathLike],
+    dataset_json: Mapping[str, Any] | None,
+    extra_configurations: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, int] | None:
+    """Each candidate's cost for the cheaper-candidate rule: the parameters of all its members' networks. None
+    (cost = number of members) when a member's plans or the dataset.json are not at hand."""
+    from ..selection import candidate_members, split_member
+
+    members = sorted({m for name in names for m in candidate_members(name)})
+    if dataset_json is None or any(split_member(m)[0] not in plans_paths for m in members):
+        return None
+    from ..planning import add_extra_configurations
+
+    plans_by_name = {
+        name: add_extra_configurations(read_json(path), extra_configurations)
+        for name, path in plans_paths.items()
+    }
+    counts = _parameter_counts(members, plans_by_name, dataset_json)
+    return {name: sum(counts[m] for m in candidate_members(name)) for name in names}
 
 
 def _per_case_dice(
@@ -66,7 +129,13 @@ def _inference_information(
     dataset_dir: PathLike | None,
 ) -> dict[str, Any]:
     """nnU-Net's ``inference_information.json`` fields, so its readers find what they expect."""
-    from ..selection import candidate_cost
+    from ..selection import DEFAULT_PLANS_NAME, candidate_cost, split_member
+
+    def model(member: str) -> dict[str, Any]:
+        plans_name, configuration = split_member(member)
+        if plans_name == DEFAULT_PLANS_NAME:
+            plans_name = plans.get("plans_name", plans_name)
+        return {"configuration": configuration, "trainer": TRAINER_NAME, "plans_identifier": plans_name}
 
     return {
         "dataset_name_or_id": plans.get("dataset_name") or (Path(dataset_dir).name if dataset_dir else None),
@@ -78,10 +147,7 @@ def _inference_information(
             "result_on_crossval_pre_pp": record["score"],
             "postprocessing_file": POSTPROCESSING_FILE,
             "some_plans_file": PLANS_FILE,
-            "selected_model_or_models": [
-                {"configuration": m, "trainer": TRAINER_NAME, "plans_identifier": plans.get("plans_name")}
-                for m in record["members"]
-            ],
+            "selected_model_or_models": [model(m) for m in record["members"]],
         },
     }
 
@@ -97,6 +163,8 @@ def select(
     dataset_dir: PathLike | None = None,
     plans_path: PathLike | None = None,
     folds: Sequence[int | str] | None = None,
+    plans_paths: Mapping[str, PathLike] | None = None,
+    extra_configurations: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Choose the configuration or ensemble to predict with, from the candidates' cross-validation summaries.
 
@@ -109,21 +177,37 @@ def select(
     comparisons), ``output_plot``, and ``output_selection`` last: the chosen candidate, its member
     configurations and folds, nnU-Net's ``inference_information`` fields, and (with ``dataset_dir``) a copy of
     dataset.json so that ``nnsnake predict`` needs nothing but the results folder.
+
+    Candidates may come from several planners (``<plans_name>__<configuration>``, see
+    :func:`nnsnake.selection.member_id`); ``plans_paths`` maps each plans name to its plans.json (``plans_path``
+    is the default planner's). With every member's plans and the dataset.json at hand, a candidate's cost for the
+    cheaper-candidate rule is the parameter count of its networks (deterministic, unlike a measured training
+    time); otherwise its number of members. ``extra_configurations`` are the derived configurations
+    (config ``planning.extra_configurations``), which the plans files do not hold.
     """
     from ..selection import bootstrap_selection, plot_bootstrap, selection_record
 
     if not candidate_summaries:
         raise EvaluationError("select needs at least one candidate summary")
+    from ..selection import DEFAULT_PLANS_NAME
+
     names = sorted(candidate_summaries, key=_candidate_sort_key)
     per_case = _per_case_dice(candidate_summaries, names)
-    result = bootstrap_selection(per_case, n_bootstrap=n_bootstrap, seed=seed, min_win_share=min_win_share)
+    dataset_json = dataset_json_of(dataset_dir) if dataset_dir is not None else None
+    all_plans = dict(plans_paths or {})
+    if plans_path is not None:
+        all_plans.setdefault(DEFAULT_PLANS_NAME, plans_path)
+    costs = _candidate_costs(names, all_plans, dataset_json, extra_configurations)
+    result = bootstrap_selection(
+        per_case, n_bootstrap=n_bootstrap, seed=seed, cost=costs, min_win_share=min_win_share
+    )
     record = selection_record(result)
+    record["cost_measure"] = "network parameters" if costs is not None else "number of members"
     selected = record["selected"]
     if folds is None:
         folds = _crossval_folds(candidate_summaries, record["members"])
     fold_names = [str(f) for f in folds] if folds is not None else None
     plans = read_json(plans_path) if plans_path is not None else {}
-    dataset_json = dataset_json_of(dataset_dir) if dataset_dir is not None else None
     selection_dir = Path(output_selection).parent
     plot_name = os.path.relpath(Path(output_plot), selection_dir)
     record.update(
