@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from .errors import ImageReadError
 
@@ -36,6 +35,8 @@ NATURAL_2D_SPACING = [999.0, 1.0, 1.0]
 
 
 def _read_sitk(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    import SimpleITK as sitk  # here, not at module level: jobs that only plan or split need no image library
+
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:  # SimpleITK raises RuntimeError for corrupt/unknown files
@@ -190,6 +191,8 @@ def write_seg(seg: np.ndarray, path: str | os.PathLike, properties: dict[str, An
     tmp = path.with_name(f".{path.name}.tmp{ending}")
     try:
         if ending in SITK_ENDINGS:
+            import SimpleITK as sitk
+
             stuff = properties.get("sitk_stuff")
             if seg.ndim == 3 and seg.shape[0] == 1 and stuff is not None and len(stuff["spacing"]) == 2:
                 seg = seg[0]

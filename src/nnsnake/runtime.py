@@ -12,6 +12,9 @@ then, as on a machine with at most one GPU or none, claiming is a no-op.
 ``CUDA_VISIBLE_DEVICES`` is read once, when CUDA initialises, so the GPUs are counted without touching CUDA
 (``/proc/driver/nvidia/gpus`` or ``nvidia-smi -L``) and the claim must happen before the first ``torch.cuda``
 call of the process.
+
+torch is imported inside the functions that use it, not at module level: light jobs (verify, fingerprint,
+preprocess) use only :func:`progress` from here, and importing torch costs them seconds of start-up.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, DeviceError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("nnsnake")
 
@@ -47,6 +51,8 @@ def select_device(requested: str = "auto") -> torch.device:
     Asking for a GPU that is not there is an error rather than a silent fall-back to a CPU run that would take
     weeks.
     """
+    import torch
+
     text = str(requested).strip().lower()
     if text == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -172,6 +178,8 @@ def available_cpus() -> int:
 @contextlib.contextmanager
 def limited_threads(threads: int) -> Iterator[None]:
     """torch's intra-op thread count for the ``with`` block, restored afterwards (it is process-global)."""
+    import torch
+
     saved = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:
@@ -186,6 +194,8 @@ def determinism(device: torch.device, deterministic: bool) -> Iterator[None]:
 
     Autotuning costs seconds once per process and pays on anisotropic patches (4.35x on SpleenCTCrop 3d, H100).
     """
+    import torch
+
     saved_deterministic = torch.are_deterministic_algorithms_enabled()
     saved_cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     if deterministic:
@@ -223,6 +233,8 @@ def autocast_dtype(device: torch.device, autocast: str | bool | None) -> torch.d
     ``auto`` / None: fp16 on CUDA (nnU-Net's rule), none elsewhere; ``fp16``, ``bf16``, ``off``; True means the
     device's reduced type (fp16 on CUDA, bf16 elsewhere), False none. fp16 on the CPU is refused.
     """
+    import torch
+
     if autocast is None or autocast == "auto":
         return torch.float16 if device.type == "cuda" else None
     if autocast is True:
@@ -240,6 +252,8 @@ def autocast_dtype(device: torch.device, autocast: str | bool | None) -> torch.d
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``dtype`` on ``device``, or a no-op for full precision."""
+    import torch
+
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -250,6 +264,7 @@ def seed_everything(seed: int) -> None:
     import random
 
     import numpy as np
+    import torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002
