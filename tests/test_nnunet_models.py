@@ -26,7 +26,7 @@ from nnsnake.inference.nnunet_models import (
     nnunet_checkpoint_as_nnsnake,
     read_nnunet_model_folder,
 )
-from nnsnake.jsonio import read_json
+from nnsnake.jsonio import read_json, write_json
 
 from .conftest import FIXTURES, REPO
 
@@ -190,12 +190,12 @@ def test_wrong_folders_get_one_clear_error(tmp_path, capsys):
     assert status == 1 and "Traceback" not in err and not out.exists()
     assert "is not a finished nnsnake results folder" in err and "nor an nnU-Net trained-model folder" in err
     assert "<Trainer>__<Plans>__<configuration>" in err
-    # nnUNet_results/<Dataset>: the error points at the model folder inside
+    # nnUNet_results/<Dataset> without inference_information.json: the error points at the model folder inside
+    model = _model_copy(tmp_path)
     with pytest.raises(ModelFolderError, match=f"did you mean .*{MODEL.name}"):
-        main_error(tmp_path, MODEL.parent)
+        main_error(tmp_path, model.parent)
     with pytest.raises(ModelFolderError, match="fold_3/checkpoint_final.pth"):
         main_error(tmp_path, MODEL, ["--folds", "0", "3"])
-    model = _model_copy(tmp_path)
     (model / "plans.json").unlink()
     with pytest.raises(ModelFolderError, match="not a finished nnsnake results folder"):
         main_error(tmp_path, model)
@@ -282,7 +282,6 @@ def test_resenc_nnunet_model_folder_loads(tmp_path):
     )
     folder = tmp_path / "Dataset104_HippocampusDemo" / "nnUNetTrainer__nnUNetResEncUNetMPlans__2d"
     (folder / "fold_0").mkdir(parents=True)
-    from nnsnake.jsonio import write_json
 
     write_json(folder / "plans.json", plans)
     write_json(folder / "dataset.json", dataset_json)
@@ -351,7 +350,6 @@ def test_postprocessing_files_in_nnunets_format():
 
 def test_nnunet_postprocessing_json_is_read_as_steps(tmp_path):
     from nnsnake.inference.nnunet_models import nnunet_postprocessing_steps
-    from nnsnake.jsonio import write_json
 
     path = tmp_path / "postprocessing.json"
     write_json(
@@ -369,3 +367,131 @@ def test_nnunet_postprocessing_json_is_read_as_steps(tmp_path):
     write_json(path, {"postprocessing_fns": ["my_custom_fn"], "postprocessing_kwargs": [{}]})
     with pytest.raises(ModelFolderError, match="is not one nnsnake knows"):
         nnunet_postprocessing_steps(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# nnU-Net dataset results folders: inference_information.json (find_best_configuration's choice)
+
+DATASET = FIXTURE / "Dataset104_HippocampusDemo"
+
+
+def _information() -> dict:
+    return read_json(DATASET / "inference_information.json")
+
+
+def test_inference_information_folder_reproduces_nnunetv2(tmp_path, capsys):
+    """predict + (ensemble) + apply_postprocessing of nnunetv2 on the find_best_configuration choice."""
+    status, out = _predict(tmp_path, DATASET)
+    assert status == 0, capsys.readouterr().err
+    information = _information()
+    best = information["best_model_or_ensemble"]
+    record = read_json(out / "prediction.json")
+    assert record["model_kind"] == "nnU-Net dataset results folder"
+    assert record["folds"] == [str(f) for f in information["folds"]]
+    expected_members = [
+        f"{m['trainer']}__{m['plans_identifier']}__{m['configuration']}"
+        for m in best["selected_model_or_models"]
+    ]
+    assert record["members"] == expected_members
+    assert record["postprocessing_file"].endswith("postprocessing.json")
+    steps = read_json(record["postprocessing_file"])["postprocessing_kwargs"]
+    assert len(record["postprocessing_steps"]) == len(steps)
+    for case in CASES:
+        assert (
+            _agreement(out / f"{case}.nii.gz", FIXTURE / "reference" / "selected" / f"{case}.nii.gz") >= 0.999
+        )
+
+
+def test_inference_information_ensemble_reproduces_nnunetv2(tmp_path, capsys):
+    """An ensemble choice (2d + 3d_fullres, the winner's postprocessing): nnUNetv2_ensemble's average."""
+    copy = tmp_path / DATASET.name
+    shutil.copytree(DATASET, copy)
+    information = _information()
+    information["best_model_or_ensemble"]["selected_model_or_models"] = [
+        {"configuration": c, "trainer": "nnUNetTrainer_anchorBench", "plans_identifier": "nnUNetPlans"}
+        for c in ("2d", "3d_fullres")
+    ]
+
+    write_json(copy / "inference_information.json", information)
+    status, out = _predict(tmp_path, copy)
+    assert status == 0, capsys.readouterr().err
+    record = read_json(out / "prediction.json")
+    assert len(record["members"]) == 2 and record["selected"].startswith("ensemble___")
+    for case in CASES:
+        reference = FIXTURE / "reference" / "ensemble_2d_3d_fullres_pp" / f"{case}.nii.gz"
+        assert _agreement(out / f"{case}.nii.gz", reference) >= 0.999
+
+
+def test_inference_information_needs_postprocessing_json_never_the_pickle(tmp_path, capsys):
+    copy = tmp_path / DATASET.name
+    shutil.copytree(DATASET, copy)
+    (pp_json,) = copy.glob("**/postprocessing.json")
+    pp_json.unlink()
+    assert next(copy.glob("**/postprocessing.pkl")).is_file()  # the pickle is there and stays unread
+    status, out = _predict(tmp_path, copy)
+    err = capsys.readouterr().err
+    assert (
+        status == 1
+        and "postprocessing.json" in err
+        and "never the pickle" in err
+        and "--no-postprocessing" in err
+    )
+    assert not out.exists()
+    status, out = _predict(tmp_path, copy, "--no-postprocessing", name="no_pp")
+    assert status == 0 and read_json(out / "prediction.json")["postprocessing_steps"] is None
+
+
+def _random_nnunet_fold(
+    folder: Path, plans: dict, configuration: str, dataset_json: dict, n_inputs: int
+) -> None:
+    from nnsnake.inference.nnunet_models import nnunet_checkpoint, nnunet_network_weights
+    from nnsnake.network import build_network
+    from nnsnake.planning import resolve_configuration
+
+    architecture = resolve_configuration(plans, configuration)["architecture"]
+    network = build_network(architecture, n_inputs, 3, deep_supervision=True)
+    checkpoint = nnunet_checkpoint(
+        nnunet_network_weights(network),
+        plans=plans,
+        configuration=configuration,
+        dataset_json=dataset_json,
+        fold=0,
+        mirror_axes=(0, 1, 2),
+        epoch=1,
+    )
+    (folder / "fold_0").mkdir(parents=True)
+    torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+    write_json(folder / "plans.json", plans)
+    write_json(folder / "dataset.json", dataset_json)
+
+
+def test_nnunet_cascade_runs_its_lowres_sibling_first(tmp_path, capsys):
+    """3d_cascade_fullres reads the 3d_lowres folder's segmentations (two one-hot channels more at its input)."""
+    import copy
+
+    plans, dataset_json = read_json(MODEL / "plans.json"), read_json(MODEL / "dataset.json")
+    fullres = plans["configurations"]["3d_fullres"]
+    fullres["architecture"]["arch_kwargs"]["features_per_stage"] = [4, 8, 16, 32]
+    lowres = copy.deepcopy(fullres)
+    lowres.update(data_identifier="nnUNetPlans_3d_lowres", next_stage=["3d_cascade_fullres"])
+    plans["configurations"]["3d_lowres"] = lowres
+    plans["configurations"]["3d_cascade_fullres"] = {
+        "inherits_from": "3d_fullres",
+        "previous_stage": "3d_lowres",
+    }
+    dataset = tmp_path / "Dataset104_HippocampusDemo"
+    torch.manual_seed(0)
+    _random_nnunet_fold(dataset / "T__nnUNetPlans__3d_lowres", plans, "3d_lowres", dataset_json, 1)
+    cascade = dataset / "T__nnUNetPlans__3d_cascade_fullres"
+    _random_nnunet_fold(cascade, plans, "3d_cascade_fullres", dataset_json, 3)
+    status, out = _predict(tmp_path, cascade, "--no-mirroring")
+    assert status == 0, capsys.readouterr().err
+    record = read_json(out / "prediction.json")
+    assert record["configurations_run"] == ["3d_lowres", "3d_cascade_fullres"]
+    assert record["members"] == ["3d_cascade_fullres"]
+    assert all((out / f"{c}.nii.gz").is_file() for c in CASES)
+    shutil.rmtree(dataset / "T__nnUNetPlans__3d_lowres")
+    with pytest.raises(
+        ModelFolderError, match="needs the 3d_lowres model T__nnUNetPlans__3d_lowres beside it"
+    ):
+        main_error(tmp_path, cascade)
