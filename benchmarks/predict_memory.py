@@ -11,8 +11,11 @@ Each tool's export runs in its own fresh process with OMP_NUM_THREADS=1 (nnunetv
 ``convert_predicted_logits_to_segmentation_with_correct_shape`` with one torch thread, in the anchor venv;
 nnsnake's ``convert_logits_to_raw_geometry``). Printed: the process's peak RSS (``ru_maxrss``), its RSS once the
 logits exist (the predictor's own share), the export's wall time, and whether the label maps are identical.
-Then nnsnake alone on ``--big-slices`` slices, with nnunetv2's requirement computed: it holds the logits plus
-all ``classes`` channels resampled to the image in float32 (plus the argmax), which is what it cannot fit.
+Then nnsnake alone on ``--big-slices`` slices, with nnunetv2's requirement computed: it holds the logits (and a
+float64 copy) plus all ``classes`` channels resampled to the image in float32 (plus the argmax), which is what it
+cannot fit. On a shared 24 GB machine nnunetv2 was killed by the kernel's OOM killer at 100 slices (at 14.2 GB
+RSS) and at 50 (at 10.1 GB), so the side-by-side default is 24 slices; ``--skip-nnunet --slices 100`` runs nnsnake
+alone.
 """
 
 from __future__ import annotations
@@ -181,11 +184,11 @@ def run_worker(tool: str, slices: int, classes: int, out: Path) -> dict:
 
 
 def nnunet_requirement_gb(slices: int, classes: int) -> float:
-    """nnunetv2's floor: the float32 logits plus all channels resampled to the image in float32, plus the
-    int64 argmax (torch) and the uint8 label map."""
+    """A lower bound of nnunetv2's peak: the float32 logits, their float64 copy (its resampling works in float64),
+    all channels resampled to the image in float32, the int64 argmax (torch) and the uint8 label map."""
     image, network = case_geometry(slices)
     voxels, network_voxels = int(np.prod(image)), int(np.prod(network))
-    return (4 * classes * network_voxels + 4 * classes * voxels + 8 * voxels + voxels) / 2**30
+    return (12 * classes * network_voxels + 4 * classes * voxels + 8 * voxels + voxels) / 2**30
 
 
 def main() -> None:
@@ -193,7 +196,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--classes", type=int, default=105)
-    parser.add_argument("--slices", type=int, default=100)
+    parser.add_argument("--slices", type=int, default=24)
     parser.add_argument("--big-slices", type=int, default=400, help="0 to skip the large nnsnake-only case")
     parser.add_argument("--skip-nnunet", action="store_true")
     parser.add_argument("--worker", choices=["nnunetv2", "nnsnake"], help=argparse.SUPPRESS)

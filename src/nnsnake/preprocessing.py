@@ -343,7 +343,8 @@ def blosc2_chunks_and_blocks(
 
 def _blosc2_filter(array: np.ndarray, block: Sequence[int]) -> Any:
     """SHUFFLE or no filter, whichever compresses a central sample of ``array`` (2 blocks per axis) smaller
-    (a normalised image with a constant background often compresses better unshuffled)."""
+    (a normalised image with a constant background often compresses better unshuffled). The trial uses plain
+    LZ4, ten times faster than LZ4HC and the same choice on every Hippocampus and BraTS case measured."""
     import blosc2
 
     sample_shape = [1, *(2 * b for b in block[1:])]
@@ -354,9 +355,10 @@ def _blosc2_filter(array: np.ndarray, block: Sequence[int]) -> Any:
         for n, c in zip(array.shape, sample_shape, strict=True)
     )
     sample = np.ascontiguousarray(array[centre])
-    codec = blosc2.Codec[BLOSC2_CODEC]
     sizes = {
-        f: len(blosc2.compress2(sample, codec=codec, clevel=BLOSC2_CLEVEL, filters=[f], nthreads=1))
+        f: len(
+            blosc2.compress2(sample, codec=blosc2.Codec.LZ4, clevel=BLOSC2_CLEVEL, filters=[f], nthreads=1)
+        )
         for f in (blosc2.Filter.SHUFFLE, blosc2.Filter.NOFILTER)
     }
     return min(sizes, key=lambda f: sizes[f])
@@ -523,7 +525,18 @@ class Blosc2CaseArray:
         return f"Blosc2CaseArray({self.path}, shape={self.shape}, dtype={self.dtype})"
 
 
-@functools.lru_cache(maxsize=128)  # each holds a file descriptor: stay well below the usual 1024
+def _handle_cache_size() -> int:
+    """Opened Blosc2 files to keep: each holds a file descriptor, so at most a quarter of the soft limit."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return 128
+    return int(min(1024, max(16, soft // 4))) if soft != resource.RLIM_INFINITY else 1024
+
+
+@functools.lru_cache(maxsize=_handle_cache_size())
 def _blosc2_handle(path: str, mtime_ns: int, size: int) -> Any:
     """An opened Blosc2 file, cached per file version: a loader re-opens a case for every patch, and parsing
     the header costs as much as decompressing a small patch. Opened memory-mapped, one decompression thread
