@@ -65,21 +65,52 @@ def per_iteration(starts: list[float]) -> float | None:
 # nnunetv2
 
 
+def nnunet_preprocessed(work: Path, anchor_pre: Path, plans: Path, plans_name: str) -> Path:
+    """nnunetv2's preprocessed root for the benchmark: the anchor's dataset folder mirrored by symbolic links,
+    with ``plans`` (which may hold derived configurations) as ``<plans_name>.json``, so the anchor stays untouched
+    and both trainers read the very same plans file."""
+    mirror = work / "nnunet" / "pre" / DATASET
+    shutil.rmtree(mirror, ignore_errors=True)
+    mirror.mkdir(parents=True)
+    for entry in anchor_pre.iterdir():
+        if entry.name != f"{plans_name}.json":
+            (mirror / entry.name).symlink_to(entry.resolve())
+    shutil.copyfile(plans, mirror / f"{plans_name}.json")
+    return mirror.parent
+
+
 def run_nnunet(
-    work: Path, anchor_pre: Path, configuration: str, iterations: int, workers: int, threads: int
+    work: Path,
+    preprocessed: Path,
+    configuration: str,
+    iterations: int,
+    workers: int,
+    threads: int,
+    plans_name: str = "nnUNetPlans",
 ) -> dict:
     env = nnunet_env(work / "nnunet", threads)
     env.update(
-        nnUNet_preprocessed=str(anchor_pre.parent),
+        nnUNet_preprocessed=str(preprocessed),
         NNSNAKE_BENCH_ITERS=str(iterations),
         nnUNet_n_proc_DA=str(workers),
         nnUNet_compile="f",
     )
-    fold_dir = work / "nnunet" / "res" / DATASET / f"{TRAINER}__nnUNetPlans__{configuration}" / "fold_0"
+    fold_dir = work / "nnunet" / "res" / DATASET / f"{TRAINER}__{plans_name}__{configuration}" / "fold_0"
     shutil.rmtree(fold_dir, ignore_errors=True)
     start = time.perf_counter()
     proc = subprocess.run(
-        [anchor_bin("nnUNetv2_train"), DATASET, configuration, "0", "-device", "cpu", "-tr", TRAINER],
+        [
+            anchor_bin("nnUNetv2_train"),
+            DATASET,
+            configuration,
+            "0",
+            "-device",
+            "cpu",
+            "-tr",
+            TRAINER,
+            "-p",
+            plans_name,
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -179,6 +210,7 @@ def child(spec: dict) -> None:
 
     from nnsnake import training
     from nnsnake.jsonio import read_json
+    from nnsnake.planning import preprocessed_data_owner
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = Path(spec["work"])
@@ -204,9 +236,11 @@ def child(spec: dict) -> None:
         channels_last=spec["channels_last"],
         compile=spec["compile"],
     )
+    plans = read_json(spec["plans"])
     training.train_fold(
-        Path(spec["pre"]) / spec["configuration"],
-        read_json(spec["plans"]),
+        Path(spec["pre"])
+        / preprocessed_data_owner(plans, spec["configuration"]),  # derived: the parent's data
+        plans,
         spec["configuration"],
         read_json(spec["dataset_json"]),
         read_json(spec["splits"]),
@@ -264,52 +298,94 @@ def main() -> None:
         choices=["default", "nocompile", "nocl"],
     )
     parser.add_argument("--pre", help="nnsnake preprocessed root (<pre>/<config>/), default <work>/pre")
-    parser.add_argument("--plans", help="plans.json, default the anchor's nnUNetPlans.json")
+    parser.add_argument("--plans", help="plans.json, default the anchor's <plans name of --planner>.json")
     parser.add_argument("--splits", help="splits.json, default the anchor's splits_final.json")
     parser.add_argument("--dataset-json", help="dataset.json, default the shared raw Hippocampus'")
     parser.add_argument("--no-nnunet", action="store_true", help="nnsnake runs only (e.g. store comparisons)")
+    parser.add_argument(
+        "--planner",
+        default="ExperimentPlanner",
+        help="nnU-Net planner whose plans both trainers use (nnUNetPlannerResEncM/L/XL: ResidualEncoderUNet)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="train the derived configuration <config>_bs<N> (nnU-Net's inherits_from, batch size N) in both "
+        "tools instead of the planned batch (ResEnc M plans Hippocampus 3d_fullres at batch 58)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the nnunetv2/nnsnake pair, alternating which runs first (load drifts on a shared machine)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
         return
+    from nnsnake.planning import get_planner_preset
+
+    plans_name = get_planner_preset(args.planner).plans_name
     work, anchor_pre = Path(args.work), Path(args.anchor_pre) / DATASET
     work.mkdir(parents=True, exist_ok=True)
     inputs = {
         "work": str(work),
         "pre": args.pre or str(work / "pre"),
-        "plans": args.plans or str(anchor_pre / "nnUNetPlans.json"),
+        "plans": args.plans or str(anchor_pre / f"{plans_name}.json"),
         "splits": args.splits or str(anchor_pre / "splits_final.json"),
         "dataset_json": args.dataset_json or str(SHARED / "data" / DATASET / "dataset.json"),
     }
+    if not Path(inputs["plans"]).is_file():
+        sys.exit(
+            f"{inputs['plans']} not found: run tests/fixtures/make_nnunetv2_reference.sh first (other planners: "
+            f"nnUNetv2_plan_experiment -d 4 -pl {args.planner}, then nnUNetv2_preprocess -d 4 -plans_name "
+            f"{plans_name} -c {' '.join(args.configs)}, in the anchor venv with its nnUNet_* variables)"
+        )
+    configurations = list(args.configs)
+    if args.batch_size:
+        inputs["plans"], configurations = derive_batch_size(
+            Path(inputs["plans"]), configurations, args.batch_size, work / "plans" / f"{plans_name}.json"
+        )
     if args.gpu:
+        args.configs = configurations
         gpu_main(args, inputs)
         return
-    if not Path(inputs["plans"]).is_file() or not (
-        args.no_nnunet or (anchor_pre / "nnUNetPlans.json").is_file()
-    ):
-        sys.exit(
-            f"{anchor_pre}/nnUNetPlans.json not found: run tests/fixtures/make_nnunetv2_reference.sh first"
-        )
+    preprocessed = None
     if not args.no_nnunet:
         install_anchor_trainer(REPO / "benchmarks" / f"{TRAINER}.py")
-    rows = []
+        preprocessed = nnunet_preprocessed(work, anchor_pre, Path(inputs["plans"]), plans_name)
+    rows: list[tuple[str, str, dict, dict | None]] = []
     print(
-        f"Hippocampus fold 0, {args.iterations} iterations, {args.workers} augmentation workers, "
+        f"Hippocampus fold 0, {plans_name}, {args.iterations} iterations, {args.workers} augmentation workers, "
         f"{args.threads} threads, {os.cpu_count()} CPUs; seconds per iteration (median)",
         flush=True,
     )
-    for configuration in args.configs:
+    for configuration in configurations:
         if args.pre is None:
-            ensure_preprocessed(work, Path(inputs["plans"]), configuration)
-        theirs = None
-        if not args.no_nnunet:
-            theirs = run_nnunet(work, anchor_pre, configuration, args.iterations, args.workers, args.threads)
-            rows.append((configuration, "nnunetv2", theirs, None))
+            ensure_preprocessed(work, Path(inputs["plans"]), owner(Path(inputs["plans"]), configuration))
+        pairs = []
+        for round_ in range(args.rounds):
+            theirs = None
+            nnunet_first = round_ % 2 == 0
+            if preprocessed is not None and nnunet_first:
+                theirs = run_nnunet(
+                    work, preprocessed, configuration, args.iterations, args.workers, args.threads, plans_name
+                )
+            ours = run_nnsnake(inputs, configuration, args.iterations, args.workers, args.threads)
+            if preprocessed is not None and not nnunet_first:
+                theirs = run_nnunet(
+                    work, preprocessed, configuration, args.iterations, args.workers, args.threads, plans_name
+                )
+            if theirs is not None:
+                rows.append((configuration, "nnunetv2", theirs, None))
+                print_row(*rows[-1])
+            rows.append((configuration, "nnsnake", ours, theirs))
             print_row(*rows[-1])
-        ours = run_nnsnake(inputs, configuration, args.iterations, args.workers, args.threads)
-        rows.append((configuration, "nnsnake", ours, theirs))
-        print_row(*rows[-1])
+            pairs.append((theirs, ours))
+        if args.rounds > 1 and preprocessed is not None:
+            print_summary(configuration, pairs)
+        theirs = pairs[-1][0]
         for variant in args.variants:
             kwargs: dict = {"amp": "off", "channels_last": None}
             workers = args.workers
@@ -318,7 +394,9 @@ def main() -> None:
                 store = variant.split("=")[1]
                 if args.pre is not None:
                     sys.exit("store=... variants preprocess their own copy: leave out --pre")
-                ensure_preprocessed(work, Path(inputs["plans"]), configuration, store)
+                ensure_preprocessed(
+                    work, Path(inputs["plans"]), owner(Path(inputs["plans"]), configuration), store
+                )
                 variant_inputs = dict(inputs, pre=str(store_root(work, store)))
             elif variant == "bf16":
                 kwargs["amp"] = "bf16"
@@ -338,6 +416,43 @@ def main() -> None:
     if len(by_store) == 2:
         ratio = by_store["nnsnake"]["wall_s_per_it"] / by_store["nnsnake store=npy"]["wall_s_per_it"]
         print(f"default store / npy store, wall s per iteration: {ratio:.3f} (target <= 1.05)")
+
+
+def owner(plans: Path, configuration: str) -> str:
+    """The configuration whose preprocessed folder ``configuration`` reads (a derived one: its parent's)."""
+    from nnsnake.jsonio import read_json
+    from nnsnake.planning import preprocessed_data_owner
+
+    return preprocessed_data_owner(read_json(plans), configuration)
+
+
+def derive_batch_size(
+    plans: Path, configurations: list[str], batch_size: int, out: Path
+) -> tuple[str, list[str]]:
+    """``plans`` with ``<c>_bs<N>`` (nnU-Net's ``inherits_from: <c>``, ``batch_size: N``) added for each
+    configuration, written to ``out`` (same plans name): both trainers read this one file. Returns its path and
+    the derived names."""
+    from nnsnake.jsonio import read_json, write_json
+    from nnsnake.planning import add_extra_configurations
+
+    derived = {f"{c}_bs{batch_size}": {"inherits_from": c, "batch_size": batch_size} for c in configurations}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, add_extra_configurations(read_json(plans), derived))
+    return str(out), list(derived)
+
+
+def print_summary(configuration: str, pairs: list[tuple[dict | None, dict]]) -> None:
+    """Medians over the rounds and the median of the per-round ratios (each ratio from one back-to-back pair)."""
+    for key in ("wall_s_per_it", "cpu_s_per_it"):
+        theirs = [t[key] for t, _ in pairs if t is not None]
+        ours = [o[key] for _, o in pairs]
+        ratios = [t[key] / o[key] for t, o in pairs if t is not None]
+        print(
+            f"{configuration:<11} {key[:3]} median of {len(pairs)} rounds: nnunetv2 {statistics.median(theirs):.2f} "
+            f"nnsnake {statistics.median(ours):.2f} s/it; per-round x {', '.join(f'{r:.2f}' for r in ratios)} "
+            f"(median x{statistics.median(ratios):.2f})",
+            flush=True,
+        )
 
 
 def gpu_main(args: argparse.Namespace, inputs: dict) -> None:
