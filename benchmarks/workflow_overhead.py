@@ -12,7 +12,8 @@ to the plan and up to preprocessed 3d_fullres.
 For every job it prints:
 
 * ``job``: Snakemake's own start/finish timestamps of the job (.snakemake/log/*.snakemake.log, 1 s resolution);
-* ``proc``: the lifetime of the job's Python process (psutil, polled every 20 ms);
+* ``proc``: the lifetime of the job's Python process (psutil, polled every 20 ms), and ``proc cpu`` its CPU
+  time (user + system, its worker processes included: steadier than wall times on a loaded machine);
 * ``work``: what the job's log file accounts for: the largest "in N s" duration it logs, or the span between its
   first and last log lines if that is longer;
 * ``proc-work``: interpreter start-up, imports and writing, the cost of running the step in its own process;
@@ -26,8 +27,8 @@ the gaps over 0.3 s between jobs (the one after the plan checkpoint is its re-ev
 The light scripts' imports are measured first: each of verify, fingerprint, plan, splits and derive_plans runs as
 its workflow script (``workflow/scripts/<name>.py``, with a stand-in for Snakemake's ``snakemake`` object) on the
 demo in a fresh interpreter; crossval_table and postprocessing_table (which need a trained model) import what
-their step function imports. Printed: import time of ``nnsnake.steps``, the step's whole time, and which heavy
-modules (torch, matplotlib, scipy, SimpleITK, pandas, nibabel) got loaded.
+their step function imports. Printed: import time of ``nnsnake.steps``, the step's whole time (wall, CPU), which
+heavy modules (torch, matplotlib, scipy, SimpleITK, pandas, nibabel) got loaded.
 
 ``--pythonpath DIR`` puts DIR first on PYTHONPATH for every process (the jobs too): point it at the ``src`` of an
 older checkout (``git archive <rev> src | tar -x -C /tmp/old``) to compare before/after in the same session.
@@ -40,6 +41,7 @@ import argparse
 import datetime as dt
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -154,12 +156,13 @@ def measure_imports(env: dict[str, str]) -> None:
     import json
 
     print("\n== light scripts: imports and whole step (fresh interpreter each, demo data) ==")
-    rows = [("script", "how", "import steps s", "total s", "heavy modules loaded", "modules")]
+    rows = [("script", "how", "import steps s", "total s", "cpu s", "heavy modules loaded", "modules")]
     with tempfile.TemporaryDirectory(prefix="nnsnake-imports-") as tmp:
         work = Path(tmp)
         for name, spec in script_specs(work):
             spec.setdefault("log", [f"{work}/logs/{name}.log"])
             script = REPO / "workflow" / "scripts" / f"{name}.py"
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.run(
                 [sys.executable, "-c", SCRIPT_RUNNER, str(script), json.dumps(spec)],
                 capture_output=True,
@@ -167,8 +170,10 @@ def measure_imports(env: dict[str, str]) -> None:
                 env=env,
                 cwd=work,
             )
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             if proc.returncode != 0:
-                rows.append((name, "FAILED", "", "", proc.stderr.strip().splitlines()[-1][:80], ""))
+                rows.append((name, "FAILED", "", "", "", proc.stderr.strip().splitlines()[-1][:80], ""))
                 continue
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(
@@ -177,6 +182,7 @@ def measure_imports(env: dict[str, str]) -> None:
                     "runs script" if spec.get("script") else "imports",
                     f"{result['import_steps']:.2f}",
                     f"{result['total']:.2f}",
+                    f"{cpu:.2f}",
                     ",".join(result["heavy"]) or "-",
                     str(result["n_modules"]),
                 )
@@ -193,6 +199,7 @@ class Process:
     script: str
     start: float
     end: float = 0.0
+    cpu: float = 0.0  # user + system seconds (its reaped worker processes included), last sample
 
 
 @dataclass
@@ -221,9 +228,13 @@ def workflow_copy(root: Path) -> Path:
     return wd
 
 
-def run_monitored(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, list[Process]]:
-    """Run ``cmd``; its start time, wall time and the workflow scripts' Python processes (lifetimes)."""
+def run_monitored(
+    cmd: list[str], cwd: Path, env: dict[str, str]
+) -> tuple[float, float, float, list[Process]]:
+    """Run ``cmd``; its start time, wall time, its own CPU time (children not included) and the workflow scripts'
+    Python processes (lifetimes, CPU times)."""
     seen: dict[int, Process] = {}
+    own_cpu = 0.0
     with tempfile.TemporaryFile(mode="w+") as out:
         start = time.time()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -232,12 +243,22 @@ def run_monitored(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float
             now = time.time()
             alive = set()
             try:
+                t = root.cpu_times()
+                own_cpu = t.user + t.system
+            except psutil.Error:
+                pass
+            try:
                 children = root.children(recursive=True)
             except psutil.Error:
                 children = []
             for child in children:
                 alive.add(child.pid)
                 if child.pid in seen:
+                    try:
+                        t = child.cpu_times()
+                        seen[child.pid].cpu = t.user + t.system + t.children_user + t.children_system
+                    except psutil.Error:
+                        pass
                     continue
                 try:
                     cmdline = child.cmdline()
@@ -259,7 +280,7 @@ def run_monitored(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float
         if proc.returncode != 0:
             out.seek(0)
             sys.exit(f"{' '.join(cmd)} failed:\n{out.read()[-5000:]}")
-    return start, wall, sorted(seen.values(), key=lambda p: p.start)
+    return start, wall, own_cpu, sorted(seen.values(), key=lambda p: p.start)
 
 
 STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
@@ -384,14 +405,16 @@ def run_case(dataset: Path, stage: str, cores: int, env: dict[str, str]) -> None
     with tempfile.TemporaryDirectory(prefix="nnsnake-overhead-") as tmp:
         wd = workflow_copy(Path(tmp))
         dry_before = timed(snakemake_cmd(cores, dataset, target, "-n"), wd, env)
-        start, wall, processes = run_monitored(snakemake_cmd(cores, dataset, target), wd, env)
+        start, wall, own_cpu, processes = run_monitored(snakemake_cmd(cores, dataset, target), wd, env)
         logs = sorted((wd / ".snakemake" / "log").glob("*.snakemake.log"))
         jobs = parse_snakemake_log(logs[-1]) if logs else []
         dry_after = timed(snakemake_cmd(cores, dataset, target, "-n"), wd, env)
         attach_processes(jobs, processes, rule_scripts(wd), wd)
 
     print(f"\n== {dataset.name} up to {stage} ({target}), --cores {cores} ==")
-    rows = [("rule", "wildcards", "job s", "proc s", "work s", "proc-work s", "job-proc s", "start")]
+    rows = [
+        ("rule", "wildcards", "job s", "proc s", "proc cpu s", "work s", "proc-work s", "job-proc s", "start")
+    ]
     for job in sorted(jobs, key=lambda j: j.process.start if j.process else j.start):
         p = job.process
         proc_s = p.end - p.start if p else 0.0
@@ -401,6 +424,7 @@ def run_case(dataset: Path, stage: str, cores: int, env: dict[str, str]) -> None
                 job.wildcards[:40] or "-",
                 f"{job.end - job.start:.0f}" if job.end else "?",
                 f"{proc_s:.2f}" if p else "-",
+                f"{p.cpu:.2f}" if p else "-",
                 f"{job.work:.2f}" if p else "-",
                 f"{proc_s - job.work:.2f}" if p else "-",
                 f"{(job.end - job.start) - proc_s:+.1f}" if p and job.end else "-",
@@ -415,7 +439,8 @@ def run_case(dataset: Path, stage: str, cores: int, env: dict[str, str]) -> None
     first = processes[0].start - start if processes else float("nan")
     print(
         f"total wall {wall:.2f} s; logged work {work:.2f} s (summed over jobs); in-process overhead "
-        f"{in_process:.2f} s (summed); no job process running {idle:.2f} s; first job process after {first:.2f} s"
+        f"{in_process:.2f} s (summed); no job process running {idle:.2f} s; first job process after {first:.2f} s; "
+        f"CPU time of the snakemake process itself {own_cpu:.2f} s"
     )
     by_start = sorted(processes, key=lambda p: p.start)
     for at, length in gaps:
