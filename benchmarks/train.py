@@ -16,8 +16,21 @@ preprocessed store of that format; the default run uses the default store). ``--
     python benchmarks/train.py                                    # 2d and 3d_fullres, 5 iterations, 0 workers
     python benchmarks/train.py --configs 3d_fullres --iterations 4 --variants bf16 workers=1
 
+Other planners (``--planner nnUNetPlannerResEncM``, L, XL: ResidualEncoderUNet): both tools train from nnunetv2's
+``<plans name>.json`` of that planner (``nnUNetResEncUNetMPlans.json``). ResEnc M plans Hippocampus 3d_fullres at
+batch 58, far too slow for a CPU check: ``--batch-size N`` trains ``<config>_bs<N>`` instead, a configuration
+derived with nnU-Net's ``inherits_from`` (same data, patch and network, batch N) in one plans file both tools read.
+``--rounds R`` repeats the pair, alternating which tool starts (``--nnsnake-first`` starts with nnsnake), and
+prints the per-round ratios: on a loaded machine compare ratios of back-to-back runs, not absolute numbers.
+
+    python benchmarks/train.py --planner nnUNetPlannerResEncM --batch-size 2 --configs 3d_fullres --rounds 2
+
 Needs the anchor venv (/tmp/venv-nnunet, ../shared/anchor/setup_anchor_env.sh) and its preprocessed Hippocampus
-(``--anchor-pre``, default /tmp/nnsnake_anchor/pre); nnsnake's own preprocessed copy is made under ``--work``.
+(``--anchor-pre``, default /tmp/nnsnake_anchor/pre; for ResEnc M: ``nnUNetv2_plan_experiment -d 4 -pl
+nnUNetPlannerResEncM`` and ``nnUNetv2_preprocess -d 4 -plans_name nnUNetResEncUNetMPlans -c 3d_fullres``, or copy
+``tests/fixtures/nnunetv2/Dataset004_Hippocampus/*.json`` there and run only the preprocessing); nnsnake's own
+preprocessed copy is made under ``--work``. nnunetv2 reads the anchor folder through a mirror of symbolic links
+under ``--work`` (the plans file is a copy there), so the anchor folder is never written.
 ``--gpu`` times nnsnake alone on CUDA (iterations/s and the share of time spent waiting for batches).
 
 Measured 2026-11-22 on the idle 2-core development machine (AMD EPYC with avx512_bf16), 5 iterations, seconds
@@ -27,6 +40,22 @@ per iteration (wall), x = nnunetv2 / nnsnake, both with the same number of augme
     3d_fullres  1        6.04      4.33 (x1.40)              3.93 (x1.54)
     2d          1        6.82      4.51 (x1.51)              5.59 (x1.22)
     3d_fullres  0        5.76      4.15 (x1.39)
+
+ResEnc M (``--planner nnUNetPlannerResEncM --batch-size 2 --configs 3d_fullres --iterations 3``, nnUNetResEncUNetMPlans
+with 3d_fullres_bs2 derived in both tools, 0 workers, 2 threads), measured 2026-12-07 while the 2-core machine ran
+other work at load 17-20, so the absolute numbers mean nothing and even the ratios are rough (one timed iteration
+per run, two runs per tool, the order swapped):
+
+    round (first)     nnunetv2 wall/cpu   nnsnake wall/cpu   x wall  x cpu
+    1 (nnunetv2)      98.8 / 21.3 s       74.8 / 23.1 s      1.32    0.92
+    2 (nnsnake)       48.2 / 20.5 s       41.0 / 15.9 s      1.18    1.29
+
+The network alone is at parity there: one-thread CPU time of a fwd+bwd (batch 2, both nets in the same run)
+6.91 s for dynamic_network_architectures' ResidualEncoderUNet, 6.71 s for it in channels-last, 6.83 s for
+nnsnake's (channels-last, group-norm path) and 7.03 s for nnsnake's contiguous. The profile shows why the plain
+net's layout gain does not carry over: channels-last makes convolution backward cheaper (about -20 %), but the
+group-norm backward on channels-last 3D maps costs about 13x nnU-Net's instance-norm (batch-norm) backward and
+eats that gain (8 % of the step against 0.6 %), with avg-pool (the residual skips) and copies slower too.
 
 The gain comes from the network's CPU layout: channels-last tensors, instance norm computed as a one-channel-per-
 group group norm (native on channels-last), out-of-place leaky ReLU (no autograd copy of every map), and every
@@ -319,6 +348,11 @@ def main() -> None:
         default=1,
         help="repeat the nnunetv2/nnsnake pair, alternating which runs first (load drifts on a shared machine)",
     )
+    parser.add_argument(
+        "--nnsnake-first",
+        action="store_true",
+        help="start each pair (round 0) with nnsnake instead of nnunetv2",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -367,7 +401,7 @@ def main() -> None:
         pairs = []
         for round_ in range(args.rounds):
             theirs = None
-            nnunet_first = round_ % 2 == 0
+            nnunet_first = (round_ + args.nnsnake_first) % 2 == 0
             if preprocessed is not None and nnunet_first:
                 theirs = run_nnunet(
                     work, preprocessed, configuration, args.iterations, args.workers, args.threads, plans_name
