@@ -62,7 +62,6 @@ checkpoint plan:
         gpu_memory_target_gb=gpu_memory_target_gb,
         overwrite_target_spacing=config["planning"]["overwrite_target_spacing"],
         planner=planner_of_dir,
-        extra_configurations=config["planning"]["extra_configurations"],
         transfer_plans_from=config["planning"]["transfer_plans_from"],
     script:
         "../scripts/plan.py"

@@ -22,7 +22,7 @@ rule train:
             caption="../report/progress.rst",
             category="Training",
             subcategory="{planner_dir}{configuration}",
-            labels={"plans": "{planner_dir}", "configuration": "{configuration}", "fold": "{fold}"},
+            labels={"configuration": "{configuration}", "fold": "{fold}"},
         ),
     log:
         f"{LOGS}/{{planner_dir}}train_{{configuration}}_fold_{{fold}}.log",

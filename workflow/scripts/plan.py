@@ -9,6 +9,5 @@ steps.plan(
     gpu_memory_target_gb=p.gpu_memory_target_gb,
     overwrite_target_spacing=p.overwrite_target_spacing,
     planner=p.planner,
-    extra_configurations=p.extra_configurations,
     transfer_plans_from=p.transfer_plans_from,
 )
