@@ -167,8 +167,8 @@ def test_derived_configuration_trains_on_its_parents_data(
         copy,
         *derived_config,
         "--",
-        str(results / "derived" / "3d_fullres_bs3" / "plans.json"),
-        str(results / RESENC / "derived" / "3d_fullres_bs3" / "plans.json"),
+        f"results/{NAME}/derived/3d_fullres_bs3/plans.json",
+        f"results/{NAME}/{RESENC}/derived/3d_fullres_bs3/plans.json",
     )
     for plans_file, before in plans_before.items():
         assert plans_file.read_bytes() == before
