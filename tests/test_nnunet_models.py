@@ -427,7 +427,9 @@ def test_inference_information_needs_postprocessing_json_never_the_pickle(tmp_pa
     shutil.copytree(DATASET, copy)
     (pp_json,) = copy.glob("**/postprocessing.json")
     pp_json.unlink()
-    assert next(copy.glob("**/postprocessing.pkl")).is_file()  # the pickle is there and stays unread
+    # nnU-Net writes a postprocessing.pkl beside the JSON; this one runs a command if anything unpickles it
+    marker = tmp_path / "unpickled"
+    pp_json.with_suffix(".pkl").write_bytes(pickle.dumps(_RunsCode(marker)))
     status, out = _predict(tmp_path, copy)
     err = capsys.readouterr().err
     assert (
@@ -439,6 +441,7 @@ def test_inference_information_needs_postprocessing_json_never_the_pickle(tmp_pa
     assert not out.exists()
     status, out = _predict(tmp_path, copy, "--no-postprocessing", name="no_pp")
     assert status == 0 and read_json(out / "prediction.json")["postprocessing_steps"] is None
+    assert not marker.exists()  # the pickle was never loaded
 
 
 def _random_nnunet_fold(
