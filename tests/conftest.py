@@ -3,6 +3,12 @@
 ``shared_data`` points at the real datasets in ``../shared/data`` (override with ``NNSNAKE_SHARED``) and skips
 the test cleanly when they are absent. ``REPO`` is the repository root. ``finished_demo`` is one run of the
 README's main command on the embedded demo, shared by the tests that inspect its outputs (run once per session).
+
+The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml): most of a workflow
+test's time is process start-up, Snakemake's scheduling and the SLURM test's waits, so two of them share the
+2-core CI machine well. Each module is one work unit (its module-scoped fixtures run once), the tests on the
+finished demo are one unit (it runs once), and the longest units start first so that no worker is left with a
+long one at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +22,36 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NNSNAKE_SHARED", REPO.parent / "shared"))
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+# Work units longest first (measured durations on 2 cores, most of them end-to-end workflow runs); the rest follow
+# in collection order.
+LONGEST_FIRST = (
+    "tests.test_slurm",
+    "finished_demo",
+    "tests.test_labels_workflow",
+    "tests.test_resume",
+    "tests.test_cascade",
+    "tests.test_planners_workflow",
+    "tests.test_invalidation",
+)
+
+
+def work_unit(item: pytest.Item) -> str:
+    """The xdist group of a test: the finished demo's tests together, otherwise the test's module."""
+    if "finished_demo" in getattr(item, "fixturenames", ()):
+        return "finished_demo"
+    return item.module.__name__ if isinstance(item, pytest.Function) else item.nodeid.split("::")[0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group the tests into xdist work units and put the longest units first (see the module docstring)."""
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    units = {item.nodeid: work_unit(item) for item in items}
+    items.sort(key=lambda item: rank.get(units[item.nodeid], len(rank)))  # stable: collection order otherwise
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(units[item.nodeid]))
 
 
 @pytest.fixture(scope="session")
