@@ -106,7 +106,21 @@ def layered_config(config):
     config.update(layered)
 
 
+def preprocess_shards(config):
+    """config preprocessing.shards (default 1): the number of jobs each configuration's preprocessing is split
+    into. Checked before the schema, whose message would bury the key in a dump of the whole schema."""
+    section = config.get("preprocessing")
+    shards = section.get("shards", 1) if isinstance(section, dict) else 1
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise WorkflowError(
+            f"config preprocessing.shards is {shards!r}: it must be a whole number >= 1, the number of jobs "
+            "each configuration's preprocessing is split into (1 = one job, the default)"
+        )
+    return shards
+
+
 layered_config(config)
+PREPROCESS_SHARDS = preprocess_shards(config)
 validate(config, schema="../schemas/config.schema.yaml")
 
 DATASET_DIR = Path(config["dataset"])
@@ -170,6 +184,7 @@ def user_splits_file(wildcards):
 # targets.smk do what they say; this turns the silent no-op into an error that names them.
 RULES_AFTER_PLAN = {
     "preprocess",
+    "preprocess_shard",
     "train",
     "validate",
     "validate_lowres",

@@ -4,9 +4,10 @@ and ``nnsnake.cli`` import.
 Each function reads its input files, calls the stage's library code and writes its outputs atomically, the file
 that marks the step as done last, so everything a rule does can also be run from Python (the CLI and the tests
 call these directly). The modules follow the rule groups: :mod:`.data` (verify, fingerprint, plan, splits,
-preprocess), :mod:`.train`, :mod:`.validate`, :mod:`.crossval` (crossval, ensemble_crossval), :mod:`.select`
-(select, postprocess), :mod:`.predict` and :mod:`.report` (crossval_table, postprocessing_table). Importing this
-package loads no torch and no matplotlib: each function imports what it needs, so light rules stay light.
+preprocess, preprocess_shard, merge_preprocess_shards), :mod:`.train`, :mod:`.validate`, :mod:`.crossval`
+(crossval, ensemble_crossval), :mod:`.select` (select, postprocess), :mod:`.predict` and :mod:`.report`
+(crossval_table, postprocessing_table). Importing this package loads no torch and no matplotlib: each function
+imports what it needs, so light rules stay light.
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ from types import TracebackType
 
 from ..errors import NnsnakeError
 from .crossval import crossval, ensemble_crossval
-from .data import check_dataset, derive_plans, fingerprint, plan, preprocess, splits, verify
+from .data import (
+    check_dataset,
+    derive_plans,
+    fingerprint,
+    merge_preprocess_shards,
+    plan,
+    preprocess,
+    preprocess_shard,
+    splits,
+    verify,
+)
 from .predict import predict, predict_folder, verify_prediction_inputs
 from .report import crossval_table, postprocessing_table
 from .select import decide_postprocessing, postprocess, select
@@ -57,12 +68,14 @@ __all__ = [
     "ensemble_crossval",
     "fingerprint",
     "log",
+    "merge_preprocess_shards",
     "plan",
     "postprocess",
     "postprocessing_table",
     "predict",
     "predict_folder",
     "preprocess",
+    "preprocess_shard",
     "select",
     "setup_logging",
     "splits",

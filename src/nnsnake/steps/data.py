@@ -1,4 +1,5 @@
-"""Entry functions of the data rules: verify, fingerprint, plan, splits, preprocess (docs/method.md §1–§4, §6).
+"""Entry functions of the data rules: verify, fingerprint, plan, splits, preprocess (config preprocessing.shards > 1:
+preprocess_shard and merge_preprocess_shards) (docs/method.md §1–§4, §6).
 
 Each reads its input files, calls the stage's library function and writes its output atomically (the JSON that
 marks the step as done). ``processes`` is the number of worker processes over cases (``num_processes`` is its
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..deprecation import renamed_keywords
+from ..errors import PreprocessingError
 from ..jsonio import read_json, write_json
 
 if TYPE_CHECKING:
@@ -204,4 +207,87 @@ def preprocess(
     )
     write_json(manifest_path, manifest)
     log.info("preprocessed %s in %.1f s", configuration, time.perf_counter() - start)
+    return manifest
+
+
+_SHARD_MANIFEST = re.compile(r"(\d+)_of_(\d+)\.json")
+
+
+def _shard_manifest_parts(shard_manifest_path: str | os.PathLike) -> tuple[Path, int, int]:
+    """``(preprocessed folder, shard, shards)`` of a shard manifest ``<folder>/shards/<shard>_of_<shards>.json``."""
+    path = Path(shard_manifest_path)
+    match = _SHARD_MANIFEST.fullmatch(path.name)
+    if path.parent.name != "shards" or match is None:
+        raise PreprocessingError(f"{path}: a shard manifest is <preprocessed folder>/shards/<i>_of_<n>.json")
+    return path.parent.parent, int(match[1]), int(match[2])
+
+
+def preprocess_shard(
+    dataset_dir: str | os.PathLike,
+    plans_path: str | os.PathLike,
+    configuration: str,
+    shard_manifest_path: str | os.PathLike,
+    shard: int,
+    shards: int,
+    processes: int = 1,
+    store: str = "blosc2",
+) -> dict[str, Any]:
+    """Shard ``shard`` of ``shards`` (0-based) of :func:`preprocess` (config ``preprocessing.shards``): its cases
+    go into the preprocessed folder itself, ``<folder>/shards/<shard>_of_<shards>.json`` gets its manifest (last).
+    Cases are identical to an unsharded run's; :func:`merge_preprocess_shards` makes the folder's manifest."""
+    from ..dataset import load_dataset_json
+    from ..preprocessing import preprocess_dataset
+
+    start = time.perf_counter()
+    folder, named_shard, named_shards = _shard_manifest_parts(shard_manifest_path)
+    if (named_shard, named_shards) != (shard, shards):
+        raise PreprocessingError(f"{shard_manifest_path}: not the manifest of shard {shard} of {shards}")
+    manifest = preprocess_dataset(
+        dataset_dir,
+        load_dataset_json(dataset_dir),
+        read_json(plans_path),
+        configuration,
+        folder,
+        None,  # every training case of this shard
+        processes,
+        progress=True,
+        store=store,
+        shard=shard,
+        shards=shards,
+    )
+    write_json(shard_manifest_path, manifest)
+    log.info(
+        "preprocessed shard %d of %d of %s (%d cases) in %.1f s",
+        shard,
+        shards,
+        configuration,
+        len(manifest["cases"]),
+        time.perf_counter() - start,
+    )
+    return manifest
+
+
+def merge_preprocess_shards(
+    shard_manifest_paths: Sequence[str | os.PathLike], manifest_path: str | os.PathLike
+) -> dict[str, Any]:
+    """The preprocessed folder's ``manifest.json`` from its shards' manifests (written atomically): equal to the
+    manifest of an unsharded :func:`preprocess`. They must be every shard (0 to n-1) of one count n, of this
+    folder."""
+    from ..preprocessing import merge_manifests
+
+    folder = Path(manifest_path).parent
+    paths = [Path(p) for p in shard_manifest_paths]
+    named = [_shard_manifest_parts(p) for p in paths]
+    if any(f.resolve() != folder.resolve() for f, _, _ in named):
+        raise PreprocessingError(
+            f"{folder}: shard manifests of another folder given: {[str(p) for p in paths]}"
+        )
+    counts = {n for _, _, n in named}
+    if len(counts) != 1 or sorted(i for _, i, _ in named) != list(range(counts.pop())):
+        raise PreprocessingError(
+            f"{folder}: need the manifests of shards 0 to n-1 of one count n, got {sorted(p.name for p in paths)}"
+        )
+    manifest = merge_manifests([read_json(p) for p in paths])
+    write_json(manifest_path, manifest)
+    log.info("merged %d shard manifests: %d cases", len(paths), len(manifest["cases"]))
     return manifest
