@@ -7,8 +7,10 @@ whole process tree (worker pools included), sampled every 20 ms with psutil.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,30 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NNSNAKE_SHARED", REPO.parent / "shared"))
 ANCHOR_VENV = Path(os.environ.get("VENV", "/tmp/venv-nnunet"))
+
+
+def without_stopped_slurm(env: dict[str, str]) -> str | None:
+    """Point SLURM's commands at an empty config when this machine has SLURM configured but not running.
+
+    Every snakemake start imports the SLURM executor plugin, which runs ``scontrol show config``; after
+    tests/slurm/slurm_local.sh has set a cluster up and stopped it again, that call retries for about 9 s, which
+    no user without SLURM (no ``scontrol``) or with a running cluster (an instant answer) ever waits. Returns a
+    line for the benchmark's header when it applied, else None (tests/conftest.py does the same for the tests).
+    """
+    if "SLURM_CONF" in env or shutil.which("scontrol") is None:
+        return None
+    try:
+        running = (
+            subprocess.run(["scontrol", "ping"], env=env, capture_output=True, timeout=5).returncode == 0
+        )
+    except subprocess.TimeoutExpired:
+        running = False
+    if not running:
+        empty = Path(tempfile.mkdtemp(prefix="no_slurm_")) / "slurm.conf"
+        empty.touch()
+        env["SLURM_CONF"] = str(empty)
+        return "SLURM is configured here but not running: its commands get an empty config (no 9 s probe)"
+    return None
 
 
 @dataclass

@@ -54,6 +54,9 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import without_stopped_slurm  # noqa: E402
+
 SHARED = Path(os.environ.get("NNSNAKE_SHARED", REPO.parent / "shared"))
 DEMO = REPO / "examples" / "Dataset104_HippocampusDemo"
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles")
@@ -472,6 +475,7 @@ def main() -> None:
     if args.pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.pythonpath, env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
+    slurm_note = without_stopped_slurm(env)
     load = os.getloadavg()
     print(
         f"workflow overhead, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, "
@@ -483,6 +487,8 @@ def main() -> None:
         )
     if args.pythonpath:
         print(f"PYTHONPATH first: {args.pythonpath}")
+    if slurm_note:
+        print(slurm_note)
 
     if not args.no_imports:
         measure_imports(env)
