@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -67,3 +68,42 @@ def test_fingerprint_equals_nnunetv2(name: str, shared_data: Path, fixtures_dir:
                 props[key],
                 value,
             )
+
+
+@pytest.mark.parametrize(
+    "name", ["Dataset201_ISBI2012EM", "Dataset301_BraTS2015DeepMedic", "Dataset303_BraTSVariedSpacing"]
+)
+def test_verify_pass_fingerprints_equal_the_fingerprint_step_reading_again(
+    name: str, shared_data: Path, tmp_path: Path
+) -> None:
+    """The workflow's verify job fingerprints each case from the arrays it has just checked and the fingerprint
+    job only aggregates them (one read of the dataset): the result is exactly extract_fingerprint's (2D and
+    2-channel datasets included), written and read back through the case-fingerprint file."""
+    from nnsnake import steps
+
+    case_file = tmp_path / "case_fingerprints.npz"
+    steps.verify(shared_data / name, tmp_path / "verification.json", processes=2, case_fingerprints=case_file)
+    one_pass = steps.fingerprint(
+        shared_data / name, tmp_path / "fingerprint.json", case_fingerprints=case_file
+    )
+    assert one_pass == extract_fingerprint(shared_data / name, processes=2)
+    assert read_json(tmp_path / "fingerprint.json") == json.loads(json.dumps(one_pass))
+
+
+def test_case_fingerprint_file_refuses_other_cases_and_other_files(shared_data: Path, tmp_path: Path) -> None:
+    """A case-fingerprint file of another dataset, or a file that is not one, is refused by name."""
+    from nnsnake import steps
+
+    other = tmp_path / "other.npz"
+    steps.verify(
+        shared_data / "Dataset201_ISBI2012EM", tmp_path / "v.json", processes=1, case_fingerprints=other
+    )
+    with pytest.raises(ValueError, match="other cases"):
+        steps.fingerprint(
+            shared_data / "Dataset301_BraTS2015DeepMedic", tmp_path / "f.json", case_fingerprints=other
+        )
+    junk = tmp_path / "junk.npz"
+    np.savez(junk, a=np.zeros(3))
+    with pytest.raises(ValueError, match="not an nnsnake case-fingerprint file"):
+        steps.fingerprint(shared_data / "Dataset201_ISBI2012EM", tmp_path / "f.json", case_fingerprints=junk)
+    assert not (tmp_path / "f.json").exists()

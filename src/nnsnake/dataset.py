@@ -50,6 +50,8 @@ class VerificationReport:
     n_cases: int
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # case id -> fingerprint.CaseFingerprint, when verify_dataset was asked for them (not part of the JSON report)
+    case_fingerprints: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -515,10 +517,38 @@ def nonfinite_counts(path: Path, array: np.ndarray) -> tuple[int, int]:
 
 def verify_case(case_id: str, files: CaseFiles, allowed_labels: list[int]) -> tuple[list[Problem], list[str]]:
     """Read one case and report everything wrong with it (runs in a worker process)."""
-    problems, reference = _check_images(files.images)
-    if files.label is not None and files.label.exists():
-        problems += _check_label(files.label, allowed_labels, reference)
+    problems, _ = _checked_case(files, allowed_labels)
     return problems, []
+
+
+def _checked_case(
+    files: CaseFiles, allowed_labels: list[int]
+) -> tuple[list[Problem], tuple[np.ndarray, dict[str, Any], np.ndarray] | None]:
+    """A case's problems and, when it has none and a label, its arrays as read: (channels stacked as float32,
+    the first channel's properties, label map)."""
+    problems, reference, arrays = _check_images(files.images)
+    seg = None
+    if files.label is not None and files.label.exists():
+        label_problems, seg = _check_label(files.label, allowed_labels, reference)
+        problems += label_problems
+    if problems or seg is None or reference is None:
+        return problems, None
+    data = np.concatenate(arrays, axis=0).astype(np.float32, copy=False)
+    return problems, (data, reference[2], seg)
+
+
+def _verify_and_fingerprint_case(
+    case_id: str, files: CaseFiles, allowed_labels: list[int], n_samples: int | None
+) -> tuple[list[Problem], list[str], Any]:
+    """:func:`verify_case`, plus the case's fingerprint from the same arrays when ``n_samples`` is given and the
+    case has no problem (None otherwise)."""
+    problems, checked = _checked_case(files, allowed_labels)
+    if n_samples is None or checked is None:
+        return problems, [], None
+    from .fingerprint import fingerprint_arrays  # it imports this module
+
+    data, props, seg = checked
+    return problems, [], fingerprint_arrays(data, props["spacing"], seg, n_samples)
 
 
 _Reference = tuple[Path, tuple[int, ...], dict[str, Any]]
@@ -533,10 +563,12 @@ def _same_grid(props: dict[str, Any], ref_props: dict[str, Any]) -> bool:
     return _same(g["origin"], rg["origin"], 1e-3) and _same(g["direction"], rg["direction"], 1e-4)
 
 
-def _check_images(images: list[Path]) -> tuple[list[Problem], _Reference | None]:
-    """Problems of a case's channel files (unreadable, non-finite, not on one grid) and the reference channel."""
+def _check_images(images: list[Path]) -> tuple[list[Problem], _Reference | None, list[np.ndarray]]:
+    """Problems of a case's channel files (unreadable, non-finite, not on one grid), the reference channel and
+    the arrays read."""
     problems: list[Problem] = []
     reference: _Reference | None = None
+    arrays: list[np.ndarray] = []
     for path in images:
         try:
             array, props = read_file(path)
@@ -545,6 +577,7 @@ def _check_images(images: list[Path]) -> tuple[list[Problem], _Reference | None]
                 Problem(str(path), f"unreadable or corrupt ({exc})", "re-export or replace the file")
             )
             continue
+        arrays.append(array)
         n_nan, n_inf = nonfinite_counts(path, array)
         if n_nan or n_inf:
             problems.append(
@@ -583,19 +616,22 @@ def _check_images(images: list[Path]) -> tuple[list[Problem], _Reference | None]
                     "register/resample the channels onto the same physical grid",
                 )
             )
-    return problems, reference
+    return problems, reference, arrays
 
 
-def _check_label(label: Path, allowed_labels: list[int], reference: _Reference | None) -> list[Problem]:
-    """Problems of a label file: unreadable, not one integer map of declared labels, not on the image's grid."""
+def _check_label(
+    label: Path, allowed_labels: list[int], reference: _Reference | None
+) -> tuple[list[Problem], np.ndarray | None]:
+    """Problems of a label file (unreadable, not one integer map of declared labels, not on the image's grid)
+    and the label map read (None if unreadable)."""
     try:
         seg, seg_props = read_file(label)
     except ImageReadError as exc:
-        return [Problem(str(label), f"unreadable or corrupt ({exc})", "re-export or replace it")]
+        return [Problem(str(label), f"unreadable or corrupt ({exc})", "re-export or replace it")], None
     if seg.shape[0] != 1:
-        return [Problem(str(label), f"label file has {seg.shape[0]} channels", "store a label map")]
+        return [Problem(str(label), f"label file has {seg.shape[0]} channels", "store a label map")], None
     if np.issubdtype(seg.dtype, np.floating) and not np.isfinite(seg).all():
-        return [Problem(str(label), "contains NaN/inf", "store integer labels")]
+        return [Problem(str(label), "contains NaN/inf", "store integer labels")], None
     problems: list[Problem] = []
     values = np.unique(seg)
     non_integer = values[values != np.round(values)]
@@ -617,7 +653,7 @@ def _check_label(label: Path, allowed_labels: list[int], reference: _Reference |
             )
         )
     if reference is None:
-        return problems
+        return problems, seg
     ref_path, ref_shape, ref_props = reference
     if seg.shape[1:] != ref_shape:
         problems.append(
@@ -643,11 +679,13 @@ def _check_label(label: Path, allowed_labels: list[int], reference: _Reference |
                 "copy the image's origin and direction into the label file",
             )
         )
-    return problems
+    return problems, seg
 
 
-def _verify_case_star(args: tuple[str, CaseFiles, list[int]]) -> tuple[list[Problem], list[str]]:
-    return verify_case(*args)
+def _verify_case_star(
+    args: tuple[str, CaseFiles, list[int], int | None],
+) -> tuple[list[Problem], list[str], Any]:
+    return _verify_and_fingerprint_case(*args)
 
 
 def verify_dataset(
@@ -655,11 +693,14 @@ def verify_dataset(
     processes: int = 1,
     progress: bool = False,
     *,
+    fingerprints: bool = False,
     num_processes: int | None = None,
 ) -> VerificationReport:
     """Check a raw dataset completely and return every problem found (does not raise).
 
-    ``processes`` worker processes read the cases (``num_processes`` is its deprecated name).
+    ``processes`` worker processes read the cases (``num_processes`` is its deprecated name). With
+    ``fingerprints`` the report's ``case_fingerprints`` also holds each sound case's fingerprint, computed from
+    the arrays just checked (the workflow's verify job: the fingerprint job then reads no image again).
     """
     from .runtime import (
         progress as progress_bar,
@@ -707,7 +748,12 @@ def verify_dataset(
             )
         )
     allowed = allowed_label_values(dataset_json)
-    jobs = [(cid, files, allowed) for cid, files in cases.items()]
+    n_samples = None
+    if fingerprints:
+        from .fingerprint import samples_per_case
+
+        n_samples = samples_per_case(len(cases))
+    jobs = [(cid, files, allowed, n_samples) for cid, files in cases.items()]
     if processes > 1:
         with process_pool(processes) as pool:
             checked = pool.map(_verify_case_star, jobs, chunksize=4)
@@ -715,7 +761,9 @@ def verify_dataset(
     else:
         checked = map(_verify_case_star, jobs)
         results = list(progress_bar(checked, total=len(jobs), description="verify", enabled=progress))
-    for problems, warnings in results:
+    for (case_id, *_), (problems, warnings, fingerprint) in zip(jobs, results, strict=True):
         report.problems.extend(problems)
         report.warnings.extend(warnings)
+        if fingerprint is not None:
+            report.case_fingerprints[case_id] = fingerprint
     return report

@@ -12,6 +12,7 @@ what makes the step fast and light on memory.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,26 @@ def _draw_counts(rs: np.random.RandomState, n_foreground: int, n_samples: int) -
     return counts
 
 
+def samples_per_case(n_cases: int) -> int:
+    """Foreground intensities drawn per case and channel: nnU-Net's 10^8 spread over the cases."""
+    return int(TOTAL_FOREGROUND_SAMPLES // n_cases)
+
+
 def fingerprint_case(files: CaseFiles, n_samples: int) -> CaseFingerprint:
     """Fingerprint one case: spacing, cropped shape, relative size and sampled foreground intensities."""
     if files.label is None:
         raise ValueError(f"case of {files.images[0]} has no label file; run the verify rule")
     data, props = read_images(files.images)
     seg, _ = read_seg(files.label)
+    return fingerprint_arrays(data, props["spacing"], seg, n_samples)
+
+
+def fingerprint_arrays(
+    data: np.ndarray, spacing: Sequence[float], seg: np.ndarray, n_samples: int
+) -> CaseFingerprint:
+    """Fingerprint one case from its arrays already in memory (``(C, *spatial)`` float32 images, ``(1, ...)``
+    label map): what :func:`fingerprint_case` computes after reading, and the verify step computes on the
+    arrays it has just checked, so the dataset is read once for both."""
     original_size = int(np.prod(data.shape[1:]))
     data, seg, _ = crop_to_nonzero(data, seg)
     foreground = seg[0] > 0
@@ -74,7 +89,7 @@ def fingerprint_case(files: CaseFiles, n_samples: int) -> CaseFingerprint:
         values.append(fg[keep])
         counts.append(drawn[keep])
     return CaseFingerprint(
-        spacing=[float(s) for s in props["spacing"]],
+        spacing=[float(s) for s in spacing],
         shape_after_crop=[int(s) for s in data.shape[1:]],
         relative_size_after_cropping=float(np.prod(data.shape[1:]) / original_size),
         sampled_values=values,
@@ -155,7 +170,7 @@ def extract_fingerprint(
 
     processes = processes_argument(processes, num_processes, "extract_fingerprint")
     dataset_json, cases = training_cases(Path(raw_dir))
-    n_samples = int(TOTAL_FOREGROUND_SAMPLES // len(cases))
+    n_samples = samples_per_case(len(cases))
     jobs = [(cases[cid], n_samples) for cid in sorted(cases)]
     if processes > 1:
         with process_pool(processes) as pool:
@@ -168,7 +183,11 @@ def extract_fingerprint(
         results = list(
             progress_bar(fingerprints, total=len(jobs), description="fingerprint", enabled=progress)
         )
-    n_channels = len(dataset_json["channel_names"])
+    return aggregate_fingerprints(results, len(dataset_json["channel_names"]))
+
+
+def aggregate_fingerprints(results: Sequence[CaseFingerprint], n_channels: int) -> dict[str, Any]:
+    """nnU-Net's ``dataset_fingerprint.json`` content from the cases' fingerprints (in sorted case order)."""
     properties = {
         str(c): intensity_properties(
             [r.sampled_values[c] for r in results], [r.sampled_counts[c] for r in results]
@@ -182,4 +201,55 @@ def extract_fingerprint(
         ),
         "shapes_after_crop": [r.shape_after_crop for r in results],
         "spacings": [r.spacing for r in results],
+    }
+
+
+# On-disk form of the cases' fingerprints (the verify step's second output, read by the fingerprint step): one
+# .npz of plain arrays (no pickle), cases in sorted order. Per channel c the cases' distinct sampled values and
+# their draw counts are concatenated ("values_c", "counts_c"); "offsets_c" (n_cases + 1) says where each starts.
+CASE_FINGERPRINTS_FORMAT = "nnsnake-case-fingerprints-1"
+
+
+def write_case_fingerprints(path: str | os.PathLike, fingerprints: Mapping[str, CaseFingerprint]) -> None:
+    """Write the cases' fingerprints (any order in, sorted case ids out), atomically."""
+    case_ids = sorted(fingerprints)
+    results = [fingerprints[cid] for cid in case_ids]
+    n_channels = len(results[0].sampled_values) if results else 0
+    arrays: dict[str, np.ndarray] = {
+        "format": np.array(CASE_FINGERPRINTS_FORMAT),
+        "case_ids": np.array(case_ids, dtype=str),
+        "spacings": np.array([r.spacing for r in results], dtype=np.float64),
+        "shapes_after_crop": np.array([r.shape_after_crop for r in results], dtype=np.int64),
+        "relative_sizes": np.array([r.relative_size_after_cropping for r in results], dtype=np.float64),
+    }
+    for c in range(n_channels):
+        sizes = [r.sampled_values[c].size for r in results]
+        arrays[f"offsets_{c}"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        arrays[f"values_{c}"] = np.concatenate([r.sampled_values[c] for r in results]).astype(np.float32)
+        arrays[f"counts_{c}"] = np.concatenate([r.sampled_counts[c] for r in results]).astype(np.int64)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
+    os.replace(tmp, path)
+
+
+def read_case_fingerprints(path: str | os.PathLike) -> dict[str, CaseFingerprint]:
+    """The cases' fingerprints written by :func:`write_case_fingerprints`, by case id (sorted)."""
+    with np.load(path, allow_pickle=False) as npz:
+        if "format" not in npz or str(npz["format"]) != CASE_FINGERPRINTS_FORMAT:
+            raise ValueError(f"{path}: not an nnsnake case-fingerprint file; rerun the verify step")
+        case_ids = [str(c) for c in npz["case_ids"]]
+        n_channels = sum(1 for key in npz.files if key.startswith("offsets_"))
+        channels = [(npz[f"offsets_{c}"], npz[f"values_{c}"], npz[f"counts_{c}"]) for c in range(n_channels)]
+        spacings, shapes, sizes = npz["spacings"], npz["shapes_after_crop"], npz["relative_sizes"]
+    return {
+        cid: CaseFingerprint(
+            spacing=[float(s) for s in spacings[i]],
+            shape_after_crop=[int(s) for s in shapes[i]],
+            relative_size_after_cropping=float(sizes[i]),
+            sampled_values=[values[offsets[i] : offsets[i + 1]] for offsets, values, _ in channels],
+            sampled_counts=[counts[offsets[i] : offsets[i + 1]] for offsets, _, counts in channels],
+        )
+        for i, cid in enumerate(case_ids)
     }

@@ -1,11 +1,13 @@
 # verify -> fingerprint -> plan (checkpoint) -> splits   (docs/method.md §1, 2, 3, 6)
 
 
+# verify reads every case once and also fingerprints it (case_fingerprints.npz); the fingerprint job aggregates.
 rule verify:
     input:
         raw_training_files,
     output:
-        f"{RESULTS}/verification.json",
+        report=f"{RESULTS}/verification.json",
+        case_fingerprints=f"{RESULTS}/case_fingerprints.npz",
     log:
         f"{LOGS}/verify.log",
     conda:
@@ -23,7 +25,7 @@ rule verify:
 rule fingerprint:
     input:
         verification=f"{RESULTS}/verification.json",
-        raw=raw_training_files,
+        case_fingerprints=f"{RESULTS}/case_fingerprints.npz",
     output:
         f"{RESULTS}/fingerprint.json",
     log:

@@ -1,4 +1,9 @@
 from nnsnake import steps
 
 steps.setup_logging(snakemake.log[0])
-steps.verify(snakemake.params.dataset, snakemake.output[0], processes=snakemake.threads)
+steps.verify(
+    snakemake.params.dataset,
+    snakemake.output.report,
+    processes=snakemake.threads,
+    case_fingerprints=snakemake.output.case_fingerprints,
+)

@@ -27,12 +27,22 @@ log = logging.getLogger("nnsnake")
 
 
 @renamed_keywords(num_processes="processes")
-def verify(dataset_dir: str | os.PathLike, output: str | os.PathLike, processes: int = 1) -> dict[str, Any]:
-    """Verify a raw dataset; write the report only if it is usable, else raise listing every problem."""
+def verify(
+    dataset_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    processes: int = 1,
+    case_fingerprints: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Verify a raw dataset; write the report only if it is usable, else raise listing every problem.
+
+    With ``case_fingerprints`` each case is also fingerprinted from the arrays just checked and the cases'
+    fingerprints are written there (:func:`nnsnake.fingerprint.write_case_fingerprints`): the fingerprint step
+    then aggregates them instead of reading every image a second time.
+    """
     from ..dataset import discover_cases, load_dataset_json, verify_dataset
 
     start = time.perf_counter()
-    report = verify_dataset(dataset_dir, processes, progress=True)
+    report = verify_dataset(dataset_dir, processes, progress=True, fingerprints=case_fingerprints is not None)
     for warning in report.warnings:
         log.warning(warning)
     for problem in report.problems:
@@ -41,6 +51,10 @@ def verify(dataset_dir: str | os.PathLike, output: str | os.PathLike, processes:
     dataset_json = load_dataset_json(dataset_dir)
     cases, _ = discover_cases(dataset_dir, dataset_json)
     result = report.to_dict() | {"case_ids": sorted(cases)}
+    if case_fingerprints is not None:
+        from ..fingerprint import write_case_fingerprints
+
+        write_case_fingerprints(case_fingerprints, report.case_fingerprints)
     write_json(output, result)
     log.info(
         "verified %d cases of %s in %.1f s: no problems",
@@ -66,13 +80,34 @@ def check_dataset(
 
 @renamed_keywords(num_processes="processes")
 def fingerprint(
-    dataset_dir: str | os.PathLike, output: str | os.PathLike, processes: int = 1
+    dataset_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    processes: int = 1,
+    case_fingerprints: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Extract the dataset fingerprint (spacings, shapes, foreground intensities) into ``output``."""
-    from ..fingerprint import extract_fingerprint
+    """Extract the dataset fingerprint (spacings, shapes, foreground intensities) into ``output``.
+
+    ``case_fingerprints``: the verify step's per-case fingerprints of this dataset; they are aggregated (the
+    same result, without reading the images again). Without it every case is read.
+    """
+    from ..fingerprint import aggregate_fingerprints, extract_fingerprint, read_case_fingerprints
 
     start = time.perf_counter()
-    result = extract_fingerprint(dataset_dir, processes, progress=True)
+    if case_fingerprints is None:
+        result = extract_fingerprint(dataset_dir, processes, progress=True)
+    else:
+        from ..dataset import training_cases
+
+        dataset_json, cases = training_cases(dataset_dir)
+        by_case = read_case_fingerprints(case_fingerprints)
+        if sorted(by_case) != sorted(cases):
+            raise ValueError(
+                f"{case_fingerprints} holds the fingerprints of other cases than {dataset_dir}'s training cases: "
+                "rerun the verify step"
+            )
+        result = aggregate_fingerprints(
+            [by_case[cid] for cid in sorted(cases)], len(dataset_json["channel_names"])
+        )
     write_json(output, result)
     log.info("fingerprint of %d cases in %.1f s", len(result["spacings"]), time.perf_counter() - start)
     return result
