@@ -11,6 +11,11 @@ nnunetv2 side (the anchor venv, see ../shared/anchor): ``nnUNetv2_plan_and_prepr
 fingerprint, plan and preprocess (the workflow's rules) in one fresh Python process. Both include interpreter
 start-up and imports, as a user waits for them; both run with OMP_NUM_THREADS=1 and N worker processes.
 
+``--workflow`` adds the same result through the workflow, as a user gets it (a fresh copy of the workflow, ``python
+-m snakemake --cores N --config dataset=DIR configurations=["3d_fullres"] -- results/<DS>/preprocessed/3d_fullres/
+manifest.json``: verify, fingerprint, plan, preprocess jobs, Snakemake's start-up and scheduling included) against
+the same nnunetv2 command.
+
 Printed per dataset: wall time, peak memory (summed RSS of the whole process tree, sampled every 20 ms), disk
 use of the 3d_fullres store, and random-patch reads per second of both stores (3d_fullres patch size, all
 channels plus the segmentation, each read opening the case as a training loader does: nnunetv2's
@@ -28,7 +33,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from common import SHARED, anchor_bin, dataset_id, folder_size_mb, link_raw, measure, nnunet_env, print_table
+from common import (
+    SHARED,
+    anchor_bin,
+    dataset_id,
+    folder_size_mb,
+    link_raw,
+    measure,
+    nnunet_env,
+    print_table,
+    without_stopped_slurm,
+)
 
 STORES = ("blosc2", "npy")  # the first is the default store, the one the ratio column compares
 NNSNAKE_SNIPPET = """
@@ -94,6 +109,21 @@ def compare_reads(
     return {k: float(np.median(v)) for k, v in results.items()}
 
 
+def run_workflow(dataset: Path, root: Path, cores: int, env: dict[str, str]):
+    """Raw to preprocessed 3d_fullres through a fresh copy of the workflow (benchmarks/workflow_overhead.py's)."""
+    from workflow_overhead import snakemake_cmd, workflow_copy
+
+    root.mkdir(parents=True)
+    wd = workflow_copy(root)
+    flow_env = dict(env)
+    without_stopped_slurm(flow_env)
+    target = f"results/{dataset.name}/preprocessed/3d_fullres/manifest.json"
+    result = measure(snakemake_cmd(cores, dataset, target), env=flow_env, cwd=wd)
+    if result.returncode:
+        sys.exit(f"the workflow failed on {dataset.name}:\n{result.output[-3000:]}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,6 +136,7 @@ def main() -> None:
     )
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--reads", type=int, default=200, help="patches per read-speed round")
+    parser.add_argument("--workflow", action="store_true", help="also through the Snakemake workflow")
     args = parser.parse_args()
     datasets = args.dataset or [
         SHARED / "data" / "Dataset004_Hippocampus",
@@ -154,6 +185,18 @@ def main() -> None:
             disk = {k: folder_size_mb(f) for k, f in stores.items()}
             main_ = ours[STORES[0]]
             name = ds.name
+            if args.workflow:
+                flow = run_workflow(ds, root / "workflow", args.processes, env)
+                rows.append(
+                    (
+                        name,
+                        "workflow wall time s (verify+fingerprint+plan+preprocess)",
+                        f"{theirs.wall_s:.1f}",
+                        f"{flow.wall_s:.1f}",
+                        "-",
+                        f"{theirs.wall_s / flow.wall_s:.2f}x faster",
+                    )
+                )
             rows += [
                 (
                     name,
