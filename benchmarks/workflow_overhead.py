@@ -30,7 +30,8 @@ demo in a fresh interpreter; crossval_table and postprocessing_table (which need
 their step function imports. Printed: import time of ``nnsnake.steps``, the step's whole time (wall, CPU), which
 heavy modules (torch, matplotlib, scipy, SimpleITK, pandas, nibabel) got loaded.
 
-``--pythonpath DIR`` puts DIR first on PYTHONPATH for every process (the jobs too): point it at the ``src`` of an
+``--repo DIR`` runs another checkout's workflow files and library (``git worktree add /tmp/before <rev>``), the
+fair "before" when rules changed too. ``--pythonpath DIR`` puts DIR first on PYTHONPATH for every process (the jobs too): point it at the ``src`` of an
 older checkout (``git archive <rev> src | tar -x -C /tmp/old``) to compare before/after in the same session.
 Absolute times depend on the machine's load; compare rows of one session only.
 """
@@ -78,7 +79,8 @@ class Fields(list):
 class Snakemake:
     def __init__(self, spec):
         self.input = Fields(**spec.get("input", {}))
-        self.output = Fields(spec.get("output", []))
+        output = spec.get("output", [])
+        self.output = Fields(**output) if isinstance(output, dict) else Fields(output)
         self.params = Fields(**spec.get("params", {}))
         self.log = Fields(spec.get("log", []))
         self.threads = spec.get("threads", 1)
@@ -105,8 +107,29 @@ def script_specs(work: Path) -> list[tuple[str, dict]]:
     demo = str(DEMO)
     out = str(work)
     return [
-        ("verify", {"script": True, "params": {"dataset": demo}, "output": [f"{out}/verification.json"]}),
-        ("fingerprint", {"script": True, "params": {"dataset": demo}, "output": [f"{out}/fingerprint.json"]}),
+        (
+            "verify",
+            {
+                "script": True,
+                "params": {"dataset": demo},
+                "output": {
+                    "report": f"{out}/verification.json",
+                    "case_fingerprints": f"{out}/case_fingerprints.npz",
+                },
+            },
+        ),
+        (
+            "fingerprint",
+            {
+                "script": True,
+                "input": {
+                    "verification": f"{out}/verification.json",
+                    "case_fingerprints": f"{out}/case_fingerprints.npz",
+                },
+                "params": {"dataset": demo},
+                "output": [f"{out}/fingerprint.json"],
+            },
+        ),
         (
             "plan",
             {
@@ -219,11 +242,14 @@ class Job:
     extra: dict = field(default_factory=dict)
 
 
+WORKFLOW_SOURCE = [REPO]  # --repo: another checkout's workflow (and its src first on PYTHONPATH)
+
+
 def workflow_copy(root: Path) -> Path:
     wd = root / "wf"
     wd.mkdir()
     for name in WORKFLOW_FILES:
-        src = REPO / name
+        src = WORKFLOW_SOURCE[0] / name
         if src.is_dir():
             shutil.copytree(src, wd / name)
         else:
@@ -469,7 +495,15 @@ def main() -> None:
     parser.add_argument("--imports-only", action="store_true", help="only the light scripts' imports")
     parser.add_argument("--no-imports", action="store_true", help="skip the light scripts' imports")
     parser.add_argument("--pythonpath", help="put this folder first on PYTHONPATH (an older checkout's src)")
+    parser.add_argument(
+        "--repo",
+        type=Path,
+        help="run another checkout's workflow and library (e.g. `git worktree add /tmp/before <rev>`): before/after",
+    )
     args = parser.parse_args()
+    if args.repo:
+        WORKFLOW_SOURCE[0] = args.repo.resolve()
+        args.pythonpath = str(args.repo.resolve() / "src")
 
     env = dict(os.environ)
     if args.pythonpath:

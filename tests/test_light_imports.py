@@ -27,7 +27,8 @@ class Fields(list):
 class Snakemake:
     def __init__(self, spec):
         self.input = Fields(**spec.get("input", {}))
-        self.output = Fields(spec["output"])
+        output = spec["output"]
+        self.output = Fields(**output) if isinstance(output, dict) else Fields(output)
         self.params = Fields(**spec.get("params", {}))
         self.log = Fields(spec["log"])
         self.threads = 1
@@ -54,16 +55,41 @@ def test_light_scripts_import_no_torch(tmp_path: Path) -> None:
     verification, fingerprint = tmp_path / "verification.json", tmp_path / "fingerprint.json"
     plans = tmp_path / "plans.json"
 
-    # the jobs that read images: SimpleITK and scipy are their tools, torch and matplotlib are not
+    case_fingerprints = tmp_path / "case_fingerprints.npz"
+
+    # the job that reads the images (verify, which fingerprints each case too): SimpleITK and scipy are its
+    # tools, torch and matplotlib are not
     loaded = run_scripts(
         [
-            ("verify", {"params": {"dataset": demo}, "output": [str(verification)]}),
-            ("fingerprint", {"params": {"dataset": demo}, "output": [str(fingerprint)]}),
+            (
+                "verify",
+                {
+                    "params": {"dataset": demo},
+                    "output": {"report": str(verification), "case_fingerprints": str(case_fingerprints)},
+                },
+            )
         ],
         tmp_path,
     )
     assert "torch" not in loaded and "matplotlib" not in loaded, loaded
-    assert json.loads(verification.read_text())["case_ids"]  # the scripts really ran
+    assert json.loads(verification.read_text())["case_ids"]  # the script really ran
+    assert case_fingerprints.is_file()
+
+    # the fingerprint job only aggregates the cases' fingerprints: no image library
+    loaded = run_scripts(
+        [
+            (
+                "fingerprint",
+                {
+                    "input": {"verification": str(verification), "case_fingerprints": str(case_fingerprints)},
+                    "params": {"dataset": demo},
+                    "output": [str(fingerprint)],
+                },
+            )
+        ],
+        tmp_path,
+    )
+    assert loaded == [], f"fingerprint loaded {loaded}"
     assert fingerprint.is_file()
 
     # the jobs that only read and write JSON load no image library either

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from .cropping import crop_to_nonzero
 from .dataset import CaseFiles, training_cases
 from .imageio import read_images, read_seg
 from .parallel import process_pool, processes_argument
@@ -73,6 +72,8 @@ def fingerprint_arrays(
     """Fingerprint one case from its arrays already in memory (``(C, *spatial)`` float32 images, ``(1, ...)``
     label map): what :func:`fingerprint_case` computes after reading, and the verify step computes on the
     arrays it has just checked, so the dataset is read once for both."""
+    from .cropping import crop_to_nonzero  # scipy: not for the fingerprint job, which only aggregates
+
     original_size = int(np.prod(data.shape[1:]))
     data, seg, _ = crop_to_nonzero(data, seg)
     foreground = seg[0] > 0
