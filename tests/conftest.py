@@ -106,5 +106,6 @@ def finished_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from .test_workflow import DEMO, snakemake, workflow_copy
 
     wd = workflow_copy(tmp_path_factory.mktemp("demo"))
-    snakemake(wd, "--resources", "gpu=1", "--config", f"dataset={DEMO}")
+    # a generous limit: under pytest-xdist the other worker shares the cores
+    snakemake(wd, "--resources", "gpu=1", "--config", f"dataset={DEMO}", timeout=3600)
     return wd
