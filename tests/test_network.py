@@ -221,7 +221,7 @@ def test_deep_supervision_weights():
 
 @pytest.mark.parametrize("dim", [2, 3])
 def test_instance_norm_equals_torch_instance_norm_and_loads_its_weights(dim):
-    """The CPU path (group norm, one channel per group) is torch's instance norm, also on channels-last input."""
+    """The CPU paths (group norm on contiguous maps, the channels-last kernels) are torch's instance norm."""
     torch.manual_seed(0)
     reference = (nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d)(5, eps=1e-5, affine=True)
     with torch.no_grad():
@@ -235,3 +235,53 @@ def test_instance_norm_equals_torch_instance_norm_and_loads_its_weights(dim):
     layout = torch.channels_last_3d if dim == 3 else torch.channels_last
     torch.testing.assert_close(ours(x.contiguous(memory_format=layout)), expected, rtol=1e-5, atol=1e-5)
     assert set(ours.state_dict()) == set(reference.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 5, 12, 10, 11),  # 1320 voxels per map: channels-last forward by group norm
+        (3, 6, 5, 7, 4),  # 140 voxels: by batch norm per sample
+        (2, 5, 40, 30),
+        (3, 6, 7, 5),
+        (1, 4, 9, 8, 7),
+    ],
+)
+def test_instance_norm_gradients_equal_torch_instance_norm_on_channels_last_maps(shape, affine):
+    """Forward and backward of the channels-last CPU path (network._ChannelsLastInstanceNorm) are torch's instance
+    norm's, computed in float64; the output and the input gradient stay channels-last."""
+    torch.manual_seed(0)
+    layout = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    grad = torch.randn(shape, dtype=torch.float64)
+    weight, bias = (
+        torch.rand(shape[1], dtype=torch.float64) + 0.5,
+        torch.rand(shape[1], dtype=torch.float64) - 0.5,
+    )
+    expected_leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    xe, we, be = expected_leaves
+    expected = nn.functional.instance_norm(
+        xe, None, None, we if affine else None, be if affine else None, eps=1e-5
+    )
+    expected.backward(grad)
+
+    ours = InstanceNorm(shape[1], affine=affine)
+    if affine:
+        with torch.no_grad():
+            ours.weight.copy_(weight)
+            ours.bias.copy_(bias)
+    xo = x.float().contiguous(memory_format=layout).requires_grad_()
+    out = ours(xo)
+    out.backward(grad.float().contiguous(memory_format=layout))
+    assert type(out.grad_fn).__name__ == "_ChannelsLastInstanceNormBackward"
+    assert xo.grad is not None
+    assert out.is_contiguous(memory_format=layout) and xo.grad.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(xo.grad.double(), xe.grad, rtol=0, atol=1e-5)
+    if affine:
+        for ours_grad, expected_grad in ((ours.weight.grad, we.grad), (ours.bias.grad, be.grad)):
+            assert ours_grad is not None
+            torch.testing.assert_close(ours_grad.double(), expected_grad, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():  # inference: the same forward, no autograd node
+        torch.testing.assert_close(ours(xo).double(), expected, rtol=0, atol=1e-5)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F  # noqa: N812 (the usual name)
 
 # conv_op strings nnU-Net writes into plans (and the short forms people type by hand) -> spatial dimensions.
@@ -30,15 +31,104 @@ _CONV_DIMS = {
 _NONLINS = {"torch.nn.LeakyReLU", "torch.nn.modules.activation.LeakyReLU", "LeakyReLU"}
 
 
+# torch's channels-last group-norm kernel (aten/src/ATen/native/cpu/group_norm_kernel.cpp, torch 2.x) vectorises
+# over the channels only from this many voxels per map on (its ``feature_map_threshold``); below it, with one
+# channel per group, it walks every channel separately across the map.
+_GROUP_NORM_CL_MIN_VOXELS = 1024
+
+
+def _channels_last(x: torch.Tensor) -> torch.memory_format | None:
+    """The channels-last format ``x`` is laid out in, or None (plain contiguous or anything else)."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is None or x.is_contiguous() or not x.is_contiguous(memory_format=fmt):
+        return None
+    return fmt
+
+
+def _instance_norm_cl_forward(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Instance norm of a channels-last CPU map: output, and per-(sample, channel) mean and 1/std, shape (N, C).
+
+    Large maps take torch's group-norm kernel (one channel per group, vectorised over the channels); small ones
+    (below ``_GROUP_NORM_CL_MIN_VOXELS``, where that kernel goes channel by channel) batch norm per sample, whose
+    channels-last kernel is vectorised over the channels at any size.
+    """
+    n, c = x.shape[0], x.shape[1]
+    voxels = x[0, 0].numel()
+    if voxels >= _GROUP_NORM_CL_MIN_VOXELS:
+        return torch.ops.aten.native_group_norm(x, weight, bias, n, c, voxels, c, eps)
+    parts = [
+        torch.ops.aten.native_batch_norm(xi, weight, bias, None, None, True, 0.0, eps) for xi in x.split(1)
+    ]
+    return (
+        torch.cat([p[0] for p in parts]),
+        torch.stack([p[1] for p in parts]),
+        torch.stack([p[2] for p in parts]),
+    )
+
+
+class _ChannelsLastInstanceNorm(torch.autograd.Function):
+    """Instance norm on channels-last CPU maps with a fast backward: batch-norm backward, one sample at a time.
+
+    The gradient of a sample's instance norm is the batch-norm gradient of that sample alone (same statistics, the
+    channels' affine weights); torch's channels-last batch-norm backward is vectorised over the channels, its
+    group-norm backward with one channel per group is not. Forward as :func:`_instance_norm_cl_forward`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    ) -> torch.Tensor:
+        y, mean, rstd = _instance_norm_cl_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        fmt = _channels_last(x)
+        grad = grad.contiguous(memory_format=fmt if fmt is not None else torch.contiguous_format)
+        mask = list(ctx.needs_input_grad[:3])
+        grads = [
+            torch.ops.aten.native_batch_norm_backward(
+                gi, xi, weight, None, None, mean[i], rstd[i], True, ctx.eps, mask
+            )
+            for i, (gi, xi) in enumerate(zip(grad.split(1), x.split(1), strict=True))
+        ]
+        grad_x = torch.cat([g[0] for g in grads]) if mask[0] else None
+        grad_w = torch.stack([g[1] for g in grads]).sum(0) if mask[1] else None
+        grad_b = torch.stack([g[2] for g in grads]).sum(0) if mask[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
 class InstanceNorm(nn.Module):
     """Instance norm: per-sample, per-channel statistics, one affine scale/shift per channel (2D or 3D).
 
-    The same function and parameters (``weight``, ``bias``: state dicts load both ways with nnU-Net's
-    ``InstanceNorm3d``), computed on the CPU as a group norm with one channel per group: PyTorch's instance norm
-    reshapes through batch norm, which copies channels-last tensors back and forth, while its group-norm kernel
-    works on them directly. Measured (Hippocampus 3d_fullres, batch 9, one core): a training step took 8.9-9.4 s
-    CPU time with this + channels-last + out-of-place leaky ReLU against 11.3-12.0 s for nnU-Net's layers.
-    On CUDA the instance-norm kernel is used, as in nnU-Net.
+    The same function and parameters as nnU-Net's ``InstanceNorm3d`` (``weight``, ``bias``: state dicts load both
+    ways); only the CPU kernels differ, chosen by layout. On CUDA: torch's instance norm, as in nnU-Net.
+
+    On the CPU the U-Nets train in channels-last (``training.trainer._runtime``), where torch's instance norm
+    copies through a contiguous batch norm and its group norm with one channel per group has a slow backward:
+
+    * channels-last float32/64 maps: :class:`_ChannelsLastInstanceNorm` -- forward by torch's group-norm kernel
+      on maps of at least 1024 voxels (its vectorised branch), else batch norm per sample; backward always by
+      batch-norm backward per sample. Per layer, forward + backward, one thread, relative to torch's instance
+      norm on the contiguous map (``benchmarks/norm_layers.py``, ResEnc M Hippocampus 3d_fullres, batch 2):
+      this path 0.61-0.66x on the 2x32x40x56x40 ... 2x128x10x14x10 maps, 1.2x on 2x256x5x7x5; group norm on
+      channels-last (nnsnake before #13) 2.9-3.7x; instance norm on channels-last 2.0-5.1x, on a contiguous
+      copy 2.0-4.0x, plain tensor ops (var_mean, addcmul; autograd's backward) 2.9-4.7x. Forward alone, group
+      norm on channels-last is 0.14-0.42x from 1024 voxels but 3.75x on 2x256x5x7x5 (batch norm: 0.42x).
+    * contiguous maps (channels-last switched off) and bf16/fp16 (autocast): torch's group norm with one channel
+      per group, 0.34-0.74x of its instance norm.
+
+    Whole network, forward + backward, one thread, CPU time relative to group norm on channels-last (minimum of
+    interleaved repeats; ``--network``): ResEnc M Hippocampus 3d_fullres (batch 2) 0.93-0.95 (contiguous layout
+    with group norm: 1.03-1.07), plain 3d_fullres 0.92-0.95 (1.02-1.08), plain 2d at the planned batch 366
+    0.75-0.77 (0.87-1.00), ResEnc M 2d at batch 64 0.80-0.86 (0.84-0.89); ResEnc M 3d_fullres with two threads
+    0.95 wall time (contiguous 1.04).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
@@ -52,9 +142,19 @@ class InstanceNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
-        return F.instance_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if x.device.type != "cpu":
+            return F.instance_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if (
+            x.dtype in (torch.float32, torch.float64)
+            and (self.weight is None or self.weight.dtype == x.dtype)
+            and _channels_last(x) is not None
+        ):
+            if torch.is_grad_enabled() and (
+                x.requires_grad or (self.weight is not None and self.weight.requires_grad)
+            ):
+                return _ChannelsLastInstanceNorm.apply(x, self.weight, self.bias, self.eps)
+            return _instance_norm_cl_forward(x, self.weight, self.bias, self.eps)[0]
+        return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"

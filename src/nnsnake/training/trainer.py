@@ -126,8 +126,10 @@ def _runtime(settings: TrainingSettings, device: torch.device, config_patch_size
         else (device.type == "cuda" and not settings.deterministic)
     )
     # Measured on an H100 (benchmarks/train.py --gpu): channels-last made the compiled 3D U-Net slower (48 vs
-    # 51 it/s on Hippocampus), so on CUDA it is used for 2D convolutions only. On the CPU (oneDNN) it makes the
-    # 3D step about 15 % cheaper together with network.InstanceNorm's group-norm path.
+    # 51 it/s on Hippocampus), so on CUDA it is used for 2D convolutions only. On the CPU (oneDNN) it is on for
+    # every architecture: with network.InstanceNorm's channels-last kernels a forward + backward (one thread,
+    # benchmarks/norm_layers.py --network) in the contiguous layout costs 1.11-1.15x the channels-last one for
+    # ResEnc M Hippocampus 3d_fullres and the plain 3d_fullres, 1.04-1.31x for the 2d configurations.
     channels_last = (
         settings.channels_last
         if settings.channels_last is not None
