@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from common import SHARED, anchor_bin, dataset_id, link_raw, nnunet_env, print_table
+from common import SHARED, anchor_bin, dataset_id, link_raw, nnunet_env, print_table, without_stopped_slurm
 from workflow_overhead import (
     logged_work,
     parse_snakemake_log,
@@ -312,6 +312,9 @@ def main() -> None:
 
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
+    slurm_note = without_stopped_slurm(env)
+    if slurm_note:
+        print(slurm_note)
     start_line = load_line("start")
     print(
         f"cost growth, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, "
