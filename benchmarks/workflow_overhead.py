@@ -24,10 +24,12 @@ scheduling), the time no job process ran (all of Snakemake's own overhead, check
 the gaps over 0.3 s between jobs (the one after the plan checkpoint is its re-evaluation), and the time of
 ``snakemake -n`` before the run and after it (nothing to do) plus ``python -m snakemake --version`` (start-up).
 
-The light scripts' imports are measured first: each of verify, fingerprint, plan, splits and derive_plans runs as
-its workflow script (``workflow/scripts/<name>.py``, with a stand-in for Snakemake's ``snakemake`` object) on the
-demo in a fresh interpreter; crossval_table and postprocessing_table (which need a trained model) import what
-their step function imports. Printed: import time of ``nnsnake.steps``, the step's whole time (wall, CPU), which
+The light rules' imports are measured first, on the demo in a fresh interpreter each: verify runs as its
+workflow script (``workflow/scripts/verify.py``, with a stand-in for Snakemake's ``snakemake`` object);
+fingerprint, plan, splits and derive_plans run their step under ``steps.job_log`` as ``run_step`` does inside
+Snakemake's own process; crossval_table and postprocessing_table (which need a trained model) import what their
+step function imports. Rules run by ``run_step`` have no process of their own in the workflow runs: the tables
+show Snakemake's job times for them. Printed: import time of ``nnsnake.steps``, the step's whole time (wall, CPU), which
 heavy modules (torch, matplotlib, scipy, SimpleITK, pandas, nibabel) got loaded.
 
 ``--repo DIR`` runs another checkout's workflow files and library (``git worktree add /tmp/before <rev>``), the
@@ -88,6 +90,9 @@ class Snakemake:
 spec = json.loads(sys.argv[2])
 if spec.get("script"):
     runpy.run_path(sys.argv[1], init_globals={"snakemake": Snakemake(spec)})
+elif spec.get("step"):  # a light rule: run_step runs the step inside Snakemake's own process
+    with steps.job_log(spec["log"][0]):
+        getattr(steps, spec["step"])(*spec["args"], **spec.get("kwargs", {}))
 else:  # import only what the step function imports
     import importlib
     for module in spec["modules"]:
@@ -121,46 +126,29 @@ def script_specs(work: Path) -> list[tuple[str, dict]]:
         (
             "fingerprint",
             {
-                "script": True,
-                "input": {
-                    "verification": f"{out}/verification.json",
-                    "case_fingerprints": f"{out}/case_fingerprints.npz",
-                },
-                "params": {"dataset": demo},
-                "output": [f"{out}/fingerprint.json"],
+                "step": "fingerprint",
+                "args": [demo, f"{out}/fingerprint.json"],
+                "kwargs": {"case_fingerprints": f"{out}/case_fingerprints.npz"},
             },
         ),
         (
             "plan",
             {
-                "script": True,
-                "input": {"fingerprint": f"{out}/fingerprint.json", "dataset_json": f"{demo}/dataset.json"},
-                "params": {
-                    "dataset": demo,
-                    "gpu_memory_target_gb": 8.0,
-                    "overwrite_target_spacing": None,
-                    "planner": "ExperimentPlanner",
-                    "extra_configurations": {},
-                    "transfer_plans_from": None,
-                },
-                "output": [f"{out}/plans.json"],
+                "step": "plan",
+                "args": [f"{out}/fingerprint.json", demo, f"{out}/plans.json"],
+                "kwargs": {"gpu_memory_target_gb": 8.0, "planner": "ExperimentPlanner"},
             },
         ),
-        (
-            "splits",
-            {
-                "script": True,
-                "input": {"verification": f"{out}/verification.json", "user_splits": []},
-                "output": [f"{out}/splits.json"],
-            },
-        ),
+        ("splits", {"step": "splits", "args": [f"{out}/verification.json", f"{out}/splits.json", None]}),
         (
             "derive_plans",
             {
-                "script": True,
-                "input": {"plans": f"{out}/plans.json"},
-                "params": {"entries": {"3d_fullres_bs4": {"inherits_from": "3d_fullres", "batch_size": 4}}},
-                "output": [f"{out}/derived/3d_fullres_bs4/plans.json"],
+                "step": "derive_plans",
+                "args": [
+                    f"{out}/plans.json",
+                    {"3d_fullres_bs4": {"inherits_from": "3d_fullres", "batch_size": 4}},
+                    f"{out}/derived/3d_fullres_bs4/plans.json",
+                ],
             },
         ),
         ("crossval_table", {"modules": step_function_modules("crossval_table")}),
@@ -205,7 +193,7 @@ def measure_imports(env: dict[str, str]) -> None:
             rows.append(
                 (
                     name,
-                    "runs script" if spec.get("script") else "imports",
+                    "runs script" if spec.get("script") else "runs step" if spec.get("step") else "imports",
                     f"{result['import_steps']:.2f}",
                     f"{result['total']:.2f}",
                     f"{cpu:.2f}",

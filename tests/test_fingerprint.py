@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnsnake.fingerprint import WeightedSample, _draw_counts, extract_fingerprint
+from nnsnake.fingerprint import (
+    CaseFingerprint,
+    _draw_counts,
+    aggregate_case_fingerprint_file,
+    aggregate_fingerprints,
+    extract_fingerprint,
+    intensity_properties,
+    write_case_fingerprints,
+)
 from nnsnake.jsonio import read_json
 
 DATASETS = [
@@ -22,18 +30,59 @@ DATASETS = [
 ]
 
 
-def test_weighted_order_statistics_equal_numpy() -> None:
-    """Percentiles of (value, count) pairs equal np.percentile on the expanded sample."""
+@pytest.mark.parametrize("batch_entries", [7, 1 << 20])
+def test_streamed_order_statistics_equal_numpy(batch_entries: int) -> None:
+    """The two-pass histogram statistics of (value, count) pairs spread over cases equal numpy's on the expanded
+    sample: negatives, zeros of both signs, ties across cases, values sharing a coarse bin, one batch or many."""
     rng = np.random.default_rng(3)
-    values = rng.normal(size=300).astype(np.float32)
-    counts = rng.integers(1, 40, size=300)
-    expanded = np.repeat(values.astype(np.float64), counts)
-    sample = WeightedSample(values, counts)
-    for q in (0.0, 0.5, 10, 50, 73.3, 99.5, 100):
-        assert sample.percentile(q) == pytest.approx(float(np.percentile(expanded, q)), rel=1e-12, abs=1e-12)
-    assert sample.mean() == pytest.approx(float(expanded.mean()), rel=1e-12)
-    assert sample.std() == pytest.approx(float(expanded.std()), rel=1e-12)
-    assert sample.percentile(50) == pytest.approx(float(np.median(expanded)), rel=1e-12)
+    cases = []
+    for _ in range(9):
+        values = rng.normal(scale=300, size=rng.integers(0, 80)).astype(np.float32)
+        values[: values.size // 4] = np.float32(1.5) + np.float32(2**-20) * rng.integers(
+            0, 3, values.size // 4
+        )
+        cases.append((values, rng.integers(1, 40, size=values.size)))
+    cases.append((np.array([-0.0, 0.0, -1e-30], np.float32), np.array([5, 3, 1])))
+    expanded = np.concatenate([np.repeat(v.astype(np.float64), c) for v, c in cases])
+    props = intensity_properties(lambda: iter(cases), batch_entries=batch_entries)
+    assert props["median"] == float(np.median(expanded))
+    assert props["percentile_00_5"] == float(np.percentile(expanded, 0.5))
+    assert props["percentile_99_5"] == float(np.percentile(expanded, 99.5))
+    assert (props["min"], props["max"]) == (expanded.min(), expanded.max())
+    assert props["mean"] == pytest.approx(float(expanded.mean()), rel=1e-12)
+    assert props["std"] == pytest.approx(float(expanded.std()), rel=1e-12)
+    assert list(props) == ["max", "mean", "median", "min", "percentile_00_5", "percentile_99_5", "std"]
+    empty = intensity_properties(lambda: iter([(np.zeros(0, np.float32), np.zeros(0, np.int64))]))
+    assert all(math.isnan(v) for v in empty.values())
+
+
+def test_case_fingerprint_file_is_aggregated_in_bounded_memory(tmp_path: Path) -> None:
+    """The fingerprint step's memory does not grow with the cases: the file's 300 cases x 20,000 (value, count)
+    pairs (72 MB as float32 + int64 arrays) are aggregated in one batch's worth of memory, to the same result as
+    the cases held in memory."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    fingerprints = {
+        f"case_{i:03d}": CaseFingerprint(
+            spacing=[1.0, 1.0, 2.0],
+            shape_after_crop=[10, 20, 30],
+            relative_size_after_cropping=0.5 + i / 1000,
+            sampled_values=[rng.normal(size=20_000).astype(np.float32)],
+            sampled_counts=[rng.integers(1, 5, size=20_000)],
+        )
+        for i in range(300)
+    }
+    path = tmp_path / "case_fingerprints.npz"
+    write_case_fingerprints(path, fingerprints)
+    in_memory = aggregate_fingerprints([fingerprints[c] for c in sorted(fingerprints)], 1)
+    del fingerprints
+    tracemalloc.start()
+    from_file = aggregate_case_fingerprint_file(path, [f"case_{i:03d}" for i in range(300)])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert from_file == in_memory
+    assert peak < 25e6, peak  # one batch of 2^18 pairs with its temporaries, and the histograms
 
 
 def test_draw_counts_consume_the_rng_like_choice() -> None:

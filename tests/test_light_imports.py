@@ -1,8 +1,10 @@
-"""Light rules stay light: the verify, fingerprint, plan, splits and derive_plans scripts load no torch and no
-matplotlib (torch alone costs a job seconds of start-up, more than the work of most of these rules).
+"""Light rules stay light: verify, fingerprint, plan, splits and derive_plans load no torch and no matplotlib
+(torch alone costs a job seconds of start-up, more than the work of most of these rules).
 
-Each script runs as the workflow runs it, in a fresh interpreter with a stand-in for Snakemake's ``snakemake``
-object, on the embedded demo; the subprocess then reports which heavy modules got imported.
+The verify script runs as the workflow runs it, in a fresh interpreter with a stand-in for Snakemake's
+``snakemake`` object; the steps of the rules that run inside Snakemake's own process (run_step) run as it runs
+them, under ``steps.job_log``. Both on the embedded demo; the subprocess then reports which heavy modules got
+imported.
 """
 
 from __future__ import annotations
@@ -50,7 +52,33 @@ def run_scripts(runs: list[tuple[str, dict]], cwd: Path) -> list[str]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_light_scripts_import_no_torch(tmp_path: Path) -> None:
+STEP_RUNNER = r"""
+import json, sys
+from nnsnake import steps
+
+for name, args, kwargs, log in json.loads(sys.argv[1]):
+    with steps.job_log(log):
+        getattr(steps, name)(*args, **kwargs)
+heavy = ("torch", "matplotlib", "SimpleITK", "scipy", "pandas")
+print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
+"""
+
+
+def run_steps(runs: list[tuple[str, list, dict]], cwd: Path) -> list[str]:
+    """Run the steps one after the other as run_step does (in one fresh interpreter); the heavy modules loaded."""
+    plan = [(name, args, kwargs, str(cwd / f"{name}.log")) for name, args, kwargs in runs]
+    result = subprocess.run(
+        [sys.executable, "-c", STEP_RUNNER, json.dumps(plan)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_light_steps_import_no_torch(tmp_path: Path) -> None:
     demo = str(DEMO)
     verification, fingerprint = tmp_path / "verification.json", tmp_path / "fingerprint.json"
     plans = tmp_path / "plans.json"
@@ -75,61 +103,62 @@ def test_light_scripts_import_no_torch(tmp_path: Path) -> None:
     assert json.loads(verification.read_text())["case_ids"]  # the script really ran
     assert case_fingerprints.is_file()
 
-    # the fingerprint job only aggregates the cases' fingerprints: no image library
-    loaded = run_scripts(
+    # the light rules run their steps inside Snakemake's own process (run_step): the fingerprint job only
+    # aggregates the cases' fingerprints, the others read and write JSON; none loads an image library
+    loaded = run_steps(
         [
-            (
-                "fingerprint",
-                {
-                    "input": {"verification": str(verification), "case_fingerprints": str(case_fingerprints)},
-                    "params": {"dataset": demo},
-                    "output": [str(fingerprint)],
-                },
-            )
-        ],
-        tmp_path,
-    )
-    assert loaded == [], f"fingerprint loaded {loaded}"
-    assert fingerprint.is_file()
-
-    # the jobs that only read and write JSON load no image library either
-    loaded = run_scripts(
-        [
+            ("fingerprint", [demo, str(fingerprint)], {"case_fingerprints": str(case_fingerprints)}),
             (
                 "plan",
-                {
-                    "input": {"fingerprint": str(fingerprint), "dataset_json": f"{demo}/dataset.json"},
-                    "params": {
-                        "dataset": demo,
-                        "gpu_memory_target_gb": 8.0,
-                        "overwrite_target_spacing": None,
-                        "planner": "ExperimentPlanner",
-                        "extra_configurations": {},
-                        "transfer_plans_from": None,
-                    },
-                    "output": [str(plans)],
-                },
+                [str(fingerprint), demo, str(plans)],
+                {"gpu_memory_target_gb": 8.0, "planner": "ExperimentPlanner"},
             ),
-            (
-                "splits",
-                {
-                    "input": {"verification": str(verification), "user_splits": []},
-                    "output": [str(tmp_path / "splits.json")],
-                },
-            ),
+            ("splits", [str(verification), str(tmp_path / "splits.json"), None], {}),
             (
                 "derive_plans",
-                {
-                    "input": {"plans": str(plans)},
-                    "params": {
-                        "entries": {"3d_fullres_bs4": {"inherits_from": "3d_fullres", "batch_size": 4}}
-                    },
-                    "output": [str(tmp_path / "derived.json")],
-                },
+                [
+                    str(plans),
+                    {"3d_fullres_bs4": {"inherits_from": "3d_fullres", "batch_size": 4}},
+                    str(tmp_path / "derived.json"),
+                ],
+                {},
             ),
         ],
         tmp_path,
     )
-    assert loaded == [], f"plan/splits/derive_plans loaded {loaded}"
+    assert loaded == [], f"fingerprint/plan/splits/derive_plans loaded {loaded}"
+    assert fingerprint.is_file()
     assert "3d_fullres" in json.loads(plans.read_text())["configurations"]
     assert len(json.loads((tmp_path / "splits.json").read_text())) == 5
+    assert "fingerprint of 24 cases" in (tmp_path / "fingerprint.log").read_text()
+
+
+def test_job_log_takes_its_threads_records_and_the_error(tmp_path: Path) -> None:
+    """A step run inside a shared process logs to its rule's log file: its own thread's records and the error
+    that ends it, not another thread's records."""
+    import threading
+
+    import pytest
+
+    from nnsnake import steps
+
+    other_started, first_done = threading.Event(), threading.Event()
+
+    def other_job() -> None:
+        with steps.job_log(tmp_path / "other.log"):
+            other_started.set()
+            first_done.wait(10)
+            steps.log.info("other job's line")
+
+    thread = threading.Thread(target=other_job)
+    thread.start()
+    other_started.wait(10)
+    with pytest.raises(ValueError, match="broken input"), steps.job_log(tmp_path / "job.log"):
+        steps.log.info("job's line")
+        raise ValueError("broken input")
+    first_done.set()
+    thread.join(10)
+    job_log, other_log = (tmp_path / "job.log").read_text(), (tmp_path / "other.log").read_text()
+    assert "job's line" in job_log and "ValueError: broken input" in job_log and "other" not in job_log
+    assert "other job's line" in other_log and "job's line" not in other_log.replace("other job's line", "")
+    assert not steps.log.handlers  # nothing left behind in the shared process

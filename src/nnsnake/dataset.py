@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +50,6 @@ class VerificationReport:
     n_cases: int
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    # case id -> fingerprint.CaseFingerprint, when verify_dataset was asked for them (not part of the JSON report)
-    case_fingerprints: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -693,14 +691,16 @@ def verify_dataset(
     processes: int = 1,
     progress: bool = False,
     *,
-    fingerprints: bool = False,
+    fingerprint_sink: Callable[[str, Any], None] | None = None,
     num_processes: int | None = None,
 ) -> VerificationReport:
     """Check a raw dataset completely and return every problem found (does not raise).
 
     ``processes`` worker processes read the cases (``num_processes`` is its deprecated name). With
-    ``fingerprints`` the report's ``case_fingerprints`` also holds each sound case's fingerprint, computed from
-    the arrays just checked (the workflow's verify job: the fingerprint job then reads no image again).
+    ``fingerprint_sink`` each sound case's fingerprint (:class:`nnsnake.fingerprint.CaseFingerprint`), computed
+    from the arrays just checked, is handed to ``fingerprint_sink(case_id, fingerprint)`` as it arrives, in case
+    order (the workflow's verify job streams them to a file: the fingerprint job then reads no image again, and
+    neither holds the dataset's samples).
     """
     from .runtime import (
         progress as progress_bar,
@@ -749,7 +749,7 @@ def verify_dataset(
         )
     allowed = allowed_label_values(dataset_json)
     n_samples = None
-    if fingerprints:
+    if fingerprint_sink is not None:
         from .fingerprint import samples_per_case
 
         n_samples = samples_per_case(len(cases))
@@ -757,13 +757,33 @@ def verify_dataset(
     if processes > 1:
         with process_pool(processes) as pool:
             checked = pool.map(_verify_case_star, jobs, chunksize=4)
-            results = list(progress_bar(checked, total=len(jobs), description="verify", enabled=progress))
+            _collect(
+                report,
+                jobs,
+                progress_bar(checked, total=len(jobs), description="verify", enabled=progress),
+                fingerprint_sink,
+            )
     else:
         checked = map(_verify_case_star, jobs)
-        results = list(progress_bar(checked, total=len(jobs), description="verify", enabled=progress))
+        _collect(
+            report,
+            jobs,
+            progress_bar(checked, total=len(jobs), description="verify", enabled=progress),
+            fingerprint_sink,
+        )
+    return report
+
+
+def _collect(
+    report: VerificationReport,
+    jobs: list[tuple[str, CaseFiles, list[int], int | None]],
+    results: Iterable[tuple[list[Problem], list[str], Any]],
+    fingerprint_sink: Callable[[str, Any], None] | None,
+) -> None:
+    """Add the cases' problems to ``report`` and pass their fingerprints on as they arrive (none is kept)."""
     for (case_id, *_), (problems, warnings, fingerprint) in zip(jobs, results, strict=True):
         report.problems.extend(problems)
         report.warnings.extend(warnings)
-        if fingerprint is not None:
-            report.case_fingerprints[case_id] = fingerprint
-    return report
+        # once any problem is known the report fails and no fingerprint is written: stop passing them on
+        if fingerprint is not None and fingerprint_sink is not None and not report.problems:
+            fingerprint_sink(case_id, fingerprint)

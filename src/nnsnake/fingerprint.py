@@ -5,14 +5,17 @@ Per case: read, crop to the nonzero region, record spacing and cropped shape, an
 (fresh per case, channels in order), exactly as nnU-Net does. nnU-Net then concatenates up to 10^8 samples
 and sorts them for percentiles. We get the *same* statistics without materialising the samples: a draw with
 replacement is fully described by how often each foreground voxel was drawn, so each case returns its
-distinct drawn values with their counts and the percentiles are exact weighted order statistics. This is
-what makes the step fast and light on memory.
+distinct drawn values with their counts and the percentiles are exact weighted order statistics, found by
+two histogram passes over the cases (:func:`intensity_properties`) rather than one sort of everything. This is
+what makes the step fast, and its memory the same for 50 cases as for 5000.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,52 +107,98 @@ def _lerp(a: float, b: float, t: float) -> float:
     return b - diff * (1 - t) if t >= 0.5 else a + diff * t
 
 
-class WeightedSample:
-    """A multiset of values given as (value, count) pairs, with numpy-identical order statistics."""
+# Exact order statistics in bounded memory. Every float32 maps to a uint32 key that sorts as the numbers do; a
+# weighted histogram of the keys' high 16 bits (pass 1) finds the bin of each wanted rank, a histogram of the low
+# 16 bits inside those bins (pass 2) finds the value. Memory: two 65536-bin histograms per wanted bin and one batch
+# of samples, whatever the number of cases; the result is what sorting the expanded sample would give.
+_HALF_BITS = 16
+_BINS = 1 << _HALF_BITS
+BATCH_ENTRIES = 1 << 18  # (value, count) pairs handled at once: about 15 MB of temporaries
+_PERCENTILES = {"median": 50.0, "percentile_00_5": 0.5, "percentile_99_5": 99.5}
+INTENSITY_KEYS = ("max", "mean", "median", "min", "percentile_00_5", "percentile_99_5", "std")
 
-    def __init__(self, values: np.ndarray, counts: np.ndarray):
-        order = np.argsort(values, kind="stable")
-        self.values = values[order].astype(np.float64)
-        self.cumulative = np.cumsum(counts[order])
-        self.n = int(self.cumulative[-1]) if self.cumulative.size else 0
-        self._counts = counts[order]
-
-    def order_statistic(self, k: int) -> float:
-        return float(self.values[np.searchsorted(self.cumulative, k, side="right")])
-
-    def percentile(self, q: float) -> float:
-        h = (self.n - 1) * (q / 100.0)
-        lo = int(np.floor(h))
-        hi = min(lo + 1, self.n - 1)
-        return _lerp(self.order_statistic(lo), self.order_statistic(hi), h - lo)
-
-    def mean(self) -> float:
-        return float(np.dot(self.values, self._counts) / self.n)
-
-    def std(self) -> float:
-        mean = self.mean()
-        return float(np.sqrt(np.dot((self.values - mean) ** 2, self._counts) / self.n))
+SampleSource = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 
 
-def intensity_properties(values: list[np.ndarray], counts: list[np.ndarray]) -> dict[str, float]:
-    """mean/median/std/min/max/p0.5/p99.5 of the pooled samples of one channel (NaN if none)."""
-    all_values = np.concatenate(values) if values else np.zeros(0)
-    all_counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-    if all_values.size == 0:
-        nan = float("nan")
-        return dict.fromkeys(
-            ("max", "mean", "median", "min", "percentile_00_5", "percentile_99_5", "std"), nan
-        )
-    sample = WeightedSample(all_values, all_counts)
-    return {
-        "max": float(sample.values[-1]),
-        "mean": sample.mean(),
-        "median": sample.percentile(50.0),
-        "min": float(sample.values[0]),
-        "percentile_00_5": sample.percentile(0.5),
-        "percentile_99_5": sample.percentile(99.5),
-        "std": sample.std(),
-    }
+def _sort_keys(values: np.ndarray) -> np.ndarray:
+    """uint32 keys ordered as the float32 values are (sign bit set for positives, all bits flipped for negatives)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x80000000))
+
+
+def _key_value(key: int) -> float:
+    bits = key & 0x7FFFFFFF if key >> 31 else ~key & 0xFFFFFFFF
+    return float(np.array(bits, dtype=np.uint32).view(np.float32))
+
+
+def _batches(samples: Iterable[tuple[np.ndarray, np.ndarray]], batch_entries: int) -> Iterator[tuple]:
+    """(values float32, counts int64) in batches of about ``batch_entries`` pairs, empty pieces skipped."""
+    values: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
+    size = 0
+    for case_values, case_counts in samples:
+        if case_values.size == 0:
+            continue
+        values.append(np.asarray(case_values, dtype=np.float32))
+        counts.append(np.asarray(case_counts, dtype=np.int64))
+        size += case_values.size
+        if size >= batch_entries:
+            yield np.concatenate(values), np.concatenate(counts)
+            values, counts, size = [], [], 0
+    if values:
+        yield np.concatenate(values), np.concatenate(counts)
+
+
+def _weighted_histogram(bins: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    # float64 weights are exact here: a channel has at most 10^8 draws
+    return np.bincount(bins, weights=counts, minlength=_BINS).astype(np.int64)
+
+
+def intensity_properties(samples: SampleSource, batch_entries: int = BATCH_ENTRIES) -> dict[str, float]:
+    """mean/median/std/min/max/p0.5/p99.5 of one channel's pooled samples (NaN if none), in bounded memory.
+
+    ``samples()`` yields each case's distinct drawn values and their draw counts, and is called twice (two
+    passes). Order statistics are exact (numpy's percentile on the expanded sample); mean and std are float64
+    sums, where nnU-Net's float32 sums of 10^8 samples differ from the exact value in the 7th digit.
+    """
+    n, total, low, high = 0, 0.0, math.inf, -math.inf
+    coarse = np.zeros(_BINS, np.int64)
+    for values, counts in _batches(samples(), batch_entries):
+        n += int(counts.sum())
+        total += float(np.dot(values.astype(np.float64), counts))
+        low, high = min(low, float(values.min())), max(high, float(values.max()))
+        coarse += _weighted_histogram(_sort_keys(values) >> np.uint32(_HALF_BITS), counts)
+    if n == 0:
+        return dict.fromkeys(INTENSITY_KEYS, float("nan"))
+    mean = total / n
+    ranks: dict[str, tuple[int, int, float]] = {}
+    for name, q in _PERCENTILES.items():
+        h = (n - 1) * (q / 100.0)
+        rank = int(np.floor(h))
+        ranks[name] = (rank, min(rank + 1, n - 1), h - rank)
+    coarse_end = np.cumsum(coarse)
+    bin_of = {k: int(np.searchsorted(coarse_end, k, side="right")) for r in ranks.values() for k in r[:2]}
+    fine = {b: np.zeros(_BINS, np.int64) for b in set(bin_of.values())}
+    squares = 0.0
+    for values, counts in _batches(samples(), batch_entries):
+        squares += float(np.dot((values.astype(np.float64) - mean) ** 2, counts))
+        keys = _sort_keys(values)
+        high_bits = keys >> np.uint32(_HALF_BITS)
+        for b, histogram in fine.items():
+            inside = high_bits == b
+            if inside.any():
+                histogram += _weighted_histogram(keys[inside] & np.uint32(_BINS - 1), counts[inside])
+
+    def order_statistic(k: int) -> float:
+        b = bin_of[k]
+        below = int(coarse_end[b - 1]) if b else 0
+        low_bits = int(np.searchsorted(np.cumsum(fine[b]), k - below, side="right"))
+        return _key_value((b << _HALF_BITS) | low_bits)
+
+    result = {"max": high, "mean": mean, "min": low, "std": float(np.sqrt(squares / n))}
+    for name, (lo_rank, hi_rank, fraction) in ranks.items():
+        result[name] = _lerp(order_statistic(lo_rank), order_statistic(hi_rank), fraction)
+    return {key: result[key] for key in INTENSITY_KEYS}
 
 
 def _fingerprint_job(args: tuple[CaseFiles, int]) -> CaseFingerprint:
@@ -165,7 +214,9 @@ def extract_fingerprint(
 ) -> dict[str, Any]:
     """Fingerprint a verified raw dataset; returns nnU-Net's ``dataset_fingerprint.json`` content.
 
-    ``processes`` worker processes read the cases (``num_processes`` is its deprecated name).
+    ``processes`` worker processes read the cases (``num_processes`` is its deprecated name). The cases' samples
+    are kept in memory here; the workflow's verify step streams them to a file instead
+    (:class:`CaseFingerprintWriter`), which :func:`aggregate_case_fingerprint_file` reads in bounded memory.
     """
     from .runtime import progress as progress_bar  # imports torch: only when a fingerprint is computed
 
@@ -187,70 +238,134 @@ def extract_fingerprint(
     return aggregate_fingerprints(results, len(dataset_json["channel_names"]))
 
 
+def _fingerprint_json(
+    spacings: Sequence[Sequence[float]],
+    shapes_after_crop: Sequence[Sequence[int]],
+    relative_sizes: Sequence[float],
+    channel_samples: Sequence[SampleSource],
+) -> dict[str, Any]:
+    return {
+        "foreground_intensity_properties_per_channel": {
+            str(c): intensity_properties(samples) for c, samples in enumerate(channel_samples)
+        },
+        "median_relative_size_after_cropping": float(np.median(np.asarray(relative_sizes, dtype=np.float64))),
+        "shapes_after_crop": [[int(s) for s in shape] for shape in shapes_after_crop],
+        "spacings": [[float(s) for s in spacing] for spacing in spacings],
+    }
+
+
 def aggregate_fingerprints(results: Sequence[CaseFingerprint], n_channels: int) -> dict[str, Any]:
     """nnU-Net's ``dataset_fingerprint.json`` content from the cases' fingerprints (in sorted case order)."""
-    properties = {
-        str(c): intensity_properties(
-            [r.sampled_values[c] for r in results], [r.sampled_counts[c] for r in results]
-        )
-        for c in range(n_channels)
-    }
-    return {
-        "foreground_intensity_properties_per_channel": properties,
-        "median_relative_size_after_cropping": float(
-            np.median([r.relative_size_after_cropping for r in results])
-        ),
-        "shapes_after_crop": [r.shape_after_crop for r in results],
-        "spacings": [r.spacing for r in results],
-    }
+
+    def channel(c: int) -> SampleSource:
+        return lambda: ((r.sampled_values[c], r.sampled_counts[c]) for r in results)
+
+    return _fingerprint_json(
+        [r.spacing for r in results],
+        [r.shape_after_crop for r in results],
+        [r.relative_size_after_cropping for r in results],
+        [channel(c) for c in range(n_channels)],
+    )
 
 
-# On-disk form of the cases' fingerprints (the verify step's second output, read by the fingerprint step): one
-# .npz of plain arrays (no pickle), cases in sorted order. Per channel c the cases' distinct sampled values and
-# their draw counts are concatenated ("values_c", "counts_c"); "offsets_c" (n_cases + 1) says where each starts.
-CASE_FINGERPRINTS_FORMAT = "nnsnake-case-fingerprints-1"
+# On-disk form of the cases' fingerprints (the verify step's second output, read by the fingerprint step): an
+# uncompressed .npz of plain arrays (no pickle), written one case at a time so neither step holds the dataset's
+# samples. Case i (in the order written; "case_ids" says which) has, per channel c, "values_c_i" (float32: the
+# distinct drawn foreground values) and "counts_c_i" (int32: how often each was drawn); "spacings",
+# "shapes_after_crop" and "relative_sizes" hold one row per case, "n_channels" the channel count.
+CASE_FINGERPRINTS_FORMAT = "nnsnake-case-fingerprints-2"
+
+
+class CaseFingerprintWriter:
+    """Writes cases' fingerprints to ``path`` as they come (memory: one case); the file appears only on
+    :meth:`close`, so a failed step leaves no partial file. A context manager: closes on success, else aborts."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._zip = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self._case_ids: list[str] = []
+        self._spacings: list[list[float]] = []
+        self._shapes: list[list[int]] = []
+        self._relative_sizes: list[float] = []
+        self._n_channels: int | None = None
+
+    def _member(self, name: str, array: np.ndarray) -> None:
+        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array(fh, array, allow_pickle=False)
+
+    def add(self, case_id: str, fingerprint: CaseFingerprint) -> None:
+        n_channels = len(fingerprint.sampled_values)
+        if self._n_channels is None:
+            self._n_channels = n_channels
+        elif n_channels != self._n_channels:
+            raise ValueError(f"case {case_id} has {n_channels} channels, the others {self._n_channels}")
+        i = len(self._case_ids)
+        for c, (values, counts) in enumerate(
+            zip(fingerprint.sampled_values, fingerprint.sampled_counts, strict=True)
+        ):
+            self._member(f"values_{c}_{i}", values.astype(np.float32, copy=False))
+            self._member(f"counts_{c}_{i}", counts.astype(np.int32, copy=False))  # <= 10^8 draws
+        self._case_ids.append(case_id)
+        self._spacings.append(list(fingerprint.spacing))
+        self._shapes.append(list(fingerprint.shape_after_crop))
+        self._relative_sizes.append(fingerprint.relative_size_after_cropping)
+
+    def close(self) -> None:
+        """Write the per-case table and move the file into place."""
+        self._member("format", np.array(CASE_FINGERPRINTS_FORMAT))
+        self._member("n_channels", np.array(self._n_channels or 0, dtype=np.int64))
+        self._member("case_ids", np.array(self._case_ids, dtype=str))
+        self._member("spacings", np.array(self._spacings, dtype=np.float64))
+        self._member("shapes_after_crop", np.array(self._shapes, dtype=np.int64))
+        self._member("relative_sizes", np.array(self._relative_sizes, dtype=np.float64))
+        self._zip.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._zip.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> CaseFingerprintWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_case_fingerprints(path: str | os.PathLike, fingerprints: Mapping[str, CaseFingerprint]) -> None:
     """Write the cases' fingerprints (any order in, sorted case ids out), atomically."""
-    case_ids = sorted(fingerprints)
-    results = [fingerprints[cid] for cid in case_ids]
-    n_channels = len(results[0].sampled_values) if results else 0
-    arrays: dict[str, np.ndarray] = {
-        "format": np.array(CASE_FINGERPRINTS_FORMAT),
-        "case_ids": np.array(case_ids, dtype=str),
-        "spacings": np.array([r.spacing for r in results], dtype=np.float64),
-        "shapes_after_crop": np.array([r.shape_after_crop for r in results], dtype=np.int64),
-        "relative_sizes": np.array([r.relative_size_after_cropping for r in results], dtype=np.float64),
-    }
-    for c in range(n_channels):
-        sizes = [r.sampled_values[c].size for r in results]
-        arrays[f"offsets_{c}"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        arrays[f"values_{c}"] = np.concatenate([r.sampled_values[c] for r in results]).astype(np.float32)
-        arrays[f"counts_{c}"] = np.concatenate([r.sampled_counts[c] for r in results]).astype(np.int64)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    with CaseFingerprintWriter(path) as writer:
+        for case_id in sorted(fingerprints):
+            writer.add(case_id, fingerprints[case_id])
 
 
-def read_case_fingerprints(path: str | os.PathLike) -> dict[str, CaseFingerprint]:
-    """The cases' fingerprints written by :func:`write_case_fingerprints`, by case id (sorted)."""
+def aggregate_case_fingerprint_file(path: str | os.PathLike, case_ids: Sequence[str]) -> dict[str, Any]:
+    """nnU-Net's ``dataset_fingerprint.json`` content from a file of :class:`CaseFingerprintWriter`, for the
+    cases ``case_ids`` (they must be exactly the file's). Each case's samples are read when the statistics need
+    them (twice), so memory does not grow with the number of cases."""
     with np.load(path, allow_pickle=False) as npz:
-        if "format" not in npz or str(npz["format"]) != CASE_FINGERPRINTS_FORMAT:
-            raise ValueError(f"{path}: not an nnsnake case-fingerprint file; rerun the verify step")
-        case_ids = [str(c) for c in npz["case_ids"]]
-        n_channels = sum(1 for key in npz.files if key.startswith("offsets_"))
-        channels = [(npz[f"offsets_{c}"], npz[f"values_{c}"], npz[f"counts_{c}"]) for c in range(n_channels)]
-        spacings, shapes, sizes = npz["spacings"], npz["shapes_after_crop"], npz["relative_sizes"]
-    return {
-        cid: CaseFingerprint(
-            spacing=[float(s) for s in spacings[i]],
-            shape_after_crop=[int(s) for s in shapes[i]],
-            relative_size_after_cropping=float(sizes[i]),
-            sampled_values=[values[offsets[i] : offsets[i + 1]] for offsets, values, _ in channels],
-            sampled_counts=[counts[offsets[i] : offsets[i + 1]] for offsets, _, counts in channels],
+        if "format" not in npz.files or str(npz["format"]) != CASE_FINGERPRINTS_FORMAT:
+            raise ValueError(
+                f"{path}: not an nnsnake case-fingerprint file of this version; rerun the verify step"
+            )
+        stored = [str(c) for c in npz["case_ids"]]
+        if sorted(stored) != sorted(case_ids):
+            raise ValueError(
+                f"{path} holds the fingerprints of other cases than the dataset's: rerun the verify step"
+            )
+        index = {cid: i for i, cid in enumerate(stored)}
+        order = [index[cid] for cid in sorted(case_ids)]
+
+        def channel(c: int) -> SampleSource:
+            return lambda: ((npz[f"values_{c}_{i}"], npz[f"counts_{c}_{i}"]) for i in order)
+
+        return _fingerprint_json(
+            npz["spacings"][order].tolist(),
+            npz["shapes_after_crop"][order].tolist(),
+            npz["relative_sizes"][order].tolist(),
+            [channel(c) for c in range(int(npz["n_channels"]))],
         )
-        for i, cid in enumerate(case_ids)
-    }

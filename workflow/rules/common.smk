@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import update_config, validate
 
+from nnsnake import steps
 from nnsnake.dataset import list_raw_files
 from nnsnake.planning import (
     PLANNER_PRESETS,
@@ -130,6 +131,15 @@ WORK = f"{config['work']}/{DATASET}"
 LOGS = f"logs/{DATASET}"
 DATASET_JSON = str(DATASET_DIR / "dataset.json")
 CONDA_ENV = "../envs/nnsnake.yaml"
+
+
+def run_step(step, log, *args, **kwargs):
+    """Run an nnsnake step inside this Snakemake process (the ``run:`` of the light rules, whose work takes less
+    than an interpreter's start-up). Locally (profiles/default: force-use-threads) that costs no process; on a
+    cluster each is still a job of its own. The step's log records and its error go to the rule's log file."""
+    with steps.job_log(log[0]):
+        step(*args, **kwargs)
+
 
 PLANNED_CONFIGURATIONS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
 # derived configurations (nnU-Net's inherits_from) from config planning.extra_configurations, trained like the others

@@ -2,6 +2,8 @@
 
 
 # verify reads every case once and also fingerprints it (case_fingerprints.npz); the fingerprint job aggregates.
+# The light rules (fingerprint, plan, derive_plans, splits) run their step with run_step: inside Snakemake's own
+# process locally, a job of their own on a cluster.
 rule verify:
     input:
         raw_training_files,
@@ -30,16 +32,20 @@ rule fingerprint:
         f"{RESULTS}/fingerprint.json",
     log:
         f"{LOGS}/fingerprint.log",
-    conda:
-        CONDA_ENV
-    threads: 8
+    threads: 1
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=1000,
+        runtime=30,
     params:
         dataset=str(DATASET_DIR),
-    script:
-        "../scripts/fingerprint.py"
+    run:
+        run_step(
+            steps.fingerprint,
+            log,
+            params.dataset,
+            output[0],
+            case_fingerprints=input.case_fingerprints,
+        )
 
 
 # One checkpoint for every planner of config planning.planners: {planner_dir} is "" for the default planner
@@ -53,8 +59,6 @@ checkpoint plan:
         f"{RESULTS}/{{planner_dir}}plans.json",
     log:
         f"{LOGS}/{{planner_dir}}plan.log",
-    conda:
-        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,
@@ -65,8 +69,18 @@ checkpoint plan:
         overwrite_target_spacing=config["planning"]["overwrite_target_spacing"],
         planner=planner_of_dir,
         transfer_plans_from=config["planning"]["transfer_plans_from"],
-    script:
-        "../scripts/plan.py"
+    run:
+        run_step(
+            steps.plan,
+            log,
+            input.fingerprint,
+            params.dataset,
+            output[0],
+            gpu_memory_target_gb=params.gpu_memory_target_gb,
+            overwrite_target_spacing=params.overwrite_target_spacing,
+            planner=params.planner,
+            transfer_plans_from=params.transfer_plans_from,
+        )
 
 
 # A derived configuration (config planning.extra_configurations, nnU-Net's inherits_from) gets its own plans file,
@@ -79,16 +93,14 @@ rule derive_plans:
     log:
         f"{LOGS}/{{planner_dir}}derive_plans_{{configuration}}.log",
     localrule: True
-    conda:
-        CONDA_ENV
     threads: 1
     resources:
         mem_mb=500,
         runtime=5,
     params:
         entries=lambda wildcards: derivation_chain(wildcards.configuration),
-    script:
-        "../scripts/derive_plans.py"
+    run:
+        run_step(steps.derive_plans, log, input.plans, params.entries, output[0])
 
 
 rule splits:
@@ -99,11 +111,9 @@ rule splits:
         f"{RESULTS}/splits.json",
     log:
         f"{LOGS}/splits.log",
-    conda:
-        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    script:
-        "../scripts/splits.py"
+    run:
+        run_step(steps.splits, log, input.verification, output[0], next(iter(input.user_splits), None))

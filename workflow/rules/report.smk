@@ -1,5 +1,6 @@
 # Readable tables for `snakemake --report report.html`: the report shows images and HTML pages, but JSON and CSV
-# files only as downloads, so the selection's numbers are rendered as small HTML pages (nnsnake.reporting).
+# files only as downloads, so the selection's numbers are rendered as small HTML pages (nnsnake.reporting). Both
+# rules are light: run_step runs them inside Snakemake's own process locally.
 
 
 rule crossval_table:
@@ -17,16 +18,22 @@ rule crossval_table:
         csv=f"{RESULTS}/report/crossval.csv",
     log:
         f"{LOGS}/crossval_table.log",
-    conda:
-        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
     params:
         candidates=candidate_summaries,
-    script:
-        "../scripts/crossval_table.py"
+    run:
+        run_step(
+            steps.crossval_table,
+            log,
+            params.candidates,
+            input.bootstrap,
+            input.dataset_json,
+            output.html,
+            output.csv,
+        )
 
 
 rule postprocessing_table:
@@ -42,11 +49,9 @@ rule postprocessing_table:
         ),
     log:
         f"{LOGS}/postprocessing_table.log",
-    conda:
-        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    script:
-        "../scripts/postprocessing_table.py"
+    run:
+        run_step(steps.postprocessing_table, log, input.decision, input.dataset_json, output[0])

@@ -12,9 +12,12 @@ imports what it needs, so light rules stay light.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -38,6 +41,7 @@ from .train import train
 from .validate import validate, validate_fold
 
 log = logging.getLogger("nnsnake")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def setup_logging(log_path: str | os.PathLike | None = None) -> None:
@@ -46,9 +50,7 @@ def setup_logging(log_path: str | os.PathLike | None = None) -> None:
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_path, mode="w"))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True
-    )
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
 
     def log_uncaught(
         exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
@@ -56,6 +58,32 @@ def setup_logging(log_path: str | os.PathLike | None = None) -> None:
         log.critical("%s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
 
     sys.excepthook = log_uncaught
+
+
+@contextlib.contextmanager
+def job_log(log_path: str | os.PathLike) -> Iterator[None]:
+    """While a step runs in a thread of a process it shares (a light rule inside Snakemake's own process), send
+    that thread's nnsnake log records, and the error that ends it, to ``log_path``, the rule's log file.
+
+    :func:`setup_logging` is for a job that is a process of its own; this touches neither the root logger nor
+    the other threads' records.
+    """
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path, mode="w")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    thread = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == thread)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield
+    except BaseException as exc:
+        log.critical("%s: %s", type(exc).__name__, exc, exc_info=True)
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
 
 
 __all__ = [
@@ -67,6 +95,7 @@ __all__ = [
     "derive_plans",
     "ensemble_crossval",
     "fingerprint",
+    "job_log",
     "log",
     "merge_preprocess_shards",
     "plan",

@@ -8,6 +8,7 @@ deprecated name).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -42,19 +43,21 @@ def verify(
     from ..dataset import discover_cases, load_dataset_json, verify_dataset
 
     start = time.perf_counter()
-    report = verify_dataset(dataset_dir, processes, progress=True, fingerprints=case_fingerprints is not None)
-    for warning in report.warnings:
-        log.warning(warning)
-    for problem in report.problems:
-        log.error(str(problem))
-    report.raise_if_failed()
+    with contextlib.ExitStack() as stack:
+        sink = None
+        if case_fingerprints is not None:
+            from ..fingerprint import CaseFingerprintWriter
+
+            sink = stack.enter_context(CaseFingerprintWriter(case_fingerprints)).add
+        report = verify_dataset(dataset_dir, processes, progress=True, fingerprint_sink=sink)
+        for warning in report.warnings:
+            log.warning(warning)
+        for problem in report.problems:
+            log.error(str(problem))
+        report.raise_if_failed()  # the writer then removes its partial file
     dataset_json = load_dataset_json(dataset_dir)
     cases, _ = discover_cases(dataset_dir, dataset_json)
     result = report.to_dict() | {"case_ids": sorted(cases)}
-    if case_fingerprints is not None:
-        from ..fingerprint import write_case_fingerprints
-
-        write_case_fingerprints(case_fingerprints, report.case_fingerprints)
     write_json(output, result)
     log.info(
         "verified %d cases of %s in %.1f s: no problems",
@@ -90,7 +93,7 @@ def fingerprint(
     ``case_fingerprints``: the verify step's per-case fingerprints of this dataset; they are aggregated (the
     same result, without reading the images again). Without it every case is read.
     """
-    from ..fingerprint import aggregate_fingerprints, extract_fingerprint, read_case_fingerprints
+    from ..fingerprint import aggregate_case_fingerprint_file, extract_fingerprint
 
     start = time.perf_counter()
     if case_fingerprints is None:
@@ -98,16 +101,8 @@ def fingerprint(
     else:
         from ..dataset import training_cases
 
-        dataset_json, cases = training_cases(dataset_dir)
-        by_case = read_case_fingerprints(case_fingerprints)
-        if sorted(by_case) != sorted(cases):
-            raise ValueError(
-                f"{case_fingerprints} holds the fingerprints of other cases than {dataset_dir}'s training cases: "
-                "rerun the verify step"
-            )
-        result = aggregate_fingerprints(
-            [by_case[cid] for cid in sorted(cases)], len(dataset_json["channel_names"])
-        )
+        _, cases = training_cases(dataset_dir)
+        result = aggregate_case_fingerprint_file(case_fingerprints, sorted(cases))
     write_json(output, result)
     log.info("fingerprint of %d cases in %.1f s", len(result["spacings"]), time.perf_counter() - start)
     return result

@@ -307,7 +307,9 @@ class _Trainer:
         self.best_weights: dict[str, torch.Tensor] | None = None  # in memory until the next checkpoint
         self.stop = stop  # set by the signal handlers that train_fold installs
         self._persistent_iterators: tuple[Any, Any] | None = None
-        self._last_plot = -math.inf
+        # the state-dir plot is first drawn after PLOT_INTERVAL_S (a short run only gets the final one: a plot and
+        # matplotlib's import cost about a second, much of a tiny job's time)
+        self._last_plot = time.monotonic()
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def _memory_format(self) -> torch.memory_format:
@@ -739,9 +741,7 @@ class _Trainer:
         if state.epoch == settings.epochs or (every and state.epoch % every == 0):
             self.save_state()
         write_json(self.state_dir / LOG_JSON, state.history)
-        if (
-            time.monotonic() - self._last_plot >= PLOT_INTERVAL_S
-        ):  # a plot costs ~1 s: not after every short epoch
+        if time.monotonic() - self._last_plot >= PLOT_INTERVAL_S:  # a plot costs ~1 s: not after short epochs
             plot_progress(state.history, self.state_dir / PROGRESS_PNG)
             self._last_plot = time.monotonic()
         log.info(
