@@ -14,7 +14,7 @@ For every job it prints:
 * ``job``: Snakemake's own start/finish timestamps of the job (.snakemake/log/*.snakemake.log, 1 s resolution);
 * ``proc``: the lifetime of the job's Python process (psutil, polled every 20 ms), and ``proc cpu`` its CPU
   time (user + system, its worker processes included: steadier than wall times on a loaded machine);
-* ``work``: what the job's log file accounts for: the largest "in N s" duration it logs, or the span between its
+* ``work``: what the job's log file accounts for: the largest "in N s" or "(N s)" duration it logs, or the span between its
   first and last log lines if that is longer;
 * ``proc-work``: interpreter start-up, imports and writing, the cost of running the step in its own process;
   ``job-proc``: what Snakemake adds around the process (coarse: its timestamps have whole seconds).
@@ -333,7 +333,7 @@ def parse_snakemake_log(path: Path) -> list[Job]:
 
 
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
-DURATION = re.compile(r"\bin (\d+(?:\.\d+)?) ?s\b")
+DURATION = re.compile(r"(?:\bin |\()(\d+(?:\.\d+)?) ?s\b")  # "... in 5.6 s" or "... (5.6 s)"
 
 
 def logged_work(log_file: Path) -> tuple[float, float | None]:

@@ -187,6 +187,7 @@ def select(
     """
     from ..selection import bootstrap_selection, plot_bootstrap, selection_record
 
+    start = time.perf_counter()
     if not candidate_summaries:
         raise EvaluationError("select needs at least one candidate summary")
     from ..selection import DEFAULT_PLANS_NAME
@@ -234,10 +235,11 @@ def select(
     plot_bootstrap(result, output_plot)
     write_json(output_selection, record)
     log.info(
-        "selected %s (cross-validation foreground mean Dice %.4f; nnU-Net's choice %s)",
+        "selected %s (cross-validation foreground mean Dice %.4f; nnU-Net's choice %s) (%.1f s)",
         selected,
         record["score"],
         record["nnunet_choice"],
+        time.perf_counter() - start,
     )
     for name in result["order"]:
         info = result["candidates"][name]
