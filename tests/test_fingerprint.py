@@ -76,7 +76,21 @@ def test_case_fingerprint_file_is_aggregated_in_bounded_memory(tmp_path: Path) -
     path = tmp_path / "case_fingerprints.npz"
     write_case_fingerprints(path, fingerprints)
     in_memory = aggregate_fingerprints([fingerprints[c] for c in sorted(fingerprints)], 1)
-    del fingerprints
+    # a file of the first format (cases concatenated per channel) from an earlier verify is still read
+    ordered = [fingerprints[c] for c in sorted(fingerprints)]
+    np.savez(
+        tmp_path / "format1.npz",
+        format=np.array("nnsnake-case-fingerprints-1"),
+        case_ids=np.array(sorted(fingerprints)),
+        spacings=np.array([f.spacing for f in ordered]),
+        shapes_after_crop=np.array([f.shape_after_crop for f in ordered]),
+        relative_sizes=np.array([f.relative_size_after_cropping for f in ordered]),
+        offsets_0=np.cumsum([0] + [f.sampled_values[0].size for f in ordered]),
+        values_0=np.concatenate([f.sampled_values[0] for f in ordered]),
+        counts_0=np.concatenate([f.sampled_counts[0] for f in ordered]),
+    )
+    assert aggregate_case_fingerprint_file(tmp_path / "format1.npz", sorted(fingerprints)) == in_memory
+    del fingerprints, ordered
     tracemalloc.start()
     from_file = aggregate_case_fingerprint_file(path, [f"case_{i:03d}" for i in range(300)])
     peak = tracemalloc.get_traced_memory()[1]

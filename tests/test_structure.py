@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import importlib
 import inspect
 import sys
@@ -77,8 +78,19 @@ def test_scripts_and_cli_import_only_steps(path: Path) -> None:
     assert not wrong, f"{_relative(path)} may import only nnsnake.steps and the standard library: {wrong}"
 
 
-def test_scripts_exist():
-    assert len(SCRIPTS) >= 10
+def test_every_rule_runs_a_script_or_a_step() -> None:
+    """Each rule either runs a thin script of workflow/scripts/ or, for the light rules, one nnsnake.steps
+    function through run_step (inside Snakemake's own process locally): nothing else does work in a .smk file."""
+    rules = ROOT / "workflow" / "rules"
+    scripted, stepped = set(), set()
+    for smk in rules.glob("*.smk"):
+        text = smk.read_text()
+        scripted |= set(re.findall(r'"\.\./scripts/(\w+)\.py"', text))
+        for body in re.findall(r"\n    run:\n((?:        .*\n|\n)+)", text):
+            assert body.lstrip().startswith("run_step(\n") or body.lstrip().startswith("run_step(steps."), body
+            stepped.add(body)
+    assert {p.stem for p in SCRIPTS} == scripted
+    assert len(scripted) >= 8 and len(stepped) >= 6
 
 
 def test_library_does_not_import_snakemake() -> None:

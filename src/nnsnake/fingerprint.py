@@ -274,6 +274,9 @@ def aggregate_fingerprints(results: Sequence[CaseFingerprint], n_channels: int) 
 # distinct drawn foreground values) and "counts_c_i" (int32: how often each was drawn); "spacings",
 # "shapes_after_crop" and "relative_sizes" hold one row per case, "n_channels" the channel count.
 CASE_FINGERPRINTS_FORMAT = "nnsnake-case-fingerprints-2"
+# The first format (one array per channel, the cases concatenated, "offsets_c" saying where each starts) is still
+# read, so that a results folder verified before stays valid.
+_CASE_FINGERPRINTS_FORMAT_1 = "nnsnake-case-fingerprints-1"
 
 
 class CaseFingerprintWriter:
@@ -348,10 +351,9 @@ def aggregate_case_fingerprint_file(path: str | os.PathLike, case_ids: Sequence[
     cases ``case_ids`` (they must be exactly the file's). Each case's samples are read when the statistics need
     them (twice), so memory does not grow with the number of cases."""
     with np.load(path, allow_pickle=False) as npz:
-        if "format" not in npz.files or str(npz["format"]) != CASE_FINGERPRINTS_FORMAT:
-            raise ValueError(
-                f"{path}: not an nnsnake case-fingerprint file of this version; rerun the verify step"
-            )
+        file_format = str(npz["format"]) if "format" in npz.files else None
+        if file_format not in (CASE_FINGERPRINTS_FORMAT, _CASE_FINGERPRINTS_FORMAT_1):
+            raise ValueError(f"{path}: not an nnsnake case-fingerprint file; rerun the verify step")
         stored = [str(c) for c in npz["case_ids"]]
         if sorted(stored) != sorted(case_ids):
             raise ValueError(
@@ -363,9 +365,20 @@ def aggregate_case_fingerprint_file(path: str | os.PathLike, case_ids: Sequence[
         def channel(c: int) -> SampleSource:
             return lambda: ((npz[f"values_{c}_{i}"], npz[f"counts_{c}_{i}"]) for i in order)
 
+        def concatenated_channel(c: int) -> SampleSource:  # format 1: whole arrays in memory
+            offsets, values, counts = npz[f"offsets_{c}"], npz[f"values_{c}"], npz[f"counts_{c}"]
+            return lambda: (
+                (values[offsets[i] : offsets[i + 1]], counts[offsets[i] : offsets[i + 1]]) for i in order
+            )
+
+        if file_format == _CASE_FINGERPRINTS_FORMAT_1:
+            n_channels = sum(1 for key in npz.files if key.startswith("offsets_"))
+            channels = [concatenated_channel(c) for c in range(n_channels)]
+        else:
+            channels = [channel(c) for c in range(int(npz["n_channels"]))]
         return _fingerprint_json(
             npz["spacings"][order].tolist(),
             npz["shapes_after_crop"][order].tolist(),
             npz["relative_sizes"][order].tolist(),
-            [channel(c) for c in range(int(npz["n_channels"]))],
+            channels,
         )
