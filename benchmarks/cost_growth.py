@@ -241,10 +241,12 @@ def run_nnsnake(ds: Path, work: Path, cores: int, env: dict[str, str], keep: boo
         dry_after = timed(snakemake_cmd(cores, ds, target, "-n"), wd, env)
         script_of = rule_scripts(wd)
         stage_work: dict[str, float] = {}
+        snakemake_job_s: dict[str, float] = {}
         for log in sorted((wd / ".snakemake" / "log").glob("*.snakemake.log")):
             for job in parse_snakemake_log(log):
                 if job.log and job.rule in STAGES:
                     stage_work[job.rule] = logged_work(wd / job.log)[0]
+                    snakemake_job_s[job.rule] = job.end - job.start
         stage_s: dict[str, float] = {}
         stage_peak: dict[str, float] = {}
         scripts = {script_of.get(stage, stage): stage for stage in STAGES}
@@ -252,6 +254,29 @@ def run_nnsnake(ds: Path, work: Path, cores: int, env: dict[str, str], keep: boo
             stage = scripts.get(job.script, job.script)
             stage_s[stage] = stage_s.get(stage, 0.0) + (job.end - job.start)
             stage_peak[stage] = max(stage_peak.get(stage, 0.0), job.peak_mb)
+        # the light rules (run_step) run inside the snakemake process: their time is Snakemake's job time (whole
+        # seconds); the fingerprint step's memory is measured by running it again alone in a fresh interpreter
+        for stage in STAGES:
+            if stage not in stage_s and stage in snakemake_job_s:
+                stage_s[stage] = snakemake_job_s[stage]
+        if "fingerprint" not in stage_peak:
+            results = wd / "results" / ds.name
+            alone = run_tree(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from nnsnake import steps; "
+                    "steps.fingerprint(sys.argv[1], sys.argv[2], case_fingerprints=sys.argv[3])",
+                    str(ds),
+                    str(root / "fingerprint_alone.json"),
+                    str(results / "case_fingerprints.npz"),
+                ],
+                wd,
+                env,
+            )
+            if alone.returncode:
+                sys.exit(f"the fingerprint step alone failed:\n{alone.output[-3000:]}")
+            stage_peak["fingerprint"] = alone.maxrss_mb
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -366,7 +391,9 @@ def main() -> None:
     if ours:
         print(
             "\n== nnsnake per stage: job process lifetime s (work its log accounts for), peak RSS MB of the job "
-            "(its process + workers, summed) =="
+            "(its process + workers, summed) ==\n"
+            "(fingerprint and plan run inside the snakemake process: their s is Snakemake's job time in whole "
+            "seconds; fingerprint MB is the step run again alone, in a fresh interpreter)"
         )
         rows = [
             (
