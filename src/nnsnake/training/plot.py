@@ -50,6 +50,8 @@ def plot_progress(history: Sequence[Mapping[str, Any]], path: str | os.PathLike)
     ax_time.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     for axis in (ax_loss, ax_dice, ax_lr, ax_time):
         axis.grid(alpha=0.3)
-    figure.tight_layout()
+    # fixed margins (room for the tick labels and the y labels): tight_layout would measure every text first,
+    # almost half the drawing time
+    figure.subplots_adjust(left=0.1, right=0.98, bottom=0.05, top=0.98, hspace=0.1)
     with atomic_open(path, fsync=False) as fh:
         figure.savefig(fh, format="png")
