@@ -10,9 +10,9 @@
 from __future__ import annotations
 
 import ast
-import re
 import importlib
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -87,7 +87,9 @@ def test_every_rule_runs_a_script_or_a_step() -> None:
         text = smk.read_text()
         scripted |= set(re.findall(r'"\.\./scripts/(\w+)\.py"', text))
         for body in re.findall(r"\n    run:\n((?:        .*\n|\n)+)", text):
-            assert body.lstrip().startswith("run_step(\n") or body.lstrip().startswith("run_step(steps."), body
+            assert body.lstrip().startswith("run_step(\n") or body.lstrip().startswith("run_step(steps."), (
+                body
+            )
             stepped.add(body)
     assert {p.stem for p in SCRIPTS} == scripted
     assert len(scripted) >= 8 and len(stepped) >= 6
