@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnsnake import preprocessing
+from nnsnake import jsonio, preprocessing
 from nnsnake.labels import LabelModel
 from nnsnake.normalization import NormalizationError, normalize, normalize_channel, scheme_for_channel_name
 from nnsnake.preprocessing import (
@@ -529,6 +529,23 @@ def test_preprocess_dataset_is_incremental(raw_dataset, tmp_path):
     (raw / "imagesTr" / "c3_0000.nii.gz").unlink()
     preprocess_dataset(raw, {**dataset_json, "numTraining": 2}, edited, "3d_fullres", out, progress=False)
     assert stored_case_ids(out) == ["c1", "c2"] and not list(out.glob("c3*"))
+
+
+def test_preprocess_dataset_syncs_once_instead_of_per_file(raw_dataset, tmp_path, monkeypatch):
+    """The cases' files are written without an fsync each (milliseconds per file) and flushed by one filesystem
+    sync at the end, before the manifest is returned; a run with nothing to do syncs nothing."""
+    raw, dataset_json, plans = raw_dataset
+    fsyncs, syncs = [], []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    monkeypatch.setattr(jsonio, "sync_filesystem", lambda path: syncs.append(Path(path)))
+    out = tmp_path / "pre"
+    preprocess_dataset(raw, dataset_json, plans, "3d_fullres", out, processes=1, progress=False)
+    assert fsyncs == [] and syncs == [out]
+    preprocess_dataset(raw, dataset_json, plans, "3d_fullres", out, processes=1, progress=False)
+    assert syncs == [out]
+    monkeypatch.undo()
+    jsonio.sync_filesystem(out)  # the real call works on a folder
 
 
 def test_three_shards_write_the_same_store_as_one(raw_dataset, tmp_path):

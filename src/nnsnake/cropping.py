@@ -8,14 +8,32 @@ segmentation that lie outside the mask are marked ``-1`` so masked normalisation
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import binary_fill_holes
+from scipy import ndimage
 
 OUTSIDE_MASK_LABEL = -1
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes(mask)`` (default structure), computed by one labelling pass.
+
+    A hole is a background component (face connectivity) that touches no face of the array, which is what
+    binary_fill_holes' dilation from the border leaves unreached. Its iterated dilation costs about a second per
+    BraTS volume whose background is nonzero everywhere (nothing to fill), and milliseconds per small case; the
+    labelling costs a fraction of that, and a mask without background returns at once."""
+    if mask.all() or not mask.any():
+        return mask.copy()
+    background, n_components = ndimage.label(~mask)
+    touches_border = np.zeros(n_components + 1, dtype=bool)
+    touches_border[0] = True  # label 0 is the mask itself
+    for axis in range(mask.ndim):
+        for index in (0, -1):
+            touches_border[np.take(background, index, axis=axis)] = True
+    return mask | ~touches_border[background]
+
+
 def nonzero_mask(data: np.ndarray) -> np.ndarray:
     """Boolean spatial mask of voxels nonzero in any channel, with holes filled."""
-    return binary_fill_holes(np.any(data != 0, axis=0))
+    return fill_holes(np.any(data != 0, axis=0))
 
 
 def bbox_of_mask(mask: np.ndarray) -> list[list[int]]:

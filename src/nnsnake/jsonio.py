@@ -87,15 +87,40 @@ def atomic_open(path: str | os.PathLike, fsync: bool = True) -> Iterator[BinaryI
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
-    with atomic_open(path) as fh:
+    with atomic_open(path, fsync=fsync) as fh:
         fh.write(data)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as canonical JSON, atomically; an identical object gives identical bytes."""
-    atomic_write_bytes(path, dumps(obj).encode("utf-8"))
+def write_json(path: str | os.PathLike, obj: Any, fsync: bool = True) -> None:
+    """Write ``obj`` as canonical JSON, atomically; an identical object gives identical bytes.
+
+    ``fsync=False`` for the many small files of one job that :func:`sync_filesystem` flushes together at its
+    end (an fsync per file costs milliseconds each: about a tenth of preprocessing a small case)."""
+    atomic_write_bytes(path, dumps(obj).encode("utf-8"), fsync=fsync)
+
+
+def sync_filesystem(path: str | os.PathLike) -> None:
+    """Flush everything written to the filesystem that holds ``path`` to disk, in one call.
+
+    A job that writes many files without an fsync each calls this before it writes its declared output, so
+    the output never reaches the disk ahead of the files it lists. Linux ``syncfs``; ``sync`` elsewhere."""
+    import ctypes
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on Windows
+        if hasattr(os, "sync"):
+            os.sync()
+        return
+    try:
+        syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+        if syncfs is None or syncfs(fd) != 0:
+            if hasattr(os, "sync"):
+                os.sync()
+    finally:
+        os.close(fd)
 
 
 def read_json(path: str | os.PathLike) -> Any:

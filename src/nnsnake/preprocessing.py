@@ -446,7 +446,7 @@ def save_case(
         "sha256": digest,
         "signature": dict(signature) if signature is not None else None,
     }
-    jsonio.write_json(files["properties"], record)
+    jsonio.write_json(files["properties"], record, fsync=False)  # preprocess_dataset syncs once at its end
     return digest
 
 
@@ -892,6 +892,8 @@ def preprocess_dataset(
             manifest_cases[case_id] = summary
     finally:
         bar.close()
+    if jobs:
+        jsonio.sync_filesystem(out)  # the cases' files reach the disk before the manifest that lists them
     config = resolve_configuration(plans, configuration)
     return {
         "configuration": configuration,
