@@ -9,7 +9,9 @@ from scipy import ndimage
 from nnsnake.cropping import OUTSIDE_MASK_LABEL, crop_to_nonzero, fill_holes, nonzero_mask
 
 
-@pytest.mark.parametrize("shape", [(40, 40), (12, 13, 14), (1, 9, 9), (7, 1, 8), (5, 6, 1), (4, 5, 6, 3), (1,), (9,)])
+@pytest.mark.parametrize(
+    "shape", [(40, 40), (12, 13, 14), (1, 9, 9), (7, 1, 8), (5, 6, 1), (4, 5, 6, 3), (1,), (9,)]
+)
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.5, 0.7, 0.95])
 def test_fill_holes_equals_binary_fill_holes_on_random_masks(shape, density):
     rng = np.random.default_rng(abs(hash((shape, density))) % 2**32)

@@ -13,6 +13,7 @@ import math
 import mmap
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -546,6 +547,21 @@ def test_preprocess_dataset_syncs_once_instead_of_per_file(raw_dataset, tmp_path
     assert syncs == [out]
     monkeypatch.undo()
     jsonio.sync_filesystem(out)  # the real call works on a folder
+
+
+def _case_taking(case_id: str, seconds: float) -> dict:
+    time.sleep(seconds)
+    return {"case": case_id}
+
+
+def test_parallel_cases_report_progress_as_each_finishes(monkeypatch):
+    """The progress bar moves when a case finishes, not when the last one does."""
+    monkeypatch.setattr(preprocessing, "_preprocess_and_save", _case_taking)
+    finished: list[float] = []
+    jobs = [("quick", 0.0), ("slow", 2.0), ("quick2", 0.0)]
+    results = preprocessing._run_jobs(jobs, 2, lambda n: finished.append(time.monotonic()))
+    assert sorted(case for case, _ in results) == ["quick", "quick2", "slow"]
+    assert len(finished) == 3 and finished[-1] - finished[0] > 1.0
 
 
 def test_three_shards_write_the_same_store_as_one(raw_dataset, tmp_path):

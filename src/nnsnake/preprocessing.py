@@ -40,7 +40,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Literal
@@ -915,7 +915,7 @@ def _run_jobs(jobs: list[tuple], processes: int, on_done: Callable[[int], Any]) 
     with process_pool(min(processes, len(jobs))) as pool:
         pending = {pool.submit(_preprocess_and_save, *job): job[0] for job in jobs}
         while pending:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)  # each finished case moves the progress bar
             for future in done:
                 case_id = pending.pop(future)
                 error = future.exception()
