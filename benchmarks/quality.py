@@ -1,4 +1,4 @@
-"""Quality at equal budget: Hippocampus 3d_fullres fold 0 trained by nnsnake and by nnunetv2, same plans, same budget.
+"""Quality at equal budget: Hippocampus fold 0 (3d_fullres, or 2d) trained by nnsnake and by nnunetv2, same plans.
 
 Both train ``--epochs`` x ``--iterations`` (+ ``--val-iterations``) from nnunetv2's plans of the anchor run, then
 predict the fold's 52 validation cases with full sliding-window prediction (step 0.5, Gaussian, mirroring) and
@@ -25,6 +25,12 @@ splits_final.json is generated as tests/fixtures/make_nnunetv2_reference.sh does
 the label-mode splits). The table then shows the Dice per region, keys "(1, 2)" and "2".
 
     python benchmarks/quality.py --regions --epochs 10 --iterations 15 --val-iterations 2 --parallel
+
+``--configuration 2d`` compares the 2d configuration instead (same fold, plans and scoring): an iteration costs
+far less there, so a budget where the result no longer depends on when each run happened to find a region fits
+in a CPU session.
+
+    python benchmarks/quality.py --regions --configuration 2d --epochs 20 --iterations 50 --parallel
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ REGIONS = {
     "regions_class_order": [1, 2],
 }
 TRAINER = "nnUNetTrainer_nnsnakeQuality"
-CONFIGURATION = "3d_fullres"
+CONFIGURATIONS = ("3d_fullres", "2d")
 
 
 def start_nnunet(
@@ -67,11 +73,22 @@ def start_nnunet(
         nnUNet_def_n_proc=str(threads),
         NNSNAKE_QUALITY_BF16="1" if args.bf16 else "0",
     )
-    fold_dir = work / "nnunet" / "res" / args.dataset / f"{TRAINER}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
+    fold_dir = (
+        work / "nnunet" / "res" / args.dataset / f"{TRAINER}__nnUNetPlans__{args.configuration}" / "fold_0"
+    )
     shutil.rmtree(fold_dir, ignore_errors=True)
     log = open(work / "nnunet.log", "w")  # noqa: SIM115 (closed when the process ends)
     proc = subprocess.Popen(
-        [anchor_bin("nnUNetv2_train"), args.dataset, CONFIGURATION, "0", "-device", "cpu", "-tr", TRAINER],
+        [
+            anchor_bin("nnUNetv2_train"),
+            args.dataset,
+            args.configuration,
+            "0",
+            "-device",
+            "cpu",
+            "-tr",
+            TRAINER,
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -92,6 +109,7 @@ def start_nnsnake(
         "threads": threads,
         "seed": args.seed,
         "bf16": args.bf16,
+        "configuration": args.configuration,
     }
     log = open(work / "nnsnake.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -114,14 +132,15 @@ def child(spec: dict) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work, anchor_pre = Path(spec["work"]), Path(spec["anchor_pre"])
+    configuration = spec["configuration"]
     raw = Path(spec["raw"])
     plans_path, splits_path = anchor_pre / "nnUNetPlans.json", anchor_pre / "splits_final.json"
-    pre = work / "pre" / CONFIGURATION
+    pre = work / "pre" / configuration
     preprocess_dataset(
         raw,
         load_dataset_json(raw),
         read_json(plans_path),
-        CONFIGURATION,
+        configuration,
         pre,
         processes=spec["threads"],
         progress=False,
@@ -142,7 +161,7 @@ def child(spec: dict) -> None:
     training.train_fold(
         pre,
         read_json(plans_path),
-        CONFIGURATION,
+        configuration,
         load_dataset_json(raw),
         read_json(splits_path),
         0,
@@ -154,7 +173,7 @@ def child(spec: dict) -> None:
     validate_fold(
         pre,
         plans_path,
-        CONFIGURATION,
+        configuration,
         raw,
         splits_path,
         0,
@@ -190,20 +209,21 @@ import os, sys
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 folder = sys.argv[1]
-data = os.path.join(folder, "nnUNetPlans_3d_fullres")
+data = os.path.join(folder, "nnUNetPlans_" + sys.argv[2])
 ids = sorted(f[:-5] for f in os.listdir(data) if f.endswith(".b2nd") and not f.endswith("_seg.b2nd"))
 save_json(generate_crossval_split(ids, seed=12345, n_splits=5), os.path.join(folder, "splits_final.json"))
 """
 
 
-def nnunet_preprocess_regions(work: Path, raw: Path) -> Path:
-    """nnunetv2's plans, 3d_fullres preprocessing and splits of the regions dataset (each skipped when there)."""
+def nnunet_preprocess_regions(work: Path, raw: Path, configuration: str) -> Path:
+    """nnunetv2's plans, preprocessing of ``configuration`` and splits of the regions dataset (each skipped when
+    there)."""
     pre = work / "nnunet" / "pre" / raw.name
-    done = pre / "nnsnake_quality_preprocessed.txt"
+    done = pre / f"nnsnake_quality_preprocessed_{configuration}.txt"
     if not done.is_file():
         env = nnunet_env(work / "nnunet", 1)
         started = time.perf_counter()
-        print(f"nnunetv2: plan and preprocess {raw.name} (3d_fullres, -np 2) ...", flush=True)
+        print(f"nnunetv2: plan and preprocess {raw.name} ({configuration}, -np 2) ...", flush=True)
         with open(work / "nnunet_preprocess.log", "w") as log:
             result = subprocess.run(
                 [
@@ -211,7 +231,7 @@ def nnunet_preprocess_regions(work: Path, raw: Path) -> Path:
                     "-d",
                     dataset_id(raw),
                     "-c",
-                    CONFIGURATION,
+                    configuration,
                     "-np",
                     "2",
                     "-npfp",
@@ -226,7 +246,7 @@ def nnunet_preprocess_regions(work: Path, raw: Path) -> Path:
         done.write_text(f"{time.perf_counter() - started:.0f} s\n")
         print(f"nnunetv2: preprocessed in {time.perf_counter() - started:.0f} s", flush=True)
     if not (pre / "splits_final.json").is_file():
-        subprocess.run([anchor_bin("python"), "-c", SPLITS, str(pre)], check=True)
+        subprocess.run([anchor_bin("python"), "-c", SPLITS, str(pre), configuration], check=True)
     return pre
 
 
@@ -241,6 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--configuration", choices=CONFIGURATIONS, default="3d_fullres")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=15)
     parser.add_argument("--val-iterations", type=int, default=2)
@@ -266,7 +287,7 @@ def main() -> None:
     if args.regions:
         args.raw = regions_dataset(work)
         args.dataset = args.raw.name
-        anchor_pre = nnunet_preprocess_regions(work, args.raw)
+        anchor_pre = nnunet_preprocess_regions(work, args.raw, args.configuration)
     else:
         args.dataset, args.raw = DATASET, SHARED / "data" / DATASET
         anchor_pre = Path(args.anchor_pre) / DATASET
@@ -277,7 +298,7 @@ def main() -> None:
     install_anchor_trainer(REPO / "benchmarks" / f"{TRAINER}.py")
     threads = 1 if args.parallel else len(os.sched_getaffinity(0))
     print(
-        f"{args.dataset} {CONFIGURATION} fold 0: {args.epochs} epochs x {args.iterations} iterations "
+        f"{args.dataset} {args.configuration} fold 0: {args.epochs} epochs x {args.iterations} iterations "
         f"(+{args.val_iterations} validation), {'bf16 autocast' if args.bf16 else 'fp32'}, {threads} thread(s) each, "
         f"{'in parallel' if args.parallel else 'one after the other'}",
         flush=True,
