@@ -162,3 +162,31 @@ def test_job_log_takes_its_threads_records_and_the_error(tmp_path: Path) -> None
     assert "job's line" in job_log and "ValueError: broken input" in job_log and "other" not in job_log
     assert "other job's line" in other_log and "job's line" not in other_log.replace("other job's line", "")
     assert not steps.log.handlers  # nothing left behind in the shared process
+
+
+COSTS_RUNNER = r"""
+import json, sys
+from nnsnake.steps.select import _candidate_costs
+
+plans_paths, dataset_json = json.loads(sys.argv[1])
+costs = _candidate_costs(["2d", "nnUNetResEncUNetMPlans__3d_fullres"], plans_paths, dataset_json)
+print(json.dumps([costs, sorted(m for m in ("torch", "matplotlib") if m in sys.modules)]))
+"""
+
+
+def test_selection_costs_load_no_torch() -> None:
+    """The select job counts its candidates' network parameters from the plans (architecture.parameter_count):
+    importing torch for that cost the job about 2 s of its 6."""
+    fixtures = REPO / "tests" / "fixtures" / "nnunetv2" / "Dataset004_Hippocampus"
+    plans = {name: str(fixtures / f"{name}.json") for name in ("nnUNetPlans", "nnUNetResEncUNetMPlans")}
+    dataset_json = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2}}
+    result = subprocess.run(
+        [sys.executable, "-c", COSTS_RUNNER, json.dumps([plans, dataset_json])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    costs, heavy = json.loads(result.stdout.strip().splitlines()[-1])
+    assert heavy == []
+    assert costs["nnUNetResEncUNetMPlans__3d_fullres"] == 25_895_593 and 0 < costs["2d"] < 25_895_593

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from nnsnake.architecture import parameter_count
 from nnsnake.inference.nnunet_models import nnunet_weights_for
 from nnsnake.loss import build_loss
 from nnsnake.network import (
@@ -105,6 +106,34 @@ def test_parameter_count_and_state_dict_keys_equal_dna(fixtures_dir, reference, 
     assert hashlib.sha256("\n".join(keys).encode()).hexdigest() == case["state_dict_keys_sha256"]
     # nnsnake's own state dict holds every parameter once, under DNA's canonical name
     assert list(net.state_dict()) == [n for n, _ in net.named_parameters()]
+
+
+def test_parameter_count_from_the_plans_alone_equals_the_built_networks(fixtures_dir, reference):
+    """architecture.parameter_count (torch-free, the selection's cost) equals DNA's count for every ResEnc case and
+    nnsnake's built network for every configuration of every plans fixture (plain, ResEnc, cascade stages with
+    their one-hot inputs, 1-4 channels, regions)."""
+    for name, case in reference.items():
+        assert (
+            parameter_count(_architecture(fixtures_dir, case), case["input_channels"], case["num_outputs"])
+            == (case["parameter_count"])
+        ), name
+    checked = 0
+    for plans_path in sorted((fixtures_dir).glob("*/*/*Plans*.json")):
+        plans = json.loads(plans_path.read_text())
+        for configuration, entry in plans.get("configurations", {}).items():
+            architecture = entry.get("architecture")
+            if architecture is None:
+                continue
+            for n_inputs, n_outputs in ((1, 2), (4, 3)):
+                with torch.device("meta"):
+                    network = build_network(architecture, n_inputs, n_outputs)
+                built = count_parameters(network)
+                assert parameter_count(architecture, n_inputs, n_outputs) == built, (
+                    plans_path,
+                    configuration,
+                )
+                checked += 1
+    assert checked >= 60
 
 
 def test_golden_parameter_counts_from_the_spec(fixtures_dir, reference):

@@ -19,17 +19,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F  # noqa: N812 (the usual name)
 
-# conv_op strings nnU-Net writes into plans (and the short forms people type by hand) -> spatial dimensions.
-_CONV_DIMS = {
-    "torch.nn.modules.conv.Conv2d": 2,
-    "torch.nn.modules.conv.Conv3d": 3,
-    "torch.nn.Conv2d": 2,
-    "torch.nn.Conv3d": 3,
-    "Conv2d": 2,
-    "Conv3d": 3,
-}
-_NONLINS = {"torch.nn.LeakyReLU", "torch.nn.modules.activation.LeakyReLU", "LeakyReLU"}
-
+from .architecture import unet_spec
 
 # torch's channels-last group-norm kernel (aten/src/ATen/native/cpu/group_norm_kernel.cpp, torch 2.x) vectorises
 # over the channels only from this many voxels per map on (its ``feature_map_threshold``); below it, with one
@@ -716,11 +706,6 @@ def _kaiming_init(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _arch_kwargs(architecture: dict[str, Any]) -> dict[str, Any]:
-    """Accept both a full ``architecture`` entry (with ``arch_kwargs``) and the bare kwargs dict."""
-    return architecture["arch_kwargs"] if "arch_kwargs" in architecture else architecture
-
-
 def build_network(
     architecture: dict[str, Any],
     num_input_channels: int,
@@ -730,69 +715,26 @@ def build_network(
     """Instantiate the network described by a configuration's ``architecture`` entry of the plans.
 
     ``network_class_name`` chooses ResidualEncoderUNet (ResEnc plans, ``n_blocks_per_stage``) or PlainConvUNet
-    (classic plans, ``n_conv_per_stage``; also when only bare arch kwargs are given). ``num_outputs`` is the number
-    of labels including background (or of regions); for the cascade ``num_input_channels`` already counts the
-    previous stage's one-hot channels.
+    (classic plans, ``n_conv_per_stage``; also when only bare arch kwargs are given); the entry is read by
+    :func:`nnsnake.architecture.unet_spec`. ``num_outputs`` is the number of labels including background (or of
+    regions); for the cascade ``num_input_channels`` already counts the previous stage's one-hot channels.
     """
-    kw = _arch_kwargs(architecture)
-    class_name = str(architecture.get("network_class_name", "")).rsplit(".", 1)[-1]
-    if class_name not in ("", "PlainConvUNet", "ResidualEncoderUNet"):
-        raise ValueError(
-            f"architecture: network_class_name {architecture['network_class_name']!r} is not supported; "
-            "nnsnake builds PlainConvUNet and ResidualEncoderUNet"
-        )
-    residual = class_name == "ResidualEncoderUNet"
-    try:
-        n_stages = int(kw["n_stages"])
-        features = [int(f) for f in kw["features_per_stage"]]
-        kernels = [[int(k) for k in ks] for ks in kw["kernel_sizes"]]
-        strides = [[int(s) for s in st] for st in kw["strides"]]
-        conv_op = kw.get("conv_op") or ("torch.nn.modules.conv.Conv3d" if len(kernels[0]) == 3 else "Conv2d")
-        n_encoder = kw["n_blocks_per_stage"] if residual else kw.get("n_conv_per_stage", [2] * n_stages)
-        n_conv_dec = kw.get("n_conv_per_stage_decoder", [1 if residual else 2] * (n_stages - 1))
-    except KeyError as err:
-        raise ValueError(
-            f"architecture: arch_kwargs lacks {err}; regenerate the plans (docs/method.md §3.5(c))"
-        ) from None
-    if isinstance(n_encoder, int):
-        n_encoder = [n_encoder] * n_stages
-    if isinstance(n_conv_dec, int):
-        n_conv_dec = [n_conv_dec] * (n_stages - 1)
-    if len(features) != n_stages:
-        raise ValueError(
-            f"architecture: n_stages is {n_stages} but features_per_stage has {len(features)} entries"
-        )
-    if conv_op not in _CONV_DIMS:
-        raise ValueError(
-            f"architecture: conv_op {conv_op!r} is not supported; use one of {sorted(_CONV_DIMS)}"
-        )
-    norm_op = kw.get("norm_op")
-    if norm_op is not None and "InstanceNorm" not in str(norm_op):
-        raise ValueError(
-            f"architecture: norm_op {norm_op!r} is not supported; nnsnake's U-Net uses InstanceNorm"
-        )
-    nonlin = kw.get("nonlin")
-    if nonlin is not None and str(nonlin) not in _NONLINS:
-        raise ValueError(f"architecture: nonlin {nonlin!r} is not supported; nnsnake's U-Net uses LeakyReLU")
-    norm_kwargs = kw.get("norm_op_kwargs") or {}
-    nonlin_kwargs = kw.get("nonlin_kwargs") or {}
-    dropout_kwargs = kw.get("dropout_op_kwargs") or {}
-    dropout_p = float(dropout_kwargs.get("p", 0.0)) if kw.get("dropout_op") else 0.0
-    network_cls = ResidualEncoderUNet if residual else PlainConvUNet
+    spec = unet_spec(architecture)
+    network_cls = ResidualEncoderUNet if spec.residual else PlainConvUNet
     return network_cls(
         num_input_channels,
         num_outputs,
-        features,
-        kernels,
-        strides,
-        [int(n) for n in n_encoder],
-        [int(n) for n in n_conv_dec],
-        dim=_CONV_DIMS[conv_op],
-        conv_bias=bool(kw.get("conv_bias", True)),
-        norm_eps=float(norm_kwargs.get("eps", 1e-5)),
-        norm_affine=bool(norm_kwargs.get("affine", True)),
-        negative_slope=float(nonlin_kwargs.get("negative_slope", 0.01)),
-        dropout_p=dropout_p,
+        spec.features,
+        spec.kernels,
+        spec.strides,
+        spec.n_encoder,
+        spec.n_conv_decoder,
+        dim=spec.dim,
+        conv_bias=spec.conv_bias,
+        norm_eps=spec.norm_eps,
+        norm_affine=spec.norm_affine,
+        negative_slope=spec.negative_slope,
+        dropout_p=spec.dropout_p,
         deep_supervision=deep_supervision,
     )
 

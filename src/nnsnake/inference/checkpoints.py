@@ -15,6 +15,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..architecture import num_input_channels
 from ..labels import LabelModel
 from ..network import build_network, channels_last_format
 
@@ -28,17 +29,6 @@ def _resolve(plans: Mapping[str, Any], configuration: str | Mapping[str, Any]) -
     from ..planning import resolve_configuration
 
     return resolve_configuration(cast(dict, plans), configuration)  # it only reads the plans
-
-
-def num_input_channels(
-    plans: Mapping[str, Any], configuration: str | Mapping[str, Any], dataset_json: Mapping[str, Any]
-) -> int:
-    """Image channels, plus one one-hot channel per foreground label for a cascade stage (labels even in
-    regions mode, as nnU-Net and nnsnake's trainer do). ``configuration``: a name in ``plans`` or resolved."""
-    n = len(dataset_json["channel_names"])
-    if _resolve(plans, configuration).get("previous_stage"):
-        n += len(LabelModel.from_dataset_json(dataset_json).foreground_labels)
-    return n
 
 
 def load_checkpoint(path: PathLike) -> dict[str, Any]:

@@ -54,12 +54,9 @@ def _parameter_counts(
     members: Sequence[str], plans_by_name: Mapping[str, Mapping[str, Any]], dataset_json: Mapping[str, Any]
 ) -> dict[str, int]:
     """Network parameters a member needs at prediction time (a cascade stage counts its previous stage too),
-    from the plans alone: the networks are built on PyTorch's meta device, which allocates no weights."""
-    import torch
-
-    from ..inference.checkpoints import num_input_channels
+    from the plans alone (:func:`nnsnake.architecture.parameter_count`: no torch, no network built)."""
+    from ..architecture import num_input_channels, parameter_count
     from ..labels import LabelModel
-    from ..network import build_network, count_parameters
     from ..selection import split_member
 
     n_outputs = LabelModel.from_dataset_json(dataset_json).num_outputs
@@ -71,11 +68,8 @@ def _parameter_counts(
         stage: str | None = configuration
         while stage:
             resolved = configuration_of(plans, stage)
-            with torch.device("meta"):
-                network = build_network(
-                    resolved["architecture"], num_input_channels(plans, resolved, dataset_json), n_outputs
-                )
-            total += count_parameters(network)
+            n_inputs = num_input_channels(plans, resolved, dataset_json)
+            total += parameter_count(resolved["architecture"], n_inputs, n_outputs)
             stage = resolved.get("previous_stage")
         counts[member] = total
     return counts
