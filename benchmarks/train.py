@@ -53,7 +53,7 @@ per run, two runs per tool, the order swapped):
 After the CPU instance norm (a7266b6), on the idle machine (``--rounds 4``, 2026-12-07): nnunetv2 2.88 s, nnsnake
 2.52 s per iteration; x per round 1.21, 1.12, 1.12, 1.14, median 1.13 (the goal is 1.3). In a torch.profiler
 trace of nnsnake's step, oneDNN convolution takes 67 % (backward 47 %, forward 20 %), where channels-last gains
-less on ResEnc's shapes than on the plain U-Net's; norms 12 %, concatenation and copies 7 %.
+less on ResEnc's shapes than on the plain U-Net's; norms 14 %, concatenation and copies 7 %.
 
 The network alone is at parity there: one-thread CPU time of a fwd+bwd (batch 2, both nets in the same run)
 6.91 s for dynamic_network_architectures' ResidualEncoderUNet, 6.71 s for it in channels-last, 6.83 s for
