@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from .labels import LabelModel
 
@@ -121,14 +121,10 @@ def num_input_channels(
 ) -> int:
     """Image channels, plus one one-hot channel per foreground label for a cascade stage (labels even in
     regions mode, as nnU-Net and nnsnake's trainer do). ``configuration``: a name in ``plans`` or resolved."""
-    if isinstance(configuration, Mapping):
-        resolved: Mapping[str, Any] = configuration
-    else:
-        from .planning import resolve_configuration
+    from .planning import configuration_entry
 
-        resolved = resolve_configuration(cast(dict, plans), configuration)  # it only reads the plans
     n = len(dataset_json["channel_names"])
-    if resolved.get("previous_stage"):
+    if configuration_entry(plans, configuration).get("previous_stage"):
         n += len(LabelModel.from_dataset_json(dataset_json).foreground_labels)
     return n
 

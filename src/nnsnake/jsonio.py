@@ -108,19 +108,16 @@ def sync_filesystem(path: str | os.PathLike) -> None:
     the output never reaches the disk ahead of the files it lists. Linux ``syncfs``; ``sync`` elsewhere."""
     import ctypes
 
-    try:
+    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None) if os.name == "posix" else None
+    if syncfs is not None:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a folder cannot be opened on Windows
-        if hasattr(os, "sync"):
-            os.sync()
-        return
-    try:
-        syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
-        if syncfs is None or syncfs(fd) != 0:
-            if hasattr(os, "sync"):
-                os.sync()
-    finally:
-        os.close(fd)
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    if hasattr(os, "sync"):
+        os.sync()
 
 
 def read_json(path: str | os.PathLike) -> Any:

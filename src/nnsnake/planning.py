@@ -830,6 +830,15 @@ def resolve_configuration(plans: dict, name: str) -> dict:
     return resolved
 
 
+def configuration_entry(
+    plans: Mapping[str, Any], configuration: str | Mapping[str, Any]
+) -> Mapping[str, Any]:
+    """``configuration`` itself when it already is a resolved entry, else its entry in ``plans`` resolved."""
+    if isinstance(configuration, Mapping):
+        return configuration
+    return resolve_configuration(dict(plans), configuration)
+
+
 def merge_custom_configurations(new_plans: dict, old_plans: dict | None) -> dict:
     """Keep configurations of an existing plans file that the planner does not generate (docs/method.md §3.6.6).
 

@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,17 +18,9 @@ from torch import nn
 from ..architecture import num_input_channels
 from ..labels import LabelModel
 from ..network import build_network, channels_last_format
+from ..planning import configuration_entry
 
 PathLike = str | os.PathLike
-
-
-def _resolve(plans: Mapping[str, Any], configuration: str | Mapping[str, Any]) -> Mapping[str, Any]:
-    """The resolved configuration: ``configuration`` itself when it already is one, else looked up in ``plans``."""
-    if isinstance(configuration, Mapping):
-        return configuration
-    from ..planning import resolve_configuration
-
-    return resolve_configuration(cast(dict, plans), configuration)  # it only reads the plans
 
 
 def load_checkpoint(path: PathLike) -> dict[str, Any]:
@@ -82,7 +74,7 @@ def network_from_checkpoint(
     source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "checkpoint"
     ckpt = load_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
     init = dict(ckpt.get("init") or {})
-    config = _resolve(plans, configuration)
+    config = configuration_entry(plans, configuration)
     n_inputs = int(init.get("num_input_channels", num_input_channels(plans, config, dataset_json)))
     n_outputs = int(init.get("num_outputs", LabelModel.from_dataset_json(dataset_json).num_outputs))
     # the architecture the weights were trained with, when the checkpoint records it
@@ -130,7 +122,7 @@ def load_fold_networks(
     """Networks of several folds (for logit averaging) and the mirror axes allowed for inference."""
     if not checkpoint_paths:
         raise ValueError("no checkpoint given: pass the folds' model_final.pt files")
-    config = _resolve(plans, configuration)
+    config = configuration_entry(plans, configuration)
     networks, mirror_axes = [], None
     for path in checkpoint_paths:
         network, init = network_from_checkpoint(path, plans, config, dataset_json, device)

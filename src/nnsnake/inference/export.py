@@ -29,7 +29,7 @@ import torch
 
 from ..jsonio import write_json
 from ..labels import LabelModel
-from .checkpoints import _resolve
+from ..planning import configuration_entry
 
 PROPERTIES_NOT_EXPORTED = ("class_locations",)
 REQUIRED_PROPERTIES = (
@@ -167,7 +167,7 @@ def _geometry(
     labels: LabelModel,
 ) -> _Geometry:
     _check_properties(properties)
-    config = _resolve(plans, configuration)
+    config = configuration_entry(plans, configuration)
     if logits.shape[0] != labels.num_outputs:
         raise ValueError(
             f"logits have {logits.shape[0]} channels but dataset.json implies {labels.num_outputs}"
@@ -440,7 +440,7 @@ def export_next_stage_segmentation(
 
     As in nnU-Net, the separate-z decision uses the low-resolution configuration's spacing for both sides.
     """
-    config = _resolve(plans, configuration)
+    config = configuration_entry(plans, configuration)
     labels = LabelModel.from_dataset_json(dataset_json)
     spacing = [float(s) for s in config["spacing"]]
     channels = _resample_channels(logits, target_shape, spacing, spacing)

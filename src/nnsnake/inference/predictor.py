@@ -21,7 +21,8 @@ from torch import nn
 
 from .. import runtime
 from ..labels import LabelModel
-from .checkpoints import _resolve, load_fold_networks
+from ..planning import configuration_entry
+from .checkpoints import load_fold_networks
 from .export import export_next_stage_segmentation, export_prediction, prediction_paths
 from .settings import PIPELINE_KEYWORDS, InferenceSettings, with_legacy_keywords
 from .sliding_window import predict_sliding_window
@@ -159,7 +160,7 @@ def predict_from_raw(
     settings = with_legacy_keywords(
         "predict_from_raw", settings or LIBRARY_DEFAULTS, legacy, PIPELINE_KEYWORDS
     )
-    config = _resolve(plans, configuration)
+    config = configuration_entry(plans, configuration)
     todo = _raw_cases_to_predict(
         image_paths_per_case,
         Path(output_dir),
@@ -282,7 +283,7 @@ def predict_preprocessed(
         "predict_preprocessed", settings or LIBRARY_DEFAULTS, legacy, PIPELINE_KEYWORDS
     )
     device = runtime.select_device(settings.device)
-    config = _resolve(plans, configuration)
+    config = configuration_entry(plans, configuration)
     labels = LabelModel.from_dataset_json(dataset_json)
     written = []
     for case_id in runtime.progress(case_ids, total=len(case_ids), enabled=progress):
