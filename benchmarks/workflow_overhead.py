@@ -88,6 +88,7 @@ class Snakemake:
         self.threads = spec.get("threads", 1)
 
 spec = json.loads(sys.argv[2])
+steps.finish_job_process = lambda: None  # the scripts end their process early; here the report follows
 if spec.get("script"):
     runpy.run_path(sys.argv[1], init_globals={"snakemake": Snakemake(spec)})
 elif spec.get("step"):  # a light rule: run_step runs the step inside Snakemake's own process

@@ -35,6 +35,8 @@ class Snakemake:
         self.log = Fields(spec["log"])
         self.threads = 1
 
+from nnsnake import steps
+steps.finish_job_process = lambda: None  # the scripts end their process; here more code follows
 for script, spec in json.loads(sys.argv[1]):
     runpy.run_path(script, init_globals={"snakemake": Snakemake(spec)})
 heavy = ("torch", "matplotlib", "SimpleITK", "scipy", "pandas")
@@ -190,3 +192,36 @@ def test_selection_costs_load_no_torch() -> None:
     costs, heavy = json.loads(result.stdout.strip().splitlines()[-1])
     assert heavy == []
     assert costs["nnUNetResEncUNetMPlans__3d_fullres"] == 25_895_593 and 0 < costs["2d"] < 25_895_593
+
+
+FINISH_RUNNER = r"""
+import multiprocessing, sys, time
+from pathlib import Path
+from nnsnake import steps
+
+def slow_child(path):
+    time.sleep(0.5)
+    Path(path).write_text("child done")
+
+if __name__ == "__main__":
+    folder = Path(sys.argv[1])
+    steps.setup_logging(folder / "job.log")
+    steps.log.info("the step's last line")
+    multiprocessing.get_context("fork").Process(target=slow_child, args=(str(folder / "child.txt"),)).start()
+    print("buffered output", end="")
+    steps.finish_job_process()
+    Path(folder / "after.txt").write_text("never")
+"""
+
+
+def test_finish_job_process_flushes_waits_for_children_and_exits_zero(tmp_path: Path) -> None:
+    """The early exit of a job script loses nothing: the log and stdout are flushed, a child still running is
+    waited for, the status is 0, and nothing after the call runs."""
+    result = subprocess.run(
+        [sys.executable, "-c", FINISH_RUNNER, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "buffered output"
+    assert "the step's last line" in (tmp_path / "job.log").read_text()
+    assert (tmp_path / "child.txt").read_text() == "child done"
+    assert not (tmp_path / "after.txt").exists()

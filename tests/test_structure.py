@@ -95,6 +95,20 @@ def test_every_rule_runs_a_script_or_a_step() -> None:
     assert len(scripted) >= 8 and len(stepped) >= 6
 
 
+def test_job_scripts_and_only_they_end_their_process_early() -> None:
+    """``steps.finish_job_process()`` skips the interpreter's teardown: the last statement of every job script,
+    and nowhere else (in a rule's ``run:`` block it would end Snakemake itself)."""
+    for path in SCRIPTS:
+        last = ast.parse(path.read_text()).body[-1]
+        assert ast.unparse(last) == "steps.finish_job_process()", f"{_relative(path)} must end with it"
+    elsewhere = [
+        _relative(path)
+        for path in [*MODULES, *(ROOT / "workflow").rglob("*.smk"), ROOT / "Snakefile"]
+        if path.is_file() and "finish_job_process()" in path.read_text()
+    ]
+    assert not elsewhere, f"finish_job_process() may end only job scripts: {elsewhere}"
+
+
 def test_library_does_not_import_snakemake() -> None:
     wrong = [
         f"{_relative(path)}:{line}"

@@ -403,6 +403,26 @@ def test_sigterm_to_a_training_process_checkpoints_and_exits_nonzero(preprocesse
     assert not (tmp_path / "out" / "model_final.pt").exists()
 
 
+def test_a_default_training_process_never_imports_torch_compiler(preprocessed, tmp_path):
+    """torch's optimiser wrappers and ``use_deterministic_algorithms`` import torch._dynamo (about 830 modules,
+    1.2 s of every training job); a default run (not deterministic, no compile) must not pay it."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        from pathlib import Path
+        from test_training import run, tiny_settings
+        run(Path({str(preprocessed)!r}), Path({str(tmp_path)!r}), tiny_settings(epochs=2, deterministic=False))
+        print(sorted(m for m in sys.modules if m.startswith(("torch._dynamo", "torch._inductor"))))
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "model_final.pt").is_file()
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -193,10 +193,13 @@ def determinism(device: torch.device, deterministic: bool) -> Iterator[None]:
     """Deterministic algorithms (``deterministic``), else cuDNN autotuning on CUDA, as nnU-Net; restored after.
 
     Autotuning costs seconds once per process and pays on anisotropic patches (4.35x on SpleenCTCrop 3d, H100).
+    ``torch.use_deterministic_algorithms`` imports torch's compiler stack (about 830 modules, 1.2 s) to set an
+    inductor flag, so it is called only when the setting changes: never in a default (non-deterministic) run.
     """
     import torch
 
     saved_deterministic = torch.are_deterministic_algorithms_enabled()
+    saved_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     saved_cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -208,7 +211,8 @@ def determinism(device: torch.device, deterministic: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(saved_deterministic)
+        if deterministic:
+            torch.use_deterministic_algorithms(saved_deterministic, warn_only=saved_warn_only)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved_cudnn
 
 

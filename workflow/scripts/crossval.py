@@ -10,3 +10,4 @@ steps.crossval(
     splits_path=snakemake.input.splits,
     processes=snakemake.threads,
 )
+steps.finish_job_process()

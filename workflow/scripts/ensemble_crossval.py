@@ -9,3 +9,4 @@ steps.ensemble_crossval(
     Path(snakemake.output[0]).parent,
     processes=snakemake.threads,
 )
+steps.finish_job_process()

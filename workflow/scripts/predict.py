@@ -12,3 +12,4 @@ steps.predict(
     settings=dict(p.inference, threads=snakemake.threads),
     save_probabilities=p.prediction["save_probabilities"],
 )
+steps.finish_job_process()

@@ -9,3 +9,4 @@ steps.preprocess(
     processes=snakemake.threads,
     store=snakemake.params.store,
 )
+steps.finish_job_process()

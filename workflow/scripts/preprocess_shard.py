@@ -11,3 +11,4 @@ steps.preprocess_shard(
     processes=snakemake.threads,
     store=snakemake.params.store,
 )
+steps.finish_job_process()

@@ -16,3 +16,4 @@ steps.select(
     plans_paths=p.plans_paths,
     extra_configurations=p.extra_configurations,
 )
+steps.finish_job_process()

@@ -16,3 +16,4 @@ steps.train(
     dict(p.settings, threads=snakemake.threads, gpu_lock_dir=p.gpu_lock_dir),
     previous_stage_dir=list(i.previous_stage),
 )
+steps.finish_job_process()

@@ -19,3 +19,4 @@ steps.validate(
     next_stage_preprocessed_dir=Path(i["next_stage_manifest"]).parent if "next_stage_manifest" in i else None,
     next_stage_output_dir=o.get("next_stage"),
 )
+steps.finish_job_process()

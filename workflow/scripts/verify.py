@@ -7,3 +7,4 @@ steps.verify(
     processes=snakemake.threads,
     case_fingerprints=snakemake.output.case_fingerprints,
 )
+steps.finish_job_process()
