@@ -25,7 +25,16 @@ import numpy as np
 
 from .errors import ImageReadError
 
-SITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl")
+# the ITK reader of each ending: naming it skips the factory's trial of every reader (about 0.3 ms of the 2.2 ms
+# that reading a small Hippocampus .nii.gz takes: verify reads every training file once, preprocessing again)
+SITK_IMAGE_IO = {
+    ".nii.gz": "NiftiImageIO",
+    ".nii": "NiftiImageIO",
+    ".nrrd": "NrrdImageIO",
+    ".mha": "MetaImageIO",
+    ".gipl": "GiplImageIO",
+}
+SITK_ENDINGS = tuple(SITK_IMAGE_IO)
 NATURAL_2D_ENDINGS = (".png", ".bmp")
 TIFF_ENDINGS = (".tif", ".tiff")
 SUPPORTED_ENDINGS = SITK_ENDINGS + NATURAL_2D_ENDINGS + TIFF_ENDINGS
@@ -37,8 +46,10 @@ NATURAL_2D_SPACING = [999.0, 1.0, 1.0]
 def _read_sitk(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     import SimpleITK as sitk  # here, not at module level: jobs that only plan or split need no image library
 
+    name = path.name.lower()
+    image_io = next((io for ending, io in SITK_IMAGE_IO.items() if name.endswith(ending)), "")
     try:
-        image = sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path), imageIO=image_io)
     except RuntimeError as exc:  # SimpleITK raises RuntimeError for corrupt/unknown files
         raise ImageReadError(
             f"{path}: cannot be read by SimpleITK ({str(exc).strip().splitlines()[-1]})"

@@ -200,9 +200,7 @@ def build_optimizer(
     """
     lr, decay = float(settings.initial_lr), float(settings.weight_decay)
     if settings.optimizer == "sgd":
-        return _SGD(
-            parameters, lr=lr, momentum=float(settings.momentum), weight_decay=decay, nesterov=True
-        )
+        return _SGD(parameters, lr=lr, momentum=float(settings.momentum), weight_decay=decay, nesterov=True)
     if settings.optimizer == "adam":
         return _ADAM(parameters, lr=lr, weight_decay=decay)
     if settings.optimizer == "adamw":
