@@ -54,6 +54,8 @@ from .imageio import read_images, read_seg
 from .labels import LabelModel
 from .normalization import normalize
 from .parallel import process_pool, processes_argument
+from .planning import configuration_entry
+from .planning import resolve_configuration as _resolve_configuration
 from .resampling import compute_new_shape, resample_data_or_seg_to_shape
 
 log = logging.getLogger(__name__)
@@ -93,9 +95,7 @@ ClassKey = int | tuple[int, ...]
 
 def resolve_configuration(plans: Mapping[str, Any], configuration: str) -> dict[str, Any]:
     """The configuration's entries with ``inherits_from`` applied (nnsnake.planning owns the rule)."""
-    from .planning import resolve_configuration as resolve
-
-    return resolve(dict(plans), configuration)
+    return _resolve_configuration(dict(plans), configuration)
 
 
 def _resampling_kwargs(config: Mapping[str, Any], what: str) -> dict[str, Any]:
@@ -205,9 +205,7 @@ def preprocess_arrays(
 
     ``dataset_json`` is read only for the label model's class location keys (with ``class_locations``).
     """
-    config = (
-        resolve_configuration(plans, configuration) if isinstance(configuration, str) else dict(configuration)
-    )
+    config = dict(configuration_entry(plans, configuration))
     has_seg = seg is not None
     data = np.asarray(data, dtype=np.float32)
     if seg is not None:
@@ -256,7 +254,7 @@ def preprocess_case(
     image_paths: Sequence[str | os.PathLike],
     seg_path: str | os.PathLike | None,
     plans: Mapping[str, Any],
-    configuration: str,
+    configuration: str | Mapping[str, Any],
     dataset_json: Mapping[str, Any],
     class_locations: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -712,41 +710,26 @@ def _preprocess_and_save(
     image_paths: list[str],
     seg_path: str | None,
     plans: Mapping[str, Any],
-    configuration: str,
+    configuration: str | Mapping[str, Any],
     dataset_json: Mapping[str, Any],
     out_dir: str,
     signature: Mapping[str, Any],
     store: str = "npy",
 ) -> dict[str, Any]:
-    """Worker: one case, start to finish. Errors come back as PreprocessingError naming the case."""
+    """Worker: one case, start to finish (``configuration``: a name, or its entry already resolved, as
+    :func:`preprocess_dataset` sends it so workers skip resolving per case). Errors come back as
+    PreprocessingError naming the case."""
     try:
-        with _single_threaded_blas():
-            data, seg, properties = preprocess_case(image_paths, seg_path, plans, configuration, dataset_json)
-            patch_size = resolve_configuration(plans, configuration).get("patch_size")
-            digest = save_case(out_dir, case_id, data, seg, properties, signature, store, patch_size)
+        config = configuration_entry(plans, configuration)
+        data, seg, properties = preprocess_case(image_paths, seg_path, plans, config, dataset_json)
+        digest = save_case(
+            out_dir, case_id, data, seg, properties, signature, store, config.get("patch_size")
+        )
     except Exception as exc:
         _remove_case(Path(out_dir), case_id)
         files = ", ".join([*image_paths, *([seg_path] if seg_path else [])])
         raise PreprocessingError(f"case {case_id!r} ({files}): {type(exc).__name__}: {exc}") from None
     return {"shape": list(data.shape), "seg_dtype": str(seg.dtype), "sha256": digest}
-
-
-class _single_threaded_blas:
-    """Case-level processes are the parallelism; BLAS threads on top would only oversubscribe the cores."""
-
-    def __enter__(self) -> None:
-        try:
-            from threadpoolctl import threadpool_limits
-
-            self._limits = threadpool_limits(1)
-        except (
-            ImportError
-        ):  # pragma: no cover - threadpoolctl comes with scikit-learn / most scientific stacks
-            self._limits = None
-
-    def __exit__(self, *exc: object) -> None:
-        if self._limits is not None:
-            self._limits.restore_original_limits()
 
 
 def _clean_temporaries(folder: Path, case_ids: Sequence[str] | None = None) -> None:
@@ -856,6 +839,7 @@ def preprocess_dataset(
         _clean_temporaries(out, selected)
     check_store(store)
     plan = plan_signature(plans, configuration, dataset_json, store)
+    config = resolve_configuration(plans, configuration)  # once, not in every case's worker
     jobs, manifest_cases = [], {}
     for case_id in selected:
         files = cases[case_id]
@@ -876,7 +860,7 @@ def preprocess_dataset(
                     images,
                     seg,
                     dict(plans),
-                    configuration,
+                    config,
                     dict(dataset_json),
                     str(out),
                     signature,
@@ -894,7 +878,6 @@ def preprocess_dataset(
         bar.close()
     if jobs:
         jsonio.sync_filesystem(out)  # the cases' files reach the disk before the manifest that lists them
-    config = resolve_configuration(plans, configuration)
     return {
         "configuration": configuration,
         "data_identifier": config.get("data_identifier"),
