@@ -51,7 +51,12 @@ per run, two runs per tool, the order swapped):
     2 (nnsnake)       48.2 / 20.5 s       41.0 / 15.9 s      1.18    1.29
 
 After the CPU instance norm (a7266b6), on the idle machine (``--rounds 4``, 2026-12-07): nnunetv2 2.88 s, nnsnake
-2.52 s per iteration; x per round 1.21, 1.12, 1.12, 1.14, median 1.13 (the goal is 1.3). In a torch.profiler
+2.52 s per iteration; x per round 1.21, 1.12, 1.12, 1.14, median 1.13 (the goal is 1.3). With 3 iterations the
+median of 2 start-to-start differences is their mean, so the first step's one-off costs counted half (torch's
+optimiser imports torch._dynamo there, 1.2 s). In steady state (``--iterations 8 --rounds 2``, idle, 2026-12-07,
+after nnsnake's optimiser stopped importing torch._dynamo): nnunetv2 2.18 / 2.26 s, nnsnake 2.09 / 2.14 s per
+iteration, x 1.04 / 1.06 (whole runs 26.4 / 27.4 s vs 23.0 / 23.1 s). nnsnake's network step alone (forward,
+backward, SGD) takes 2.0 s of its 2.1 s, compiled (``torch.compile``, 83 s to compile on 2 cores) also 2.0 s. In a torch.profiler
 trace of nnsnake's step, oneDNN convolution takes 67 % (backward 47 %, forward 20 %), where channels-last gains
 less on ResEnc's shapes than on the plain U-Net's; norms 14 %, concatenation and copies 7 %.
 

@@ -350,26 +350,28 @@ def logged_work(log_file: Path) -> tuple[float, float | None]:
     return max(max(durations), span), (stamps[0] if stamps else None)
 
 
-def rule_scripts(wd: Path) -> dict[str, str]:
-    """rule name -> script name (without .py), read from the .smk files."""
-    mapping = {}
+def rule_scripts(wd: Path) -> dict[str, set[str]]:
+    """rule name -> the script names (without .py) it may run, read from the .smk files (a rule defined in both
+    branches of an ``if``, as preprocess is, has one script per branch)."""
+    mapping: dict[str, set[str]] = {}
     for smk in [wd / "Snakefile", *sorted((wd / "workflow" / "rules").glob("*.smk"))]:
         rule = None
         for line in smk.read_text().splitlines():
-            if m := re.match(r"^(?:rule|checkpoint) (\w+):", line):
+            if m := re.match(r"^\s*(?:rule|checkpoint) (\w+):", line):
                 rule = m.group(1)
             elif rule and (m := re.match(r'^\s+"[^"]*scripts/(\w+)\.py"', line)):
-                mapping[rule] = m.group(1)
+                mapping.setdefault(rule, set()).add(m.group(1))
     return mapping
 
 
-def attach_processes(jobs: list[Job], processes: list[Process], scripts: dict[str, str], wd: Path) -> None:
+def attach_processes(
+    jobs: list[Job], processes: list[Process], scripts: dict[str, set[str]], wd: Path
+) -> None:
     """Give each job its process: same script, running when the job's log got its first line (else nearest)."""
     free = list(processes)
     for job in sorted(jobs, key=lambda j: j.start):
         job.work, job.first_log = logged_work(wd / job.log) if job.log else (0.0, None)
-        script = scripts.get(job.rule)
-        candidates = [p for p in free if p.script == script]
+        candidates = [p for p in free if p.script in scripts.get(job.rule, set())]
         if not candidates:
             continue
         if job.first_log is not None:
