@@ -302,3 +302,29 @@ def test_shared_datasets_verify(shared_data: Path) -> None:
     for name in ("Dataset009_SpleenCTCrop", "Dataset201_ISBI2012EM", "Dataset902_TotalSegExampleCT"):
         report = verify_dataset(shared_data / name)
         assert report.ok, report.problems
+
+
+def test_integer_voxels_are_not_read_again_for_non_finite_values(tmp_path: Path, monkeypatch) -> None:
+    """Only files SimpleITK reads as floating point (float voxels, or integers with a scale) can hold NaN/inf, so
+    an integer file is not opened a second time; a scaled integer file is, and is finite."""
+    import nibabel
+    import SimpleITK as sitk
+
+    from nnsnake.dataset import nonfinite_counts
+    from nnsnake.imageio import read_file
+
+    voxels = np.arange(120, dtype=np.int16).reshape(4, 5, 6)
+    plain, scaled = tmp_path / "plain_0000.nii.gz", tmp_path / "scaled_0000.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(voxels, np.eye(4)), plain)
+    image = nibabel.Nifti1Image(voxels, np.eye(4))
+    image.header.set_slope_inter(2.0, 1.0)
+    nibabel.save(image, scaled)
+    scaled_array = read_file(scaled)[0]
+    assert sitk.ReadImage(str(plain)).GetPixelID() == sitk.sitkInt16 and scaled_array.dtype == np.float32
+    assert nonfinite_counts(scaled, scaled_array) == (0, 0)
+
+    def no_second_read(*args, **kwargs):
+        raise AssertionError("an integer file was read again")
+
+    monkeypatch.setattr(nibabel, "load", no_second_read)
+    assert nonfinite_counts(plain, read_file(plain)[0]) == (0, 0)

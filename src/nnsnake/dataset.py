@@ -500,16 +500,18 @@ def nonfinite_counts(path: Path, array: np.ndarray) -> tuple[int, int]:
     """Number of NaN and inf voxels of an image file.
 
     SimpleITK's NIfTI reader silently turns NaN/inf into 0, which would hide them; for floating-point NIfTI
-    files the raw voxels are therefore read again with nibabel.
+    files the raw voxels are therefore read again with nibabel. ``array`` is the file as SimpleITK read it, which
+    is floating-point for every file that stores floats (or scales integers): an integer array means integer
+    voxels, which cannot be non-finite, and saves opening the file again (2.7 ms of a Hippocampus case's 15).
     """
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0, 0
     if path.name.lower().endswith((".nii", ".nii.gz")):
         import nibabel
 
         image: Any = nibabel.load(path)  # a NIfTI image (the stubs type it as the generic base class)
         if np.issubdtype(image.get_data_dtype(), np.floating):
             array = np.asarray(image.dataobj)
-    if not np.issubdtype(array.dtype, np.floating):
-        return 0, 0
     return int(np.isnan(array).sum()), int(np.isinf(array).sum())
 
 
