@@ -328,3 +328,21 @@ def test_integer_voxels_are_not_read_again_for_non_finite_values(tmp_path: Path,
 
     monkeypatch.setattr(nibabel, "load", no_second_read)
     assert nonfinite_counts(plain, read_file(plain)[0]) == (0, 0)
+
+
+@pytest.mark.parametrize("ending", ["nii.gz", "nii"])
+def test_non_finite_values_found_compressed_or_not(tmp_path: Path, ending: str) -> None:
+    """SimpleITK reads NaN/inf as 0; the second read finds them in .nii.gz and .nii files."""
+    import nibabel
+
+    from nnsnake.dataset import nonfinite_counts
+    from nnsnake.imageio import read_file
+
+    voxels = np.ones((4, 5, 6), np.float32)
+    voxels[0, 0, :3] = np.nan
+    voxels[1, 1, 1] = -np.inf
+    path = tmp_path / f"case_0000.{ending}"
+    nibabel.save(nibabel.Nifti1Image(voxels, np.eye(4)), path)
+    array = read_file(path)[0]
+    assert not np.isnan(array).any()  # why the second read exists
+    assert nonfinite_counts(path, array) == (3, 1)
