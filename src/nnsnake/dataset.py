@@ -507,7 +507,7 @@ def nonfinite_counts(path: Path, array: np.ndarray) -> tuple[int, int]:
     SimpleITK's NIfTI reader silently turns NaN/inf into 0, which would hide them; for floating-point NIfTI
     files the raw voxels are therefore read again with nibabel. ``array`` is the file as SimpleITK read it, which
     is floating-point for every file that stores floats (or scales integers): an integer array means integer
-    voxels, which cannot be non-finite, and saves opening the file again (2.7 ms of a Hippocampus case's 15).
+    voxels, which cannot be non-finite, and the file is not opened again.
     """
     if not np.issubdtype(array.dtype, np.floating):
         return 0, 0
@@ -516,10 +516,9 @@ def nonfinite_counts(path: Path, array: np.ndarray) -> tuple[int, int]:
         import nibabel
 
         image: Any  # a NIfTI image (the stubs type nibabel.load's result as the generic base class)
+        # a .nii.gz in one zlib call, not through the gzip module's chunked reads (1.0 instead of 1.7 ms)
         raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else b""
-        if (
-            raw[:4] in _NIFTI1_HEADER_SIZES
-        ):  # one zlib call, not the gzip module's chunked reads: 1.0 vs 1.7 ms
+        if raw[:4] in _NIFTI1_HEADER_SIZES:
             image = nibabel.Nifti1Image.from_bytes(raw)
         else:  # .nii (memory-mapped), or not NIfTI-1 (SimpleITK reads no NIfTI-2, but nibabel may know it)
             image = nibabel.load(path)
