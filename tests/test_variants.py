@@ -9,6 +9,7 @@ tests reuse test_training's tiny data and settings (a few iterations of a 3-stag
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -219,6 +220,7 @@ def test_optimizer_steps_and_state_equal_the_torch_class(name: str) -> None:
     fresh = build_optimizer(settings, torch.nn.Linear(4, 3).parameters())
     fresh.load_state_dict(theirs_state)
     assert fresh.state_dict()["param_groups"] == theirs_state["param_groups"]
+    assert type(pickle.loads(pickle.dumps(ours))) is type(ours)  # the class is found by its module name
 
 
 def test_optimizer_does_not_import_dynamo() -> None:

@@ -143,7 +143,7 @@ def _undecorated(method: Any) -> Any:
     return getattr(method, "__wrapped__", method)
 
 
-def _without_dynamo_guards(base: type[_OptimizerT]) -> type[_OptimizerT]:
+def _without_dynamo_guards(base: type[_OptimizerT], module_name: str) -> type[_OptimizerT]:
     """``base`` with its methods run past torch's dynamo-disabling decorators: the same numbers, a faster start.
 
     Torch wraps ``step`` (``_use_grad_for_differentiable``) and ``add_param_group``, ``zero_grad``, ``state_dict``,
@@ -152,6 +152,7 @@ def _without_dynamo_guards(base: type[_OptimizerT]) -> type[_OptimizerT]:
     never compiles. The subclass calls the wrapped functions directly (``step`` under ``torch.no_grad``, which is
     what the wrapper sets for a non-differentiable optimiser); if a torch version keeps no ``__wrapped__``, the
     decorated method runs, only slower to start. State dicts are ``base``'s, so checkpoints load in either class.
+    The class keeps ``base``'s name; ``module_name`` is where this module keeps it, so pickle finds the class.
     """
     plain_step = _undecorated(base.step)
     plain_add_param_group = _undecorated(base.add_param_group)
@@ -176,14 +177,13 @@ def _without_dynamo_guards(base: type[_OptimizerT]) -> type[_OptimizerT]:
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:
             plain_load_state_dict(self, state_dict)
 
-    Optimizer.__name__ = Optimizer.__qualname__ = base.__name__
-    Optimizer.__module__ = __name__
+    Optimizer.__name__, Optimizer.__qualname__, Optimizer.__module__ = base.__name__, module_name, __name__
     return Optimizer
 
 
-_SGD = _without_dynamo_guards(torch.optim.SGD)
-_ADAM = _without_dynamo_guards(torch.optim.Adam)
-_ADAMW = _without_dynamo_guards(torch.optim.AdamW)
+_SGD = _without_dynamo_guards(torch.optim.SGD, "_SGD")
+_ADAM = _without_dynamo_guards(torch.optim.Adam, "_ADAM")
+_ADAMW = _without_dynamo_guards(torch.optim.AdamW, "_ADAMW")
 
 
 def build_optimizer(
