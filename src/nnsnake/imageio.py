@@ -43,13 +43,12 @@ LOSSY_ENDINGS = (".jpg", ".jpeg")
 NATURAL_2D_SPACING = [999.0, 1.0, 1.0]
 
 
-def _read_sitk(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_sitk(path: Path, ending: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """``path``, whose ending (one of ``SITK_ENDINGS``, from :func:`_ending_of`) names the ITK reader."""
     import SimpleITK as sitk  # here, not at module level: jobs that only plan or split need no image library
 
-    name = path.name.lower()
-    image_io = next((io for ending, io in SITK_IMAGE_IO.items() if name.endswith(ending)), "")
     try:
-        image = sitk.ReadImage(str(path), imageIO=image_io)
+        image = sitk.ReadImage(str(path), imageIO=SITK_IMAGE_IO[ending])
     except RuntimeError as exc:  # SimpleITK raises RuntimeError for corrupt/unknown files
         raise ImageReadError(
             f"{path}: cannot be read by SimpleITK ({str(exc).strip().splitlines()[-1]})"
@@ -138,7 +137,7 @@ def read_file(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         raise ImageReadError(f"{path}: file does not exist")
     ending = _ending_of(path)
     if ending in SITK_ENDINGS:
-        array, props = _read_sitk(path)
+        array, props = _read_sitk(path, ending)
         return array[None], props
     if ending in NATURAL_2D_ENDINGS:
         return _read_natural_2d(path)

@@ -55,7 +55,6 @@ from .labels import LabelModel
 from .normalization import normalize
 from .parallel import process_pool, processes_argument
 from .planning import configuration_entry
-from .planning import resolve_configuration as _resolve_configuration
 from .resampling import compute_new_shape, resample_data_or_seg_to_shape
 
 log = logging.getLogger(__name__)
@@ -91,11 +90,6 @@ ClassKey = int | tuple[int, ...]
 
 # ---------------------------------------------------------------------------------------------------------------
 # plans
-
-
-def resolve_configuration(plans: Mapping[str, Any], configuration: str) -> dict[str, Any]:
-    """The configuration's entries with ``inherits_from`` applied (nnsnake.planning owns the rule)."""
-    return _resolve_configuration(dict(plans), configuration)
 
 
 def _resampling_kwargs(config: Mapping[str, Any], what: str) -> dict[str, Any]:
@@ -656,11 +650,14 @@ def _file_fingerprint(path: str | os.PathLike) -> list[Any]:
 
 
 def plan_signature(
-    plans: Mapping[str, Any], configuration: str, dataset_json: Mapping[str, Any], store: str = "npy"
+    plans: Mapping[str, Any],
+    configuration: str | Mapping[str, Any],
+    dataset_json: Mapping[str, Any],
+    store: str = "npy",
 ) -> dict[str, Any]:
     """The plan entries a preprocessed case depends on (a change to any of them recomputes the case); with the
-    blosc2 store also the patch size, which shapes its chunks."""
-    config = resolve_configuration(plans, configuration)
+    blosc2 store also the patch size, which shapes its chunks. ``configuration``: a name or its resolved entry."""
+    config = configuration_entry(plans, configuration)
     layout = {"patch_size": list(config["patch_size"])} if check_store(store) == "blosc2" else {}
     return {
         "format": STORE_FORMATS[store],
@@ -838,8 +835,8 @@ def preprocess_dataset(
         selected = list(case_ids)
         _clean_temporaries(out, selected)
     check_store(store)
-    plan = plan_signature(plans, configuration, dataset_json, store)
-    config = resolve_configuration(plans, configuration)  # once, not in every case's worker
+    config = configuration_entry(plans, configuration)  # once: the signature and every case's worker use it
+    plan = plan_signature(plans, config, dataset_json, store)
     jobs, manifest_cases = [], {}
     for case_id in selected:
         files = cases[case_id]

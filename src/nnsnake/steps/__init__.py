@@ -69,8 +69,9 @@ def finish_job_process(child_timeout_s: float = 30.0) -> NoReturn:
     and prediction job (measured on the demo), for nothing a finished job needs: each output was written to a
     temporary file, closed and renamed, and the step shut its worker pools down (nothing of nnsnake's is left to
     atexit). Child processes still exiting are waited for (``child_timeout_s``, then terminated), the log files
-    are closed and the standard streams flushed, then the process leaves with status 0. Only for the last line of a ``workflow/scripts`` job, never inside
-    Snakemake's own process (:func:`job_log` rules) or a library caller's.
+    are closed and the standard streams flushed, then the process leaves with status 0. Only for the last line
+    of a ``workflow/scripts`` job, never inside Snakemake's own process (:func:`job_log` rules) or a library
+    caller's.
     """
     import multiprocessing
 
