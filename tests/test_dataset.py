@@ -142,6 +142,26 @@ def test_corrupt_file(dataset: Path) -> None:
     assert_one_problem(dataset, "case_002_0000.nii.gz", "unreadable or corrupt")
 
 
+def test_truncated_label_file_is_reported_not_zero_filled(dataset: Path) -> None:
+    """SimpleITK alone reads a truncated .nii.gz as if the lost voxels were 0 (background here): verify names it."""
+    label = dataset / "labelsTr" / "case_001.nii.gz"
+    content = label.read_bytes()
+    label.write_bytes(content[: len(content) * 2 // 3])
+    assert_one_problem(dataset, "labelsTr/case_001.nii.gz", "gzip data ends too early")
+
+
+def test_nan_counts_come_from_the_one_read(dataset: Path, monkeypatch) -> None:
+    """A .nii.gz is inflated once: its NaN/inf are counted from that read, nibabel does not open it again."""
+    import nibabel
+
+    def no_second_read(*args, **kwargs):
+        raise AssertionError("the file was read a second time")
+
+    monkeypatch.setattr(nibabel, "load", no_second_read)
+    monkeypatch.setattr(nibabel.Nifti1Image, "from_bytes", no_second_read)
+    test_nan_and_inf_intensities(dataset)
+
+
 def test_num_training_mismatch(dataset: Path) -> None:
     dataset_json = json.loads((dataset / "dataset.json").read_text())
     dataset_json["numTraining"] = 5

@@ -502,7 +502,9 @@ _NIFTI1_HEADER_SIZES = ((348).to_bytes(4, "little"), (348).to_bytes(4, "big"))
 
 
 def nonfinite_counts(path: Path, array: np.ndarray) -> tuple[int, int]:
-    """Number of NaN and inf voxels of an image file.
+    """Number of NaN and inf voxels of an image file that :func:`nnsnake.imageio.read_file` read without
+    counting them (its ``nonfinite_voxels`` property is absent: a NIfTI file SimpleITK read alone, or another
+    format).
 
     SimpleITK's NIfTI reader silently turns NaN/inf into 0, which would hide them; for floating-point NIfTI
     files the raw voxels are therefore read again with nibabel. ``array`` is the file as SimpleITK read it, which
@@ -590,7 +592,7 @@ def _check_images(images: list[Path]) -> tuple[list[Problem], _Reference | None,
             )
             continue
         arrays.append(array)
-        n_nan, n_inf = nonfinite_counts(path, array)
+        n_nan, n_inf = props.get("nonfinite_voxels") or nonfinite_counts(path, array)
         if n_nan or n_inf:
             problems.append(
                 Problem(

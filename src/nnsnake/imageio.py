@@ -16,7 +16,11 @@ SimpleITK's own order) which :func:`write_seg` reuses so a prediction lands in t
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import struct
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +48,39 @@ NATURAL_2D_SPACING = [999.0, 1.0, 1.0]
 
 
 def _read_sitk(path: Path, ending: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """``path``, whose ending (one of ``SITK_ENDINGS``, from :func:`_ending_of`) names the ITK reader."""
+    """``path``, whose ending (one of ``SITK_ENDINGS``, from :func:`_ending_of`) names the ITK reader.
+
+    A plain NIfTI-1 file (one scalar per voxel, no intensity scaling) takes :func:`_read_nifti_directly`; every
+    other file, and any NIfTI file that path declines, is read by SimpleITK alone. Both give the same array and
+    geometry; the direct path also reports ``nonfinite_voxels`` ([NaN, inf] counts), which ITK's NIfTI reader
+    hides by reading them as 0.
+    """
+    direct = _read_nifti_directly(path, ending) if ending in (".nii", ".nii.gz") else None
+    array, sitk_stuff, nonfinite = direct if direct is not None else _read_whole_with_sitk(path, ending)
+    spacing_sitk = sitk_stuff["spacing"]
+    if array.ndim == 2:
+        array = array[None]
+        spacing = [999.0 * max(spacing_sitk)] + [abs(s) for s in spacing_sitk[::-1]]
+    elif array.ndim == 3:
+        spacing = [abs(s) for s in spacing_sitk[::-1]]
+    else:
+        raise ImageReadError(f"{path}: {array.ndim}D images are not supported (expected 2D or 3D)")
+    properties: dict[str, Any] = {"spacing": spacing, "sitk_stuff": sitk_stuff}
+    if nonfinite is not None:
+        properties["nonfinite_voxels"] = nonfinite
+    return array, properties
+
+
+def _geometry(image: Any) -> dict[str, list[float]]:
+    """Spacing, origin and direction in SimpleITK's order, of an image or of a reader that read its header."""
+    return {
+        "spacing": list(image.GetSpacing()),
+        "origin": list(image.GetOrigin()),
+        "direction": list(image.GetDirection()),
+    }
+
+
+def _read_whole_with_sitk(path: Path, ending: str) -> tuple[np.ndarray, dict[str, list[float]], None]:
     import SimpleITK as sitk  # here, not at module level: jobs that only plan or split need no image library
 
     try:
@@ -58,21 +94,182 @@ def _read_sitk(path: Path, ending: str) -> tuple[np.ndarray, dict[str, Any]]:
             f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; store one file per channel "
             "(<case>_0000, <case>_0001, ...)"
         )
-    array = sitk.GetArrayFromImage(image)
-    spacing_sitk = list(image.GetSpacing())
-    sitk_stuff = {
-        "spacing": spacing_sitk,
-        "origin": list(image.GetOrigin()),
-        "direction": list(image.GetDirection()),
-    }
-    if array.ndim == 2:
-        array = array[None]
-        spacing = [999.0 * max(spacing_sitk)] + [abs(s) for s in spacing_sitk[::-1]]
-    elif array.ndim == 3:
-        spacing = [abs(s) for s in spacing_sitk[::-1]]
+    return sitk.GetArrayFromImage(image), _geometry(image), None
+
+
+# NIfTI-1 header fields read here (byte offset, struct format): the rest is ITK's to interpret
+_NIFTI1_SIZEOF_HDR = 348
+_NIFTI1_FIELDS = {
+    "datatype": (70, "h"),
+    "vox_offset": (108, "f"),
+    "scl_slope": (112, "f"),
+    "scl_inter": (116, "f"),
+}
+_NIFTI1_SINGLE_FILE_MAGIC = (344, b"n+1\0")
+# NIfTI-1 datatype code -> voxel type (the scalar types; complex and RGB files go through ITK)
+_NIFTI1_DTYPES = {
+    2: "u1",
+    4: "i2",
+    8: "i4",
+    16: "f4",
+    64: "f8",
+    256: "i1",
+    512: "u2",
+    768: "u4",
+    1024: "i8",
+    1280: "u8",
+}
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _inflate(path: Path, compressed: bytes) -> bytes | None:
+    """A gzip file's content (every member); None when it is not gzip at all (ITK reads such a file as it is).
+
+    Truncated or damaged gzip data raises :class:`ImageReadError`: ITK's reader would fill the missing voxels
+    with zeros without a word. zlib-ng inflates 2x (noisy images) to 5x (label maps) faster than Python's zlib.
+    """
+    from zlib_ng import zlib_ng
+
+    if not compressed.startswith(_GZIP_MAGIC):
+        return None
+    parts = []
+    while compressed:
+        inflater = zlib_ng.decompressobj(wbits=31)
+        try:
+            parts.append(inflater.decompress(compressed))
+        except zlib_ng.error as exc:  # type: ignore[misc]  # its stub types error as an instance
+            raise ImageReadError(
+                f"{path}: corrupt gzip data ({exc}); re-export or replace the file"
+            ) from None
+        if not inflater.eof:
+            raise ImageReadError(
+                f"{path}: gzip data ends too early (truncated file); re-export or replace it"
+            )
+        compressed = inflater.unused_data.lstrip(b"\0")  # members may follow, and padding
+    return b"".join(parts)
+
+
+def _read_nifti_directly(
+    path: Path, ending: str
+) -> tuple[np.ndarray, dict[str, list[float]], list[int]] | None:
+    """A plain NIfTI-1 file read with ITK's geometry and numpy's voxels, or None to let SimpleITK read it.
+
+    ITK reads a ``.nii.gz`` slowly: 3.5 ms for a 250 KB Hippocampus image (1.5 ms of it for the header alone),
+    where zlib-ng inflates the whole file in 0.3 ms. Here the file is inflated once, ITK reads only the header
+    (copied to a small temporary file, so the geometry is ITK's own, qform/sform rules included) and the voxels
+    come straight from the bytes: 1.2 ms. Verify and preprocessing each read every training file.
+
+    Only the simple case is taken: a single-file NIfTI-1 (``n+1``) with one scalar per voxel of the type ITK
+    reports and no intensity scaling. Anything else returns None, except damaged gzip data, which raises
+    (:func:`_inflate`). Non-finite voxels are counted, then set to 0 as ITK's reader does.
+    """
+    import SimpleITK as sitk
+
+    if ending == ".nii.gz":
+        content = _inflate(path, path.read_bytes())
+        if content is None:
+            return None
     else:
-        raise ImageReadError(f"{path}: {array.ndim}D images are not supported (expected 2D or 3D)")
-    return array, {"spacing": spacing, "sitk_stuff": sitk_stuff}
+        with open(path, "rb") as fh:
+            content = fh.read(_NIFTI1_SIZEOF_HDR + 4)
+    header = _nifti1_header(content)
+    if header is None:
+        return None
+    dtype, vox_offset = header
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("NiftiImageIO")
+    if ending == ".nii.gz":
+        fd, header_file = tempfile.mkstemp(prefix="nnsnake-header-", suffix=".nii", dir=_scratch_dir())
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(content[:vox_offset])
+            reader.SetFileName(header_file)
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return None
+        finally:
+            os.unlink(header_file)
+    else:
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return None
+    if reader.GetNumberOfComponents() != 1 or reader.GetPixelID() != _sitk_pixel_ids().get(
+        dtype.newbyteorder("=")
+    ):
+        return None
+    shape = tuple(reversed(reader.GetSize()))
+    count = math.prod(shape)
+    stored = len(content) if ending == ".nii.gz" else path.stat().st_size
+    if stored < vox_offset + count * dtype.itemsize:
+        raise ImageReadError(
+            f"{path}: holds {max(0, stored - vox_offset)} bytes of voxels where its header describes "
+            f"{count * dtype.itemsize} (size {list(reader.GetSize())}, {dtype.name}); re-export or replace it"
+        )
+    if ending == ".nii.gz":
+        voxels = np.frombuffer(content, dtype=dtype, count=count, offset=vox_offset)
+    else:
+        voxels = np.fromfile(path, dtype=dtype, count=count, offset=vox_offset)
+    array = voxels.reshape(shape).astype(dtype.newbyteorder("="), copy=True)  # writable, native byte order
+    nonfinite = [0, 0]
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        nan, inf = np.isnan(array), np.isinf(array)
+        nonfinite = [int(nan.sum()), int(inf.sum())]
+        array[nan | inf] = 0
+    return array, _geometry(reader), nonfinite
+
+
+def _nifti1_header(content: bytes) -> tuple[np.dtype, int] | None:
+    """Voxel type (file byte order) and data offset of a single-file NIfTI-1 header without intensity
+    scaling; None for anything else."""
+    if len(content) < _NIFTI1_SIZEOF_HDR + 4:
+        return None
+    for order in "<>":
+        if struct.unpack_from(f"{order}i", content, 0)[0] == _NIFTI1_SIZEOF_HDR:
+            break
+    else:
+        return None  # NIfTI-2, Analyze or not a header at all
+    offset, magic = _NIFTI1_SINGLE_FILE_MAGIC
+    if content[offset : offset + len(magic)] != magic:
+        return None
+    fields = {
+        name: struct.unpack_from(order + code, content, at)[0] for name, (at, code) in _NIFTI1_FIELDS.items()
+    }
+    code = _NIFTI1_DTYPES.get(fields["datatype"])
+    slope, inter = fields["scl_slope"], fields["scl_inter"]
+    unscaled = (slope in (0.0, 1.0) or math.isnan(slope)) and (inter == 0.0 or math.isnan(inter))
+    vox_offset = fields["vox_offset"]
+    if code is None or not unscaled or vox_offset != int(vox_offset) or vox_offset < _NIFTI1_SIZEOF_HDR + 4:
+        return None
+    return np.dtype(order + code), int(vox_offset)
+
+
+def _scratch_dir() -> str:
+    """Where the NIfTI headers go for ITK: RAM-backed /dev/shm when there is one, else the temporary folder."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+@functools.cache
+def _sitk_pixel_ids() -> dict[np.dtype, int]:
+    """SimpleITK's pixel id of each scalar voxel type (native byte order)."""
+    import SimpleITK as sitk
+
+    names = {
+        "u1": "sitkUInt8",
+        "i1": "sitkInt8",
+        "u2": "sitkUInt16",
+        "i2": "sitkInt16",
+        "u4": "sitkUInt32",
+        "i4": "sitkInt32",
+        "u8": "sitkUInt64",
+        "i8": "sitkInt64",
+        "f4": "sitkFloat32",
+        "f8": "sitkFloat64",
+    }
+    return {np.dtype(code): getattr(sitk, name) for code, name in names.items()}
 
 
 def _read_natural_2d(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
