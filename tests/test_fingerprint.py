@@ -107,6 +107,28 @@ def test_draw_counts_consume_the_rng_like_choice() -> None:
     np.testing.assert_array_equal(np.bincount((drawn - 1000).astype(int), minlength=population.size), counts)
 
 
+@pytest.mark.parametrize(("kept", "block"), [(1 << 22, 1 << 16), (5000, 700), (0, 1000)])
+def test_seed_draws_equal_choice_channel_after_channel(monkeypatch, kept: int, block: int) -> None:
+    """Channels in a row get the counts of successive RandomState(1234).choice calls (nnU-Net's draws), for
+    populations where no masked word is skipped (2^k), about half are (2^k + 1), none is drawn at all (1), the
+    channel ends inside a block or on its last word; also when the draws run past the words a process keeps,
+    and for a second case in the same process (the kept words reused)."""
+    from nnsnake import fingerprint
+
+    monkeypatch.setattr(fingerprint, "_SEED_WORDS_KEPT", kept)
+    monkeypatch.setattr(fingerprint, "_DRAW_BLOCK", block)
+    monkeypatch.setattr(fingerprint, "_seed_words", np.zeros(0, dtype=np.uint32))
+    monkeypatch.setattr(fingerprint, "_seed_state_after_kept", None)
+    populations = [777, 1, 65536, 65537, 2, 3, (1 << 20) + 3, 5]
+    samples = [12_345, 10, 5000, 40_000, 7, 1, 3000, 100_003]
+    for _case in range(2):
+        reference = np.random.RandomState(fingerprint.SAMPLING_SEED)
+        draws = fingerprint.SeedDraws()
+        for population, n in zip(populations, samples, strict=True):
+            expected = np.bincount(reference.choice(population, n, replace=True), minlength=population)
+            np.testing.assert_array_equal(draws.counts(population, n), expected)
+
+
 @pytest.mark.parametrize("name", DATASETS)
 def test_fingerprint_equals_nnunetv2(name: str, shared_data: Path, fixtures_dir: Path) -> None:
     reference_path = fixtures_dir / "nnunetv2" / name / "dataset_fingerprint.json"

@@ -44,7 +44,8 @@ class CaseFingerprint:
 def _draw_counts(rs: np.random.RandomState, n_foreground: int, n_samples: int) -> np.ndarray:
     """How often each of ``n_foreground`` voxels is drawn in ``n_samples`` draws with replacement.
 
-    Consumes ``rs`` exactly like ``rs.choice(values, n_samples, replace=True)`` does.
+    Consumes ``rs`` exactly like ``rs.choice(values, n_samples, replace=True)`` does. The reference that
+    :class:`SeedDraws` reproduces faster.
     """
     counts = np.zeros(n_foreground, dtype=np.int64)
     remaining = n_samples
@@ -53,6 +54,100 @@ def _draw_counts(rs: np.random.RandomState, n_foreground: int, n_samples: int) -
         counts += np.bincount(rs.randint(0, n_foreground, size=size), minlength=n_foreground)
         remaining -= size
     return counts
+
+
+# The words of RandomState(SAMPLING_SEED) are the same for every case: a process keeps the first ones.
+_SEED_WORDS_KEPT = 1 << 22  # 16 MB: all a case needs up to ~2.5 million draws per channel (>= 40 cases)
+_seed_words = np.zeros(0, dtype=np.uint32)
+_seed_state_after_kept: dict[str, Any] | None = None
+_DRAW_BLOCK = 1 << 16  # words masked and counted at once (256 KB: stays in cache)
+
+
+def _kept_seed_words(upto: int) -> np.ndarray:
+    """The seed's first ``min(upto, _SEED_WORDS_KEPT)`` words (or more, if kept already), extending the kept
+    ones when needed."""
+    global _seed_words, _seed_state_after_kept
+    want = min(upto, _SEED_WORDS_KEPT)
+    if _seed_words.size < want:
+        rs = np.random.RandomState(SAMPLING_SEED)
+        if _seed_state_after_kept is not None:
+            rs.set_state(_seed_state_after_kept)
+        more = rs.randint(
+            0,
+            1 << 32,
+            size=min(max(want, 2 * _seed_words.size), _SEED_WORDS_KEPT) - _seed_words.size,
+            dtype=np.uint32,
+        )
+        _seed_words = np.concatenate([_seed_words, more])
+        _seed_state_after_kept = rs.get_state(legacy=False)
+    return _seed_words
+
+
+class SeedDraws:
+    """``RandomState(SAMPLING_SEED).choice(foreground, n, replace=True)`` for a case's channels in turn, as
+    draw counts per foreground voxel, equal to nnU-Net's draws at about a third of the cost.
+
+    The legacy ``choice`` draws an index from one 32-bit Mersenne Twister word masked to the smallest all-ones
+    mask covering ``n_foreground - 1``, skipping (and consuming) a word whose masked value is too large; each
+    channel continues the stream where the previous one stopped. ``randint`` does that one word at a time:
+    3-5 ms of the 384,615 draws per Hippocampus case and channel, 146 ms per BraTS channel. Here the words come
+    in blocks (``randint`` over the full 32-bit range returns them unmasked), masking, skipping and counting are
+    vectorised, and the stream's first words, the same for every case, are kept by the process.
+    """
+
+    def __init__(self) -> None:
+        self._position = 0  # words of the stream consumed so far
+        self._beyond_kept: np.random.RandomState | None = None  # the stream past the kept words
+        self._ahead = np.zeros(0, dtype=np.uint32)  # words past the kept ones, drawn but not consumed yet
+
+    def _words(self, n: int) -> np.ndarray:
+        """The stream's next ``n`` words (not consumed: see :meth:`_consume`)."""
+        kept = _kept_seed_words(self._position + n)
+        if self._position + n <= kept.size:
+            return kept[self._position : self._position + n]
+        head = kept[self._position :]
+        missing = n - head.size - self._ahead.size
+        if missing > 0:
+            if self._beyond_kept is None:
+                self._beyond_kept = np.random.RandomState(SAMPLING_SEED)
+                if _seed_state_after_kept is not None:  # None: nothing kept, the stream from its start
+                    self._beyond_kept.set_state(_seed_state_after_kept)
+            fresh = self._beyond_kept.randint(0, 1 << 32, size=missing, dtype=np.uint32)
+            self._ahead = np.concatenate([self._ahead, fresh])
+        return np.concatenate([head, self._ahead[: n - head.size]])
+
+    def _consume(self, n: int) -> None:
+        past_kept = max(0, self._position + n - max(self._position, _seed_words.size))
+        self._ahead = self._ahead[past_kept:]
+        self._position += n
+
+    def counts(self, n_foreground: int, n_samples: int) -> np.ndarray:
+        """How often each of ``n_foreground`` voxels is drawn in the channel's ``n_samples`` draws."""
+        if n_foreground > 1 << 32:
+            raise ValueError(f"{n_foreground} foreground voxels: more than a 32-bit draw can index")
+        if n_foreground == 1:
+            return np.array([n_samples], dtype=np.int64)  # randint(0, 1) consumes no word
+        highest = n_foreground - 1
+        mask = np.uint32((1 << highest.bit_length()) - 1)
+        block = max(_DRAW_BLOCK, 2 * (int(mask) + 1))  # counting a block costs at most twice its histogram
+        counts = np.zeros(int(mask) + 1, dtype=np.int64)
+        masked = np.empty(block, dtype=np.uint32)
+        remaining = n_samples
+        while remaining > 0:
+            words = self._words(block)
+            values = np.bitwise_and(words, mask, out=masked[: words.size])
+            accepted = values <= highest
+            drawn = int(np.count_nonzero(accepted))
+            used = words.size
+            if drawn >= remaining:  # this block completes the channel: stop after its last needed word
+                used = int(np.flatnonzero(accepted)[remaining - 1]) + 1
+                drawn = remaining
+            counts += np.bincount(
+                values[:used], minlength=int(mask) + 1
+            )  # skipped values land past n_foreground
+            self._consume(used)
+            remaining -= drawn
+        return counts[:n_foreground]
 
 
 def samples_per_case(n_cases: int) -> int:
@@ -80,7 +175,7 @@ def fingerprint_arrays(
     original_size = int(np.prod(data.shape[1:]))
     data, seg, _ = crop_to_nonzero(data, seg)
     foreground = seg[0] > 0
-    rs = np.random.RandomState(SAMPLING_SEED)
+    draws = SeedDraws()  # one stream per case, channels in order
     values, counts = [], []
     for channel in data:
         fg = channel[foreground]
@@ -88,7 +183,7 @@ def fingerprint_arrays(
             values.append(np.zeros(0, np.float32))
             counts.append(np.zeros(0, np.int64))
             continue
-        drawn = _draw_counts(rs, fg.size, n_samples)
+        drawn = draws.counts(fg.size, n_samples)
         keep = drawn > 0
         values.append(fg[keep])
         counts.append(drawn[keep])
