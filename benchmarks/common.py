@@ -55,9 +55,13 @@ class Measurement:
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Measurement:
-    """Run ``cmd``; wall time and peak summed RSS of the process tree."""
+    """Run ``cmd``; wall time and peak summed RSS of the process tree.
+
+    The filesystems are synced first, so no run pays for writing back the files of the run before it (a job
+    that syncs its own output, as nnsnake's preprocessing does, would otherwise flush those too)."""
     import tempfile
 
+    os.sync()
     with tempfile.TemporaryFile(mode="w+") as log:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)

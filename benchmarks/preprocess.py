@@ -2,7 +2,7 @@
 
 nnsnake runs twice, once per store (``preprocessing.store``: ``blosc2``, the default, and ``npy``).
 
-    python benchmarks/preprocess.py [--dataset DIR ...] [--processes 2] [--reads 200]
+    python benchmarks/preprocess.py [--dataset DIR ...] [--processes 2] [--reads 200] [--workflow [--rounds N]]
 
 Default datasets: ../shared/data/Dataset004_Hippocampus and ../shared/data/Dataset303_BraTSVariedSpacing.
 
@@ -14,7 +14,9 @@ start-up and imports, as a user waits for them; both run with OMP_NUM_THREADS=1 
 ``--workflow`` adds the same result through the workflow, as a user gets it (a fresh copy of the workflow, ``python
 -m snakemake --cores N --config dataset=DIR configurations=["3d_fullres"] -- results/<DS>/preprocessed/3d_fullres/
 manifest.json``: verify, fingerprint, plan, preprocess jobs, Snakemake's start-up and scheduling included) against
-the same nnunetv2 command.
+the same nnunetv2 command. ``--rounds N`` measures that pair N times, each nnunetv2 run right before its workflow
+run (fresh folders each time), and reports the medians and the median of the N ratios with their range: a
+virtual machine's speed drifts over minutes, and back-to-back pairs see the same speed.
 
 Printed per dataset: wall time, peak memory (summed RSS of the whole process tree, sampled every 20 ms), disk
 use of the 3d_fullres store, and random-patch reads per second of both stores (3d_fullres patch size, all
@@ -109,6 +111,44 @@ def compare_reads(
     return {k: float(np.median(v)) for k, v in results.items()}
 
 
+def run_nnunetv2(dataset: Path, env: dict[str, str], processes: int):
+    """``nnUNetv2_plan_and_preprocess -c 3d_fullres`` with N processes for fingerprinting and preprocessing."""
+    result = measure(
+        [
+            anchor_bin("nnUNetv2_plan_and_preprocess"),
+            "-d",
+            dataset_id(dataset),
+            "-c",
+            "3d_fullres",
+            "-np",
+            str(processes),
+            "-npfp",
+            str(processes),
+            "--clean",
+        ],
+        env=env,
+    )
+    if result.returncode:
+        sys.exit(f"nnunetv2 failed on {dataset.name}:\n{result.output[-3000:]}")
+    return result
+
+
+def workflow_rounds(
+    dataset: Path, root: Path, processes: int, first: tuple[float, float], rounds: int
+) -> tuple[float, float, list[float]]:
+    """Median nnunetv2 and workflow wall times over ``rounds`` back-to-back pairs (``first``: the pair already
+    measured), and every pair's ratio."""
+    pairs = [first]
+    for round_ in range(1, rounds):
+        env = nnunet_env(root / f"round{round_}" / "nnunet")
+        link_raw(root / f"round{round_}" / "nnunet", dataset)
+        theirs = run_nnunetv2(dataset, env, processes)
+        flow = run_workflow(dataset, root / f"round{round_}" / "workflow", processes, env)
+        pairs.append((theirs.wall_s, flow.wall_s))
+    ratios = [t / f for t, f in pairs]
+    return float(np.median([t for t, _ in pairs])), float(np.median([f for _, f in pairs])), ratios
+
+
 def run_workflow(dataset: Path, root: Path, cores: int, env: dict[str, str]):
     """Raw to preprocessed 3d_fullres through a fresh copy of the workflow (benchmarks/workflow_overhead.py's)."""
     from workflow_overhead import snakemake_cmd, workflow_copy
@@ -137,6 +177,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--reads", type=int, default=200, help="patches per read-speed round")
     parser.add_argument("--workflow", action="store_true", help="also through the Snakemake workflow")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --workflow: back-to-back nnunetv2/workflow pairs (medians)",
+    )
     args = parser.parse_args()
     datasets = args.dataset or [
         SHARED / "data" / "Dataset004_Hippocampus",
@@ -148,23 +194,7 @@ def main() -> None:
             root = Path(tmp) / ds.name
             env = nnunet_env(root / "nnunet")
             link_raw(root / "nnunet", ds)
-            theirs = measure(
-                [
-                    anchor_bin("nnUNetv2_plan_and_preprocess"),
-                    "-d",
-                    dataset_id(ds),
-                    "-c",
-                    "3d_fullres",
-                    "-np",
-                    str(args.processes),
-                    "-npfp",
-                    str(args.processes),
-                    "--clean",
-                ],
-                env=env,
-            )
-            if theirs.returncode:
-                sys.exit(f"nnunetv2 failed on {ds.name}:\n{theirs.output[-3000:]}")
+            theirs = run_nnunetv2(ds, env, args.processes)
             ours, stores = {}, {}
             for store in STORES:
                 out = root / f"nnsnake_{store}"
@@ -186,15 +216,26 @@ def main() -> None:
             main_ = ours[STORES[0]]
             name = ds.name
             if args.workflow:
+                pair_env = nnunet_env(root / "pair" / "nnunet")
+                link_raw(root / "pair" / "nnunet", ds)
+                pair_theirs = run_nnunetv2(ds, pair_env, args.processes)  # right before the workflow run
                 flow = run_workflow(ds, root / "workflow", args.processes, env)
+                their_s, flow_s, ratios = workflow_rounds(
+                    ds, root, args.processes, (pair_theirs.wall_s, flow.wall_s), args.rounds
+                )
+                spread = (
+                    f" (median of {len(ratios)}: {min(ratios):.2f}-{max(ratios):.2f})"
+                    if len(ratios) > 1
+                    else ""
+                )
                 rows.append(
                     (
                         name,
                         "workflow wall time s (verify+fingerprint+plan+preprocess)",
-                        f"{theirs.wall_s:.1f}",
-                        f"{flow.wall_s:.1f}",
+                        f"{their_s:.1f}",
+                        f"{flow_s:.1f}",
                         "-",
-                        f"{theirs.wall_s / flow.wall_s:.2f}x faster",
+                        f"{float(np.median(ratios)):.2f}x faster{spread}",
                     )
                 )
             rows += [

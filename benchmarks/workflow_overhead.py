@@ -253,6 +253,7 @@ def run_monitored(
     Python processes (lifetimes, CPU times)."""
     seen: dict[int, Process] = {}
     own_cpu = 0.0
+    os.sync()  # no run pays for writing back the files of the one before (preprocessing syncs its output)
     with tempfile.TemporaryFile(mode="w+") as out:
         start = time.time()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
