@@ -40,7 +40,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Literal
@@ -893,23 +893,21 @@ def _run_jobs(jobs: list[tuple], processes: int, on_done: Callable[[int], Any]) 
         return results
     # fork: workers start instantly and inherit the imported modules; each holds one case at a time
     with process_pool(min(processes, len(jobs))) as pool:
-        pending = {pool.submit(_preprocess_and_save, *job): job[0] for job in jobs}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)  # each finished case moves the progress bar
-            for future in done:
-                case_id = pending.pop(future)
-                error = future.exception()
-                if error is not None:
-                    for other in pending:
-                        other.cancel()
-                    if isinstance(error, PreprocessingError):
-                        raise error
-                    hint = ""
-                    if isinstance(error, BrokenProcessPool):
-                        hint = " (a worker process died, often from running out of memory: use fewer threads)"
-                    raise PreprocessingError(
-                        f"case {case_id!r}: {type(error).__name__}: {error}{hint}"
-                    ) from error
-                results.append((case_id, future.result()))
-                on_done(1)
+        futures = {pool.submit(_preprocess_and_save, *job): job[0] for job in jobs}
+        for future in as_completed(futures):  # each finished case moves the progress bar
+            case_id = futures[future]
+            error = future.exception()
+            if error is not None:
+                for other in futures:
+                    other.cancel()
+                if isinstance(error, PreprocessingError):
+                    raise error
+                hint = ""
+                if isinstance(error, BrokenProcessPool):
+                    hint = " (a worker process died, often from running out of memory: use fewer threads)"
+                raise PreprocessingError(
+                    f"case {case_id!r}: {type(error).__name__}: {error}{hint}"
+                ) from error
+            results.append((case_id, future.result()))
+            on_done(1)
     return results
