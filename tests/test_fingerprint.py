@@ -129,6 +129,21 @@ def test_seed_draws_equal_choice_channel_after_channel(monkeypatch, kept: int, b
             np.testing.assert_array_equal(draws.counts(population, n), expected)
 
 
+def test_seed_draws_of_a_large_foreground_draw_only_the_words_they_need(monkeypatch) -> None:
+    """A few draws from a large foreground (a big CT's) take about as many words as they need, not a block
+    sized by the foreground: the kept words stay few."""
+    from nnsnake import fingerprint
+
+    monkeypatch.setattr(fingerprint, "_seed_words", np.zeros(0, dtype=np.uint32))
+    monkeypatch.setattr(fingerprint, "_seed_state_after_kept", None)
+    population = (1 << 22) + 1  # every other masked word is skipped
+    expected = np.bincount(
+        np.random.RandomState(1234).choice(population, 1000, replace=True), minlength=population
+    )
+    np.testing.assert_array_equal(fingerprint.SeedDraws().counts(population, 1000), expected)
+    assert fingerprint._seed_words.size < 10_000
+
+
 @pytest.mark.parametrize("name", DATASETS)
 def test_fingerprint_equals_nnunetv2(name: str, shared_data: Path, fixtures_dir: Path) -> None:
     reference_path = fixtures_dir / "nnunetv2" / name / "dataset_fingerprint.json"

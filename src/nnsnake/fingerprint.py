@@ -28,7 +28,7 @@ from .parallel import process_pool, processes_argument
 
 TOTAL_FOREGROUND_SAMPLES = 10e7  # nnU-Net's num_foreground_voxels_for_intensitystats
 SAMPLING_SEED = 1234
-_DRAW_CHUNK = 1 << 22  # draws per randint call; chunking yields the same stream as one call
+_DRAW_CHUNK = 1 << 22  # draws (or words) at once: bounds a draw's memory, whatever its size
 
 
 @dataclass
@@ -85,7 +85,8 @@ def _kept_seed_words(upto: int) -> np.ndarray:
 
 class SeedDraws:
     """``RandomState(SAMPLING_SEED).choice(foreground, n, replace=True)`` for a case's channels in turn, as
-    draw counts per foreground voxel, equal to nnU-Net's draws at about a third of the cost.
+    draw counts per foreground voxel, equal to nnU-Net's draws: 3-4x faster for many small cases (Hippocampus),
+    1.3x for a few large ones (BraTS).
 
     The legacy ``choice`` draws an index from one 32-bit Mersenne Twister word masked to the smallest all-ones
     mask covering ``n_foreground - 1``, skipping (and consuming) a word whose masked value is too large; each
@@ -129,12 +130,15 @@ class SeedDraws:
             return np.array([n_samples], dtype=np.int64)  # randint(0, 1) consumes no word
         highest = n_foreground - 1
         mask = np.uint32((1 << highest.bit_length()) - 1)
-        block = max(_DRAW_BLOCK, 2 * (int(mask) + 1))  # counting a block costs at most twice its histogram
-        counts = np.zeros(int(mask) + 1, dtype=np.int64)
-        masked = np.empty(block, dtype=np.uint32)
+        accepted_share = n_foreground / (int(mask) + 1)  # over one half
+        # a block: words for the draws still to make (a little more), in cache-sized pieces while a block's
+        # histogram is small against it, and never more than _DRAW_CHUNK words in memory
+        largest_block = min(max(_DRAW_BLOCK, 2 * (int(mask) + 1)), _DRAW_CHUNK)
+        counts = np.zeros(n_foreground, dtype=np.int64)
+        masked = np.empty(largest_block, dtype=np.uint32)
         remaining = n_samples
         while remaining > 0:
-            words = self._words(block)
+            words = self._words(min(largest_block, int(remaining / accepted_share * 1.02) + 256))
             values = np.bitwise_and(words, mask, out=masked[: words.size])
             accepted = values <= highest
             drawn = int(np.count_nonzero(accepted))
@@ -142,12 +146,11 @@ class SeedDraws:
             if drawn >= remaining:  # this block completes the channel: stop after its last needed word
                 used = int(np.flatnonzero(accepted)[remaining - 1]) + 1
                 drawn = remaining
-            counts += np.bincount(
-                values[:used], minlength=int(mask) + 1
-            )  # skipped values land past n_foreground
+            # skipped (too large) values land past n_foreground
+            counts += np.bincount(values[:used], minlength=int(mask) + 1)[:n_foreground]
             self._consume(used)
             remaining -= drawn
-        return counts[:n_foreground]
+        return counts
 
 
 def samples_per_case(n_cases: int) -> int:
