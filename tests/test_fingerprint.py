@@ -11,7 +11,6 @@ import pytest
 
 from nnsnake.fingerprint import (
     CaseFingerprint,
-    _draw_counts,
     aggregate_case_fingerprint_file,
     aggregate_fingerprints,
     extract_fingerprint,
@@ -97,14 +96,6 @@ def test_case_fingerprint_file_is_aggregated_in_bounded_memory(tmp_path: Path) -
     tracemalloc.stop()
     assert from_file == in_memory
     assert peak < 25e6, peak  # one batch of 2^18 pairs with its temporaries, and the histograms
-
-
-def test_draw_counts_consume_the_rng_like_choice() -> None:
-    """Counting draws gives the same multiset as RandomState.choice with replacement, chunked or not."""
-    population = np.arange(1000, 1777, dtype=np.float64)
-    drawn = np.random.RandomState(1234).choice(population, 12_345, replace=True)
-    counts = _draw_counts(np.random.RandomState(1234), population.size, 12_345)
-    np.testing.assert_array_equal(np.bincount((drawn - 1000).astype(int), minlength=population.size), counts)
 
 
 @pytest.mark.parametrize(("kept", "block"), [(1 << 22, 1 << 16), (5000, 700), (0, 1000)])

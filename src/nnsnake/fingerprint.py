@@ -41,21 +41,6 @@ class CaseFingerprint:
     sampled_counts: list[np.ndarray]
 
 
-def _draw_counts(rs: np.random.RandomState, n_foreground: int, n_samples: int) -> np.ndarray:
-    """How often each of ``n_foreground`` voxels is drawn in ``n_samples`` draws with replacement.
-
-    Consumes ``rs`` exactly like ``rs.choice(values, n_samples, replace=True)`` does. The reference that
-    :class:`SeedDraws` reproduces faster.
-    """
-    counts = np.zeros(n_foreground, dtype=np.int64)
-    remaining = n_samples
-    while remaining > 0:
-        size = min(remaining, _DRAW_CHUNK)
-        counts += np.bincount(rs.randint(0, n_foreground, size=size), minlength=n_foreground)
-        remaining -= size
-    return counts
-
-
 # The words of RandomState(SAMPLING_SEED) are the same for every case: a process keeps the first ones.
 _SEED_WORDS_KEPT = 1 << 22  # 16 MB: all a case needs up to ~2.5 million draws per channel (>= 40 cases)
 _seed_words = np.zeros(0, dtype=np.uint32)

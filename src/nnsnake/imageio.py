@@ -247,6 +247,7 @@ def _nifti1_header(content: bytes) -> tuple[np.dtype, int] | None:
     return np.dtype(order + code), int(vox_offset)
 
 
+@functools.cache
 def _scratch_dir() -> str:
     """Where the NIfTI headers go for ITK: RAM-backed /dev/shm when there is one, else the temporary folder."""
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
